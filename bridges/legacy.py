@@ -1,0 +1,26 @@
+"""mode=legacy: save a full checkpoint and restart vLLM on it (Atropos' simplest mode).
+
+Slow (a vLLM start per sync: tens of seconds on CPU), so `mode.sync_every` is usually > 1; it is
+the baseline the other bridges are measured against.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+from bridges.base import VerifiedBridge, dir_bytes
+
+
+class LegacyBridge(VerifiedBridge):
+    mode = "legacy"
+
+    def push(self, step: int) -> int:
+        out = self.run_dir / "checkpoints" / f"step-{step:06d}"
+        self.policy.model.save_pretrained(out, safe_serialization=True)
+        self.policy.tokenizer.save_pretrained(out)
+        self.server.restart(model=str(out))
+        # The previous checkpoint is no longer served; keep disk use at one model.
+        for old in out.parent.glob("step-*"):
+            if old != out:
+                shutil.rmtree(old, ignore_errors=True)
+        return dir_bytes(out)

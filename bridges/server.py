@@ -1,0 +1,203 @@
+"""The vLLM server process: start, wait for /health, log to the run dir, stop, restart, or attach.
+
+We always talk to a real `vllm.entrypoints.openai.api_server` over HTTP, the same way whether we
+started it or it runs elsewhere (`server.base_url`). Dev-mode endpoints (`/collective_rpc`,
+reload, LoRA loading) are enabled, so by default the server binds to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import requests
+
+
+class VLLMStartError(RuntimeError):
+    """vLLM exited or never became healthy; the message carries the tail of its log."""
+
+
+class VLLMRequestError(RuntimeError):
+    """An HTTP call to vLLM failed; the message names the endpoint and the server."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    if not path.exists():
+        return "(no log written)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+class VLLMServer:
+    """One OpenAI-compatible vLLM server, owned (a child process) or attached (`base_url`)."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        args: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        host: str = "127.0.0.1",
+        port: Optional[int] = None,
+        base_url: Optional[str] = None,
+        api_key: Optional[str] = None,
+        startup_timeout_s: float = 600.0,
+    ):
+        self.model = model
+        self.args = list(args)
+        self.env = dict(env)
+        self.log_path = Path(log_path)
+        self.host = host
+        self.port = port
+        self.api_key = api_key
+        self.startup_timeout_s = startup_timeout_s
+        self.external = base_url is not None
+        self.base_url = base_url.rstrip("/") if base_url else None
+        self.proc: Optional[subprocess.Popen] = None
+        self.session = requests.Session()
+        if api_key:
+            self.session.headers["Authorization"] = f"Bearer {api_key}"
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model]
+        cmd += ["--host", self.host, "--port", str(self.port)] + self.args
+        if self.api_key:
+            cmd += ["--api-key", self.api_key]
+        return cmd
+
+    def start(self) -> "VLLMServer":
+        if self.external:
+            self.wait_healthy()
+            return self
+        self.port = self.port or free_port(self.host)
+        self.base_url = f"http://{self.host}:{self.port}"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        log.write(f"\n==== {time.strftime('%H:%M:%S')} {' '.join(self.command())}\n".encode())
+        log.flush()
+        # A new session: stop() can take down vLLM's engine-core children with one killpg.
+        self.proc = subprocess.Popen(
+            self.command(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env},
+            start_new_session=True,
+        )
+        log.close()
+        self.wait_healthy()
+        return self
+
+    def wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise VLLMStartError(
+                    f"vLLM exited with code {self.proc.returncode} while starting "
+                    f"(model={self.model}, log={self.log_path}). Last lines:\n{tail(self.log_path)}"
+                )
+            if self.healthy():
+                return
+            time.sleep(0.5)
+        self.stop()
+        raise VLLMStartError(
+            f"vLLM at {self.base_url} not healthy after {self.startup_timeout_s:.0f}s "
+            f"(server.startup_timeout_s). Last lines of {self.log_path}:\n{tail(self.log_path)}"
+        )
+
+    def healthy(self) -> bool:
+        try:
+            return self.session.get(f"{self.base_url}/health", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def alive(self) -> bool:
+        """Process still running (owned) or answering /health (attached)."""
+        if self.proc is not None:
+            return self.proc.poll() is None
+        return self.healthy()
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = None
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        except ProcessLookupError:
+            pass
+        self.proc = None
+
+    def restart(self, model: Optional[str] = None) -> None:
+        """Stop and start again, optionally on another checkpoint (the legacy bridge)."""
+        if self.external:
+            raise VLLMRequestError(f"cannot restart the external server at {self.base_url}")
+        self.stop()
+        self.model = model or self.model
+        self.port = None  # the old port can linger in TIME_WAIT
+        self.start()
+
+    # -- requests --------------------------------------------------------------------------
+    def post(self, path: str, payload: Optional[dict] = None, timeout: float = 600.0) -> Any:
+        url = f"{self.base_url}{path}"
+        try:
+            resp = self.session.post(url, json=payload, timeout=timeout)
+        except requests.RequestException as exc:
+            raise VLLMRequestError(f"POST {url} failed: {exc}") from exc
+        if resp.status_code >= 400:
+            raise VLLMRequestError(f"POST {url} -> HTTP {resp.status_code}: {resp.text[:2000]}")
+        return resp.json() if resp.content else None
+
+    def __enter__(self) -> "VLLMServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def server_from_config(cfg, model_path: str, run_dir: Path) -> VLLMServer:
+    """Build the server from the `model`, `hardware`, `mode` and `server` groups."""
+    hw, srv = cfg.hardware, cfg.server
+    args = [
+        "--served-model-name", cfg.model.served_name,
+        "--dtype", cfg.model.dtype,
+        "--max-model-len", str(cfg.model.max_model_len),
+        "--gpu-memory-utilization", str(hw.gpu_memory_utilization),
+        "--tensor-parallel-size", str(hw.vllm_tp),
+        "--data-parallel-size", str(hw.vllm_dp),
+        "--max-num-seqs", str(hw.max_num_seqs),
+        "--seed", str(cfg.train.seed),
+        # Sampled logprobs after temperature, as the trainer computes them.
+        "--logprobs-mode", "processed_logprobs",
+        *cfg.mode.server_args,
+        *srv.extra_args,
+    ]
+    env = {"VLLM_SERVER_DEV_MODE": "1", **hw.server_env, **cfg.mode.server_env}
+    if hw.vllm_devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = hw.vllm_devices
+    return VLLMServer(
+        model_path,
+        args=args,
+        env=env,
+        log_path=run_dir / "vllm.log",
+        host=srv.host,
+        port=srv.port,
+        base_url=srv.base_url,
+        api_key=srv.api_key,
+        startup_timeout_s=srv.startup_timeout_s,
+    )

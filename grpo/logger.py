@@ -1,0 +1,88 @@
+"""Everything a run records, in its Hydra run dir (what the notebooks read):
+
+- `metrics.jsonl`: one JSON object per step (reward, loss, KL, clip fraction, logprob gap, tokens/s,
+  time split generate/score/train/sync);
+- `samples.jsonl`: prompt, completion and reward of every sample, every `log.samples_every` steps;
+- `sync.jsonl`: one line per weight sync (mode, ms, bytes, probe difference);
+- `events.jsonl`: things that happened besides steps (skipped steps, server restarts);
+- wandb (offline by default), a progress bar and one human line per step on the console.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class RunLogger:
+    def __init__(self, run_dir: Path, cfg, total_steps: int, start_step: int = 0):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.files = {name: open(self.run_dir / f"{name}.jsonl", "a") for name in ("metrics", "samples", "sync", "events")}
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="grpo", unit="step",
+                        disable=not cfg.log.progress, dynamic_ncols=True)
+        self.wandb = self._init_wandb(cfg)
+
+    def _init_wandb(self, cfg) -> Optional[Any]:
+        if cfg.log.wandb.mode == "disabled":
+            return None
+        import wandb
+
+        return wandb.init(
+            project=cfg.log.wandb.project,
+            entity=cfg.log.wandb.entity,
+            mode=cfg.log.wandb.mode,
+            dir=str(self.run_dir),
+            config=OmegaConf.to_container(cfg, resolve=True),
+            reinit="finish_previous",
+        )
+
+    def _write(self, name: str, record: dict) -> None:
+        f = self.files[name]
+        f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+        f.flush()
+
+    def step(self, step: int, metrics: dict) -> None:
+        self._write("metrics", {"step": step, **metrics})
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        self.bar.update(1)
+        self.bar.write(self.line(step, metrics))
+
+    @staticmethod
+    def line(step: int, m: dict) -> str:
+        sync = f"{m['sync_ms']:.0f} ms" if "sync_ms" in m else "-"
+        return (
+            f"step {step:4d} | reward {m['reward_mean']:.3f}±{m['reward_std']:.3f} | loss {m['loss']:+.4f} "
+            f"| kl {m['kl']:.4f} | gap {m['logprob_gap']:.1e} | clip {m['clip_frac']:.2f} | sync {sync} "
+            f"| {m['tokens_per_s']:.0f} tok/s | gen {m['time_generate']:.2f}s train {m['time_train']:.2f}s"
+        )
+
+    def samples(self, step: int, rows: list[dict]) -> None:
+        for row in rows:
+            self._write("samples", {"step": step, **row})
+
+    def sync(self, record: dict) -> None:
+        self._write("sync", record)
+
+    def event(self, step: int, kind: str, **info) -> None:
+        self._write("events", {"step": step, "event": kind, **info})
+        self.bar.write(f"step {step:4d} | {kind}: {info}")
+
+    def close(self) -> None:
+        self.bar.close()
+        for f in self.files.values():
+            f.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,96 @@
+"""The trainer's model: load it, compute per-token logprobs on vLLM's exact token ids.
+
+Position ids come from the attention mask, so a left-padded row sees positions 0.. from its first
+real token, as vLLM does; otherwise trainer and vLLM logprobs would disagree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Optional
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from grpo.batch import Batch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"model.dtype={name!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """Logprob of each completion token: [B, C] for input_ids [B, P+C], prompt_len = P."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    logits = logits[:, prompt_len - 1 : -1].float() / temperature
+    targets = input_ids[:, prompt_len:]
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+class Policy:
+    """HF causal LM (optionally PEFT-wrapped) plus what the loss needs from it."""
+
+    def __init__(self, path: str | Path, dtype: str = "float32", device: str = "cpu",
+                 gradient_checkpointing: bool = False, temperature: float = 1.0):
+        self.path = str(path)
+        self.device = torch.device(device)
+        self.temperature = temperature
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch_dtype(dtype)).to(self.device)
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.model.train()
+        self.reference = None  # frozen copy, loaded only when beta > 0
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def logprobs(self, batch: Batch) -> torch.Tensor:
+        return token_logprobs(self.model, batch.input_ids.to(self.device), batch.attention_mask.to(self.device),
+                             batch.prompt_len, self.temperature)
+
+    def load_reference(self) -> None:
+        """A frozen copy of the initial weights for the KL term."""
+        self.reference = AutoModelForCausalLM.from_pretrained(self.path, dtype=self.model.dtype).to(self.device)
+        self.reference.eval().requires_grad_(False)
+
+    def reference_context(self):
+        """Context in which `reference_model` computes reference logprobs (LoRA: adapter off)."""
+        return contextlib.nullcontext()
+
+    @property
+    def reference_model(self):
+        return self.reference
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch: Batch) -> Optional[torch.Tensor]:
+        if self.reference_model is None:
+            return None
+        with self.reference_context():
+            return token_logprobs(self.reference_model, batch.input_ids.to(self.device),
+                                  batch.attention_mask.to(self.device), batch.prompt_len, self.temperature)
+
+    @torch.no_grad()
+    def probe_logprobs(self, token_ids: list[int]) -> list[float]:
+        """Trainer logprobs of token_ids[1:] given their prefix, at temperature 1 (the probe)."""
+        ids = torch.tensor([token_ids], device=self.device)
+        out = token_logprobs(self.model, ids, torch.ones_like(ids), 1, 1.0)
+        return out[0].tolist()

@@ -1,0 +1,87 @@
+"""Rollout client: token ids in, token ids and sampled logprobs out, from vLLM's OpenAI server.
+
+The trainer trains on exactly the ids vLLM sampled (`return_token_ids`), never on re-tokenized
+text, and compares its logprobs with vLLM's sampled ones (`logprobs: 0`, server started with
+`--logprobs-mode processed_logprobs` so they include temperature, as the trainer's do).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Protocol
+
+from bridges.server import VLLMServer
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]  # [C_i] sampled ids, EOS included when the model stopped
+    logprobs: list[float]  # [C_i] vLLM's logprob of each sampled id
+    text: str
+    finish_reason: str  # "stop" | "length"
+
+
+class RolloutClient(Protocol):
+    def generate(self, prompt_ids: list[list[int]], n: int) -> list[list[Completion]]:
+        """`n` completions for each prompt: [P][n]."""
+
+    def prompt_logprobs(self, token_ids: list[int]) -> list[float]:
+        """Logprob of each token after the first, given its prefix: [len(token_ids) - 1]."""
+
+
+class VLLMClient:
+    """Batched /v1/completions calls: one HTTP request carries every prompt of a step."""
+
+    def __init__(
+        self,
+        server: VLLMServer,
+        model: str,
+        max_tokens: int = 16,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        timeout_s: float = 600.0,
+    ):
+        self.server = server
+        self.model = model  # the LoRA bridge points this at the adapter's name
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.timeout_s = timeout_s
+
+    def generate(self, prompt_ids: list[list[int]], n: int, seed: Optional[int] = None) -> list[list[Completion]]:
+        payload = {
+            "model": self.model,
+            "prompt": prompt_ids,
+            "n": n,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "logprobs": 0,
+            "return_token_ids": True,
+        }
+        if seed is not None:
+            payload["seed"] = seed
+        choices = self.server.post("/v1/completions", payload, timeout=self.timeout_s)["choices"]
+        groups: list[list[Completion]] = [[] for _ in prompt_ids]
+        for ch in sorted(choices, key=lambda c: c["index"]):
+            groups[ch["index"] // n].append(
+                Completion(
+                    token_ids=list(ch["token_ids"]),
+                    logprobs=[float(x) for x in ch["logprobs"]["token_logprobs"]],
+                    text=ch["text"],
+                    finish_reason=ch["finish_reason"],
+                )
+            )
+        return groups
+
+    def prompt_logprobs(self, token_ids: list[int]) -> list[float]:
+        payload = {
+            "model": self.model,
+            "prompt": token_ids,
+            "max_tokens": 1,
+            "temperature": 1.0,
+            "prompt_logprobs": 0,
+            "return_token_ids": True,
+        }
+        entries = self.server.post("/v1/completions", payload, timeout=self.timeout_s)["choices"][0]["prompt_logprobs"]
+        return [entry[str(tok)]["logprob"] for tok, entry in zip(token_ids[1:], entries[1:])]

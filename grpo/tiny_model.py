@@ -1,0 +1,131 @@
+"""A tiny Qwen2 model built locally, so tests and the default run need no model hub.
+
+Everything is real: a byte-level BPE tokenizer trained on the envs' own text, a Qwen2 config
+with head_dim 64 (vLLM's CPU attention needs head_dim >= 64), random weights from a fixed seed,
+safetensors on disk, and a Qwen-style chat template. transformers, vLLM and PEFT load it like
+any hub checkpoint. The build is deterministic and cached by a hash of its spec.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CACHE = REPO_ROOT / ".cache" / "models"
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{%- endif %}"
+)
+
+
+@dataclass
+class TinySpec:
+    """Shape of the tiny model; every field goes into the cache key."""
+
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2
+    num_key_value_heads: int = 2
+    vocab_size: int = 512
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = True
+    seed: int = 0
+    # Env configs whose corpus() trains the tokenizer: the model then speaks the envs' language.
+    tokenizer_corpus: list[Any] = field(default_factory=list)
+
+    def key(self) -> str:
+        blob = json.dumps(asdict(self), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _corpus(spec: TinySpec) -> Iterable[str]:
+    from hydra.utils import instantiate
+
+    for env_cfg in spec.tokenizer_corpus:
+        env = instantiate(env_cfg)
+        try:
+            yield from env.corpus()
+        finally:
+            env.close()
+
+
+def _train_tokenizer(spec: TinySpec, out: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_corpus(spec), trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(out)
+    return tok
+
+
+def _build(spec: TinySpec, out: Path) -> None:
+    import torch
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    tok = _train_tokenizer(spec, out)
+    config = Qwen2Config(
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=spec.tie_word_embeddings,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+        dtype="float32",
+    )
+    if len(tok) > config.vocab_size:
+        raise ValueError(f"tokenizer has {len(tok)} tokens > model.tiny.vocab_size={spec.vocab_size}")
+    torch.manual_seed(spec.seed)
+    model = Qwen2ForCausalLM(config).to(torch.float32)
+    model.save_pretrained(out, safe_serialization=True)
+    GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).save_pretrained(out)
+    (out / "tiny_spec.json").write_text(json.dumps(asdict(spec), indent=2, default=str))
+
+
+def build_tiny_model(spec: TinySpec, cache_dir: str | Path | None = None) -> Path:
+    """Return the directory of the tiny model for `spec`, building it once (process-safe)."""
+    cache = Path(cache_dir) if cache_dir else DEFAULT_CACHE
+    cache.mkdir(parents=True, exist_ok=True)
+    out = cache / f"tiny-qwen2-{spec.key()}"
+    if (out / "model.safetensors").exists():
+        return out
+    with open(cache / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "model.safetensors").exists():
+            tmp = cache / f".tmp-{out.name}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            _build(spec, tmp)
+            tmp.rename(out)
+    return out

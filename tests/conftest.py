@@ -1,0 +1,54 @@
+"""Shared fixtures: the real composed config, the tiny model, and ONE real vLLM server per session.
+
+Starting vLLM on CPU takes ~1 min, so tests that only need "a server with the tiny model" attach
+to the session server (`server.base_url=...`); every bridge verifies (and if needed re-syncs)
+the served weights at start, so tests stay independent of each other's weight changes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from bridges.server import VLLMServer
+from grpo.config import register_configs
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("WANDB_SILENT", "true")
+register_configs()
+
+
+def make_cfg(*overrides: str):
+    """The config `python train.py <overrides>` would run with (Hydra resolvers included)."""
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path() -> str:
+    from train import model_path
+
+    return model_path(make_cfg())
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny_model_path, tmp_path_factory):
+    """A real vLLM server on the tiny model, LoRA enabled so the LoRA tests can share it."""
+    from bridges.server import server_from_config
+
+    cfg = make_cfg("mode=reload", "server.extra_args=[--enable-lora,--max-lora-rank,64]")
+    OmegaConf.update(cfg, "mode.server_env", {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}, force_add=True)
+    server = server_from_config(cfg, tiny_model_path, tmp_path_factory.mktemp("vllm"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def attach(vllm_server: VLLMServer) -> str:
+    """Override that makes a train() run use the session server."""
+    return f"server.base_url={vllm_server.base_url}"
