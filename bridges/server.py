@@ -18,6 +18,8 @@ from typing import Any, Optional
 
 import requests
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
 
 class VLLMStartError(RuntimeError):
     """vLLM exited or never became healthy; the message carries the tail of its log."""
@@ -184,10 +186,13 @@ def server_from_config(cfg, model_path: str, run_dir: Path) -> VLLMServer:
         "--seed", str(cfg.train.seed),
         # Sampled logprobs after temperature, as the trainer computes them.
         "--logprobs-mode", "processed_logprobs",
+        "--worker-extension-cls", "bridges.vllm_worker.WorkerExtension",
         *cfg.mode.server_args,
         *srv.extra_args,
     ]
-    env = {"VLLM_SERVER_DEV_MODE": "1", **hw.server_env, **cfg.mode.server_env}
+    # vLLM's workers import our extension from the repository root.
+    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    env = {"VLLM_SERVER_DEV_MODE": "1", "PYTHONPATH": pythonpath, **hw.server_env, **cfg.mode.server_env}
     if hw.vllm_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = hw.vllm_devices
     return VLLMServer(
