@@ -1,0 +1,117 @@
+"""GSM8K: grade-school maths word problems, reward by math-verify against the `####` answer.
+
+`source` is a local directory holding `{split}.jsonl`, a `.jsonl` file, or a hub dataset id
+(`openai/gsm8k`): the same config serves offline tests and real users.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator, Optional
+
+from envs.base import Prompt, PromptSampler
+from envs.verifier import MathVerifier
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SYSTEM = (
+    "Solve the problem step by step, then give the final answer as a number in \\boxed{}."
+)
+
+
+class BadDataError(ValueError):
+    """A data line is not a GSM8K record (and env.on_bad_line=error)."""
+
+
+def gold_answer(solution: str) -> str:
+    """'...#### 1,000' -> '1000'."""
+    return solution.split("####")[-1].strip().replace(",", "")
+
+
+def _is_hub_id(source: str) -> bool:
+    """'openai/gsm8k' is a hub id; '../shared/data/gsm8k', '/data/x', 'a.jsonl' are paths."""
+    return source.count("/") <= 1 and not source.startswith((".", "/", "~")) and not source.endswith(".jsonl")
+
+
+def _read_jsonl(path: Path, on_bad_line: str) -> tuple[list[dict], int]:
+    records, bad = [], 0
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec.get("question"), str) or "####" not in rec.get("answer", ""):
+                raise ValueError("needs 'question' and an 'answer' containing '####'")
+        except (ValueError, AttributeError) as exc:
+            if on_bad_line == "error":
+                raise BadDataError(f"{path}:{lineno}: not a GSM8K record ({exc}); "
+                                   "set env.on_bad_line=skip to skip such lines") from exc
+            bad += 1
+            continue
+        records.append(rec)
+    return records, bad
+
+
+class GSM8KEnv:
+    def __init__(
+        self,
+        source: str,
+        split: str = "train",
+        seed: int = 0,
+        system_prompt: str = SYSTEM,
+        num_workers: int = 2,
+        timeout_s: float = 5.0,
+        max_examples: Optional[int] = None,
+        on_bad_line: str = "skip",
+    ):
+        if on_bad_line not in ("skip", "error"):
+            raise ValueError(f"env.on_bad_line={on_bad_line!r} is not one of ['skip', 'error']")
+        self.records, self.bad_lines = self._load(source, split, on_bad_line)
+        if max_examples is not None:
+            self.records = self.records[:max_examples]
+        self.prompts = [
+            Prompt(
+                messages=[{"role": "system", "content": system_prompt}, {"role": "user", "content": r["question"]}],
+                answer=gold_answer(r["answer"]),
+            )
+            for r in self.records
+        ]
+        self.sampler = PromptSampler(self.prompts, seed)
+        self.verifier = MathVerifier(num_workers, timeout_s)
+
+    @staticmethod
+    def _load(source: str, split: str, on_bad_line: str) -> tuple[list[dict], int]:
+        local = Path(source).expanduser()
+        if not local.is_absolute():
+            local = REPO_ROOT / local
+        if local.exists() or not _is_hub_id(source):
+            path = local / f"{split}.jsonl" if local.is_dir() else local
+            if not path.exists():
+                raise FileNotFoundError(f"GSM8K data not found: {path} (set env.source to a directory "
+                                        f"holding {split}.jsonl, a .jsonl file, or a hub id like openai/gsm8k)")
+            return _read_jsonl(path, on_bad_line)
+        from datasets import load_dataset
+
+        return [dict(r) for r in load_dataset(source, "main", split=split)], 0
+
+    def sample(self, n: int) -> list[Prompt]:
+        return self.sampler.take(n)
+
+    def score(self, prompts: list[Prompt], completions: list[list[str]]) -> list[list[float]]:
+        pairs = [(c, p.answer) for p, group in zip(prompts, completions) for c in group]
+        flat = iter(self.verifier.score(pairs))
+        return [[next(flat) for _ in group] for group in completions]
+
+    def corpus(self) -> Iterator[str]:
+        for r in self.records:
+            yield r["question"]
+            yield r["answer"]
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+    def close(self) -> None:
+        self.verifier.close()
