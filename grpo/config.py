@@ -93,7 +93,7 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 100
+    steps: int = 80
     prompts_per_step: int = 8
     group_size: int = 8
     micro_batch_size: int = 64  # sequences per forward/backward

@@ -12,8 +12,12 @@ from typing import Optional
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from grpo.batch import Batch
+
+# save_pretrained/from_pretrained draw a progress bar per call: noise in a one-line-per-step log.
+hf_logging.disable_progress_bar()
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
