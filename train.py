@@ -78,7 +78,7 @@ def build(cfg: DictConfig, run_dir: Path) -> Run:
     env = instantiate(cfg.env)  # a missing data file fails here, before vLLM starts
     path = model_path(cfg)
     policy = Policy(path, cfg.model.dtype, cfg.hardware.device, cfg.model.gradient_checkpointing,
-                    temperature=cfg.rollout.temperature)
+                    temperature=cfg.rollout.temperature, lora=cfg.mode.lora)
     if cfg.loss.beta > 0:
         policy.load_reference()
     server = server_from_config(cfg, path, run_dir).start()

@@ -66,3 +66,21 @@ class PromptSampler:
     def load_state_dict(self, state: dict) -> None:
         self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]
         self._order = self._shuffle()
+
+
+class PromptListEnv:
+    """Cursor and resume for envs that walk a fixed list of prompts; subclasses set `self.sampler`."""
+
+    sampler: PromptSampler
+
+    def sample(self, n: int) -> list[Prompt]:
+        return self.sampler.take(n)
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+    def close(self) -> None:
+        pass

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Iterator, Optional
 
-from envs.base import Prompt, PromptSampler
+from envs.base import Prompt, PromptListEnv, PromptSampler
 from envs.verifier import MathVerifier
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def _read_jsonl(path: Path, on_bad_line: str) -> tuple[list[dict], int]:
     return records, bad
 
 
-class GSM8KEnv:
+class GSM8KEnv(PromptListEnv):
     def __init__(
         self,
         source: str,
@@ -94,10 +94,10 @@ class GSM8KEnv:
 
         return [dict(r) for r in load_dataset(source, "main", split=split)], 0
 
-    def sample(self, n: int) -> list[Prompt]:
-        return self.sampler.take(n)
-
     def score(self, prompts: list[Prompt], completions: list[list[str]]) -> list[list[float]]:
+        """All completions of all prompts go to the verifier in one call, so they run in parallel."""
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completion groups")
         pairs = [(c, p.answer) for p, group in zip(prompts, completions) for c in group]
         flat = iter(self.verifier.score(pairs))
         return [[next(flat) for _ in group] for group in completions]
@@ -106,12 +106,6 @@ class GSM8KEnv:
         for r in self.records:
             yield r["question"]
             yield r["answer"]
-
-    def state_dict(self) -> dict:
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state)
 
     def close(self) -> None:
         self.verifier.close()

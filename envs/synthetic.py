@@ -1,10 +1,12 @@
 """Digits: a task a randomly initialised tiny model can learn by RL on CPU in minutes.
 
 Prompt: "Count on from k:" (k random). Reward: the fraction of the completion's non-whitespace
-characters that are ASCII digits. A random model emits any of ~500 byte-level tokens, so it starts
-at the share of digit characters in its vocabulary (~0.1, measured in the README); the reward is
-dense (every digit token counts), so group-relative advantages point at "more digit tokens" from
-the first step and GRPO climbs to ~1.0. `answer` (k+1) is kept for the samples log only.
+characters that are ASCII digits. A random model emits roughly uniform tokens, so chance is the
+share of digit characters in the tokenizer's vocabulary: 0.08 for the default tiny tokenizer
+(trained on this corpus plus GSM8K's). corpus() puts digit runs in the tokenizer, so digit tokens
+exist; the reward is dense (every digit character counts), so group-relative advantages point at
+"more digit tokens" from the first step and GRPO climbs towards 1.0. `answer` (k+1) is kept for the
+samples log only.
 """
 
 from __future__ import annotations
@@ -12,18 +14,19 @@ from __future__ import annotations
 import random
 from typing import Iterator
 
-from envs.base import Prompt, PromptSampler
+from envs.base import Prompt, PromptListEnv, PromptSampler
 
 PHRASES = ("Count on from {k}:", "Continue counting from {k}:", "Next numbers after {k}:", "Count up from {k}:")
 SYSTEM = "Answer with digits only."
 
 
 def digit_fraction(text: str) -> float:
+    """Share of non-whitespace characters that are ASCII digits; 0.0 when there are none."""
     chars = [c for c in text if not c.isspace()]
     return sum(c in "0123456789" for c in chars) / len(chars) if chars else 0.0
 
 
-class DigitsEnv:
+class DigitsEnv(PromptListEnv):
     def __init__(self, seed: int = 0, num_prompts: int = 512, system_prompt: str = SYSTEM):
         rng = random.Random(seed)
         self.system_prompt = system_prompt
@@ -38,9 +41,6 @@ class DigitsEnv:
         ]
         self.sampler = PromptSampler(self.prompts, seed)
 
-    def sample(self, n: int) -> list[Prompt]:
-        return self.sampler.take(n)
-
     def score(self, prompts: list[Prompt], completions: list[list[str]]) -> list[list[float]]:
         return [[digit_fraction(c) for c in group] for group in completions]
 
@@ -49,12 +49,3 @@ class DigitsEnv:
             yield "\n".join(m["content"] for m in p.messages)
             k = p.meta["k"]
             yield " ".join(str(i) for i in range(k, k + 8))
-
-    def state_dict(self) -> dict:
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state)
-
-    def close(self) -> None:
-        pass

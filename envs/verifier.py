@@ -76,6 +76,7 @@ def verify_one(completion: str, gold: str, cpu_budget_s: float) -> float:
         return 0.0
     finally:
         signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.alarm(0)  # a math-verify alarm whose cleanup our timer cut short must not hit the next item
 
 
 class MathVerifier:
@@ -94,10 +95,14 @@ class MathVerifier:
         queue = deque(range(len(pairs)))
         running: dict[Future, tuple[int, float]] = {}  # future -> (item index, submitted at)
         while queue or running:
-            pool = self._get_pool()
-            while queue and len(running) < self.num_workers:
-                i = queue.popleft()
-                running[pool.submit(verify_one, *pairs[i], self.timeout_s / 2)] = (i, time.monotonic())
+            try:
+                pool = self._get_pool()
+                while queue and len(running) < self.num_workers:
+                    future = pool.submit(verify_one, *pairs[queue[0]], self.timeout_s / 2)
+                    running[future] = (queue.popleft(), time.monotonic())
+            except BrokenProcessPool:  # a worker died while the pool sat idle
+                self._restart(queue, running)
+                continue
             first_deadline = min(t0 for _, t0 in running.values()) + self.timeout_s
             done, _ = wait(running, timeout=max(0.0, first_deadline - time.monotonic()), return_when=FIRST_COMPLETED)
             broken = False
@@ -106,7 +111,7 @@ class MathVerifier:
                 exc = f.exception()
                 if exc is None:
                     scores[i] = f.result()
-                elif isinstance(exc, BrokenProcessPool):  # a worker died (OOM kill, segfault)
+                elif isinstance(exc, BrokenProcessPool):  # a worker died mid-item (OOM kill, segfault)
                     broken = True
             now = time.monotonic()
             expired = [f for f, (_, t0) in running.items() if now - t0 >= self.timeout_s]
@@ -114,10 +119,14 @@ class MathVerifier:
                 running.pop(f)
             self.hard_timeouts += len(expired)
             if expired or broken:
-                queue.extendleft(i for i, _ in running.values())
-                running.clear()
-                self._kill_pool()
+                self._restart(queue, running)
         return scores
+
+    def _restart(self, queue: deque, running: dict) -> None:
+        """Kill the pool; the items still in flight were innocent and go back to the queue."""
+        queue.extendleft(i for i, _ in running.values())
+        running.clear()
+        self._kill_pool()
 
     def _get_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
@@ -133,7 +142,7 @@ class MathVerifier:
                     ready.update(f.result(timeout=max(left, 0.1)) for f in pings)
             except Exception as exc:
                 self._kill_pool()
-                raise RuntimeError(f"math-verify workers did not start within {STARTUP_TIMEOUT_S:.0f}s") from exc
+                raise RuntimeError(f"math-verify workers failed to start within {STARTUP_TIMEOUT_S:.0f}s: {exc!r}") from exc
             self.startup_s.append(time.monotonic() - t0)
         return self._pool
 
@@ -141,7 +150,7 @@ class MathVerifier:
         """Kill the workers outright: shutdown() would wait for the hung item to finish."""
         if self._pool is None:
             return
-        procs = list(self._pool._processes.values())  # no public API for this before Python 3.14
+        procs = list((self._pool._processes or {}).values())  # no public API for this before Python 3.14
         for proc in procs:
             proc.kill()
         for proc in procs:

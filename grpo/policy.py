@@ -38,11 +38,29 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
+def wrap_lora(model, lora):
+    """PEFT LoRA on `lora.target_modules`; only the adapter trains. Checked first so a typo in a
+    module name or a rank the server cannot hold fails at start, by name."""
+    from peft import LoraConfig, get_peft_model
+
+    if lora.r > lora.max_lora_rank:
+        raise ValueError(f"mode.lora.r={lora.r} exceeds the vLLM server's --max-lora-rank "
+                         f"(mode.lora.max_lora_rank={lora.max_lora_rank})")
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [m for m in lora.target_modules if m not in present]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ValueError(f"mode.lora.target_modules: {missing} not in the model; linear modules are {linear}")
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
 class Policy:
     """HF causal LM (optionally PEFT-wrapped) plus what the loss needs from it."""
 
     def __init__(self, path: str | Path, dtype: str = "float32", device: str = "cpu",
-                 gradient_checkpointing: bool = False, temperature: float = 1.0):
+                 gradient_checkpointing: bool = False, temperature: float = 1.0, lora=None):
         self.path = str(path)
         self.device = torch.device(device)
         self.temperature = temperature
@@ -50,8 +68,11 @@ class Policy:
         self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch_dtype(dtype)).to(self.device)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
+        self.lora = lora
+        if lora is not None:
+            self.model = wrap_lora(self.model, lora)
         self.model.train()
-        self.reference = None  # frozen copy, loaded only when beta > 0
+        self.reference = None  # frozen copy, loaded only when beta > 0 (never with LoRA)
 
     @property
     def pad_id(self) -> int:
@@ -72,17 +93,25 @@ class Policy:
                              batch.prompt_len, self.temperature)
 
     def load_reference(self) -> None:
-        """A frozen copy of the initial weights for the KL term."""
+        """A frozen copy of the initial weights for the KL term; with LoRA the base model,
+        adapter disabled, is the reference, so no second model is loaded."""
+        if self.lora is not None:
+            return
         self.reference = AutoModelForCausalLM.from_pretrained(self.path, dtype=self.model.dtype).to(self.device)
         self.reference.eval().requires_grad_(False)
 
     def reference_context(self):
         """Context in which `reference_model` computes reference logprobs (LoRA: adapter off)."""
-        return contextlib.nullcontext()
+        return self.model.disable_adapter() if self.lora is not None else contextlib.nullcontext()
 
     @property
     def reference_model(self):
-        return self.reference
+        return self.model if self.lora is not None else self.reference
+
+    def save(self, out: str | Path) -> None:
+        """Full model, or with LoRA the adapter only (loadable by `PeftModel.from_pretrained`)."""
+        self.model.save_pretrained(out, safe_serialization=True)
+        self.tokenizer.save_pretrained(out)
 
     @torch.no_grad()
     def reference_logprobs(self, batch: Batch) -> Optional[torch.Tensor]:

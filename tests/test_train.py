@@ -42,3 +42,9 @@ def test_reload_run_learns_and_records_everything(attach, tmp_path):
     assert {s["step"] for s in samples} == {1, 10, 20, 30}
     assert all(0.0 <= s["reward"] <= 1.0 and "completion" in s for s in samples)
     assert list((tmp_path / "wandb").glob("offline-run-*")), "wandb offline run written"
+
+
+def test_lora_run_learns(attach, tmp_path):
+    history = train(make_cfg("mode=lora", attach, "train.lr=5e-3", *SHORT_RUN), tmp_path)
+    assert_learns(history)
+    assert all(s["mode"] == "lora" for s in read_jsonl(tmp_path / "sync.jsonl"))

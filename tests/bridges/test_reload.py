@@ -41,8 +41,12 @@ def check_bridge(bridge, policy, server, tmp_path):
 
 
 def test_reload_bridge_serves_new_weights(vllm_server, tiny_model_path, tmp_path):
-    stats = check_bridge(ReloadBridge(probe_tolerance=TOL), Policy(tiny_model_path), vllm_server, tmp_path)
-    assert stats.mode == "reload"
+    try:
+        stats = check_bridge(ReloadBridge(probe_tolerance=TOL), Policy(tiny_model_path), vllm_server, tmp_path)
+        assert stats.mode == "reload"
+    finally:  # the session server goes back to the pristine tiny model for the tests after
+        vllm_server.post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": tiny_model_path}})
+        vllm_server.post("/collective_rpc", {"method": "refresh_cpu_weights"})
 
 
 def test_legacy_bridge_restarts_on_checkpoint(tiny_model_path, tmp_path):

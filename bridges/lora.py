@@ -1,0 +1,34 @@
+"""mode=lora: train PEFT adapters, hot-swap them into the running vLLM.
+
+Each sync saves the adapter (a few MB even for large models) and calls
+`POST /v1/load_lora_adapter {"lora_name", "lora_path", "load_inplace": true}`: the first sync
+loads it, later ones replace it in place (server: `--enable-lora --max-lora-rank`,
+`VLLM_ALLOW_RUNTIME_LORA_UPDATING=1`). Rollouts then name the adapter as their model.
+Before the first sync the adapter is the identity (PEFT initialises B = 0), so the base model
+serves the same distribution.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+from bridges.base import VerifiedBridge, dir_bytes
+
+
+class LoraBridge(VerifiedBridge):
+    mode = "lora"
+
+    def __init__(self, adapter_name: str = "policy-lora", keep: int = 2, **probe):
+        super().__init__(**probe)
+        self.adapter_name = adapter_name
+        self.keep = keep  # adapter dirs kept on disk (vLLM may still read the previous one)
+
+    def push(self, step: int) -> int:
+        out = self.run_dir / "adapters" / f"step-{step:06d}"
+        self.policy.model.save_pretrained(out)
+        self.server.post("/v1/load_lora_adapter",
+                         {"lora_name": self.adapter_name, "lora_path": str(out), "load_inplace": True})
+        self.client.model = self.adapter_name
+        for old in sorted(out.parent.glob("step-*"))[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return dir_bytes(out)

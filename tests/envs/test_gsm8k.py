@@ -1,0 +1,114 @@
+"""GSM8KEnv on the real shared data (shared/data/gsm8k), scored by real math-verify workers."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from envs.gsm8k import REPO_ROOT, BadDataError, GSM8KEnv, _is_hub_id, gold_answer
+
+SOURCE = "../shared/data/gsm8k"  # the default config's env.source, relative to the repository root
+DATA = REPO_ROOT / SOURCE
+
+
+@pytest.fixture(scope="module")
+def env():
+    e = GSM8KEnv(SOURCE, split="train", seed=0)
+    yield e
+    e.close()
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_loads_every_line_of_the_shared_data(env):
+    assert len(env.prompts) == len(_lines(DATA / "train.jsonl")) == 7473
+    assert env.bad_lines == 0
+    test = GSM8KEnv(SOURCE, split="test")
+    assert len(test.prompts) == 1319 and test.prompts[0].answer == "18"
+
+
+def test_first_example(env):
+    first = _lines(DATA / "train.jsonl")[0]
+    p = env.prompts[0]
+    assert p.answer == "72" == first["answer"].split("####")[-1].strip()
+    assert p.messages[1] == {"role": "user", "content": first["question"]}
+    assert p.messages[0]["role"] == "system" and "\\boxed{}" in p.messages[0]["content"]
+
+
+def test_gold_answer_strips_commas_and_space():
+    assert gold_answer("5 * 200 = 1,000\n#### 1,000 ") == "1000"
+
+
+def test_score_groups(env):
+    p = env.prompts[0]  # gold 72
+    q = env.prompts[1]  # gold 10
+    completions = [
+        ["48 + 24 = 72, so she sold \\boxed{72} clips.", "\\boxed{71}", "The answer is 72", "The answer is 18"],
+        ["She earned $\\boxed{10}$.", ""],
+    ]
+    assert env.score([p, q], completions) == [[1.0, 0.0, 1.0, 0.0], [1.0, 0.0]]
+    with pytest.raises(ValueError):
+        env.score([p], completions)
+
+
+def test_sampling_is_deterministic_and_resumes_exactly(env):
+    a, b = GSM8KEnv(SOURCE, seed=7, max_examples=50), GSM8KEnv(SOURCE, seed=7, max_examples=50)
+    assert [p.answer for p in a.sample(30)] == [p.answer for p in b.sample(30)]
+    a.sample(45)  # into the second epoch
+    state = a.state_dict()
+    expected = a.sample(20)
+    c = GSM8KEnv(SOURCE, seed=7, max_examples=50)
+    c.load_state_dict(state)
+    assert c.sample(20) == expected
+    other = GSM8KEnv(SOURCE, seed=8, max_examples=50)
+    assert [p.messages for p in other.sample(10)] != [p.messages for p in GSM8KEnv(SOURCE, seed=7, max_examples=50).sample(10)]
+
+
+def test_jsonl_file_absolute_path_and_max_examples():
+    e = GSM8KEnv(str(DATA.resolve() / "test.jsonl"), max_examples=5)
+    assert [p.answer for p in e.prompts] == ["18", "3", "70000", "540", "20"]
+
+
+def test_corpus_yields_questions_and_answers():
+    texts = list(GSM8KEnv(SOURCE, max_examples=2).corpus())
+    assert len(texts) == 4 and texts[1].endswith("#### 72")
+
+
+@pytest.mark.parametrize("source", ["../no/such/gsm8k", "missing.jsonl", "/no/such/dir"])
+def test_missing_local_data_names_path_and_config_key(source):
+    with pytest.raises(FileNotFoundError, match="env.source") as info:
+        GSM8KEnv(source)
+    assert Path(source).name in str(info.value)
+
+
+def test_missing_split_in_existing_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "validation.jsonl")):
+        GSM8KEnv(str(tmp_path), split="validation")
+
+
+def test_bad_lines_skipped_or_refused(tmp_path):
+    good = {"question": "1+1?", "answer": "1+1=2\n#### 2"}
+    (tmp_path / "train.jsonl").write_text("\n".join([json.dumps(good), "not json", json.dumps({"question": "q"}), ""]))
+    e = GSM8KEnv(str(tmp_path))
+    assert len(e.prompts) == 1 and e.bad_lines == 2
+    with pytest.raises(BadDataError, match="train.jsonl:2"):
+        GSM8KEnv(str(tmp_path), on_bad_line="error")
+
+
+def test_hub_ids_go_to_datasets(monkeypatch):
+    assert _is_hub_id("openai/gsm8k") and _is_hub_id("gsm8k")
+    assert not any(map(_is_hub_id, [SOURCE, "/data/gsm8k", "data.jsonl", "./gsm8k", "~/gsm8k"]))
+    calls = []
+
+    def fake_load_dataset(*args, **kwargs):
+        calls.append((args, kwargs))
+        return [{"question": "How many?", "answer": "2 + 2 = 4\n#### 4"}]
+
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    e = GSM8KEnv("openai/gsm8k", split="test")
+    assert calls == [(("openai/gsm8k", "main"), {"split": "test"})]
+    assert e.prompts[0].answer == "4"
