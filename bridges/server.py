@@ -165,6 +165,15 @@ class VLLMServer:
             raise VLLMRequestError(f"POST {url} -> HTTP {resp.status_code}: {resp.text[:2000]}")
         return resp.json() if resp.content else None
 
+    def get(self, path: str, timeout: float = 60.0) -> Any:
+        url = f"{self.base_url}{path}"
+        try:
+            resp = self.session.get(url, timeout=timeout)
+            resp.raise_for_status()
+        except requests.RequestException as exc:
+            raise VLLMRequestError(f"GET {url} failed: {exc}") from exc
+        return resp.json()
+
     def __enter__(self) -> "VLLMServer":
         return self.start()
 

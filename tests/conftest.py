@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -52,3 +53,22 @@ def vllm_server(tiny_model_path, tmp_path_factory):
 def attach(vllm_server: VLLMServer) -> str:
     """Override that makes a train() run use the session server."""
     return f"server.base_url={vllm_server.base_url}"
+
+
+# Probe tolerance of the bridge tests: max |logprob_vllm - logprob_trainer| after a sync (fp32 on
+# both sides; measured ~1e-6), while the change a sync must carry is > 1e-2.
+PROBE_TOL = 1e-3
+
+
+def perturb(policy) -> None:
+    """A weight change like an optimizer step's, on every tensor incl. the tied embedding."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in policy.model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+
+
+def restore_pristine(server, model_path: str) -> None:
+    """Put the session server back on the tiny model's own weights for the tests after."""
+    server.post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": model_path}})
+    server.post("/collective_rpc", {"method": "refresh_cpu_weights"})

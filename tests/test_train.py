@@ -48,3 +48,10 @@ def test_lora_run_learns(attach, tmp_path):
     history = train(make_cfg("mode=lora", attach, "train.lr=5e-3", *SHORT_RUN), tmp_path)
     assert_learns(history)
     assert all(s["mode"] == "lora" for s in read_jsonl(tmp_path / "sync.jsonl"))
+
+
+def test_broadcast_run_learns(attach, tmp_path):
+    history = train(make_cfg("mode=broadcast", attach, *SHORT_RUN), tmp_path)
+    assert_learns(history)
+    syncs = read_jsonl(tmp_path / "sync.jsonl")
+    assert all(s["mode"] == "broadcast" and s["bytes"] > 1_000_000 for s in syncs)

@@ -10,13 +10,12 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from bridges.lora import LoraBridge
+from conftest import PROBE_TOL as TOL
 from conftest import make_cfg
 from grpo.config import LoraConfig
 from grpo.policy import Policy
 from grpo.rollout import VLLMClient
 from train import build
-
-TOL = 1e-3
 
 
 def lora_policy(path, **overrides) -> Policy:

@@ -5,25 +5,16 @@ both sides; measured ~1e-6), while the change a sync must carry is > 1e-2."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from bridges.legacy import LegacyBridge
 from bridges.reload import ReloadBridge
 from bridges.server import server_from_config
-from conftest import make_cfg
+from conftest import PROBE_TOL as TOL
+from conftest import make_cfg, perturb, restore_pristine
 from grpo.policy import Policy
 from grpo.rollout import VLLMClient
 
 pytestmark = pytest.mark.slow
-TOL = 1e-3
-
-
-def perturb(policy: Policy) -> None:
-    """A weight change like an optimizer step's, on every tensor incl. the tied embedding."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in policy.model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
 
 
 def check_bridge(bridge, policy, server, tmp_path):
@@ -44,9 +35,8 @@ def test_reload_bridge_serves_new_weights(vllm_server, tiny_model_path, tmp_path
     try:
         stats = check_bridge(ReloadBridge(probe_tolerance=TOL), Policy(tiny_model_path), vllm_server, tmp_path)
         assert stats.mode == "reload"
-    finally:  # the session server goes back to the pristine tiny model for the tests after
-        vllm_server.post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": tiny_model_path}})
-        vllm_server.post("/collective_rpc", {"method": "refresh_cpu_weights"})
+    finally:
+        restore_pristine(vllm_server, tiny_model_path)
 
 
 def test_legacy_bridge_restarts_on_checkpoint(tiny_model_path, tmp_path):

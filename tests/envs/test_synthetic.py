@@ -27,10 +27,13 @@ def test_prompts_are_chat_messages_with_next_number_as_answer():
     assert 0 <= k < 1000 and str(k) in p.messages[1]["content"] and p.answer == str(k + 1)
 
 
+def _first_questions(seed: int) -> list[str]:
+    return [p.messages[1]["content"] for p in DigitsEnv(seed=seed).sample(20)]
+
+
 def test_sampling_is_deterministic_per_seed():
-    ask = lambda seed: [p.messages[1]["content"] for p in DigitsEnv(seed=seed).sample(20)]  # noqa: E731
-    assert ask(0) == ask(0)
-    assert ask(0) != ask(1)
+    assert _first_questions(0) == _first_questions(0)
+    assert _first_questions(0) != _first_questions(1)
 
 
 def test_state_dict_resumes_exact_next_prompts_across_epochs():

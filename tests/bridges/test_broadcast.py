@@ -1,0 +1,117 @@
+"""mode=broadcast: weights pushed over a gloo group into the real vLLM server's workers.
+
+Tolerance: after a sync, max |logprob_vllm - logprob_trainer| over the probe <= 1e-3 (fp32).
+Failure handling is tested against a loopback stand-in server that answers vLLM's endpoints but
+never joins the group, or joins and then drops the connection mid-sync."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+
+from bridges.base import WeightSyncError
+from bridges.broadcast import BroadcastBridge, buckets
+from bridges.server import VLLMServer
+from grpo.policy import Policy
+from grpo.rollout import VLLMClient
+from conftest import PROBE_TOL as TOL
+from conftest import perturb, restore_pristine
+
+
+def test_buckets_group_by_dtype_and_size():
+    named = [("a", torch.zeros(100)), ("b", torch.zeros(100)), ("c", torch.zeros(300)),
+             ("h", torch.zeros(10, dtype=torch.bfloat16))]
+    plan = buckets(named, bucket_bytes=1000)
+    assert [[n for n, _ in b] for b in plan] == [["a", "b"], ["c"], ["h"]]
+    assert [[n for n, _ in b] for b in buckets(named, 0)] == [["a"], ["b"], ["c"], ["h"]]
+
+
+def test_trainer_on_a_vllm_gpu_is_refused():
+    with pytest.raises(ValueError, match="cuda:0 is also a vLLM device"):
+        BroadcastBridge(trainer_device="cuda:0", vllm_devices="0,1")
+    BroadcastBridge(trainer_device="cuda:0", vllm_devices="1")  # separate GPUs are fine
+
+
+@pytest.mark.slow
+def test_broadcast_sync_serves_trainer_weights(vllm_server, tiny_model_path, tmp_path):
+    policy = Policy(tiny_model_path)
+    timings = {}
+    try:
+        for bucket_mb in (64, 0):  # one bucket vs one broadcast per tensor
+            bridge = BroadcastBridge(bucket_mb=bucket_mb, timeout_s=60, probe_tolerance=TOL)
+            bridge.setup(policy, vllm_server, VLLMClient(vllm_server, "policy"), tmp_path)
+            perturb(policy)
+            assert bridge.probe_diff() > 1e-2
+            stats = bridge.sync(step=1)
+            assert stats.probe_max_diff <= TOL
+            assert stats.bytes == sum(p.numel() * 4 for p in policy.model.parameters())
+            timings[bucket_mb] = stats.ms
+            bridge.close()
+        print(f"\nbroadcast sync: bucketed {timings[64]:.1f} ms, per-tensor {timings[0]:.1f} ms")
+    finally:
+        restore_pristine(vllm_server, tiny_model_path)
+
+
+class StandIn(BaseHTTPRequestHandler):
+    """Answers like a vLLM server with one worker; `join` says whether it joins the group."""
+
+    join = False
+
+    def log_message(self, *args):
+        pass
+
+    def _reply(self, body):
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self._reply(1 if self.path.startswith("/get_world_size") else {})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if body.get("method") == "join_weight_group" and self.join:
+            kw = body["kwargs"]
+            store = torch.distributed.TCPStore(kw["host"], kw["port"], 2, is_master=False)
+            StandIn.group = torch.distributed.ProcessGroupGloo(torch.distributed.PrefixStore("grpo-weights", store), 1, 2)
+            self._reply({"results": [1]})
+        elif body.get("method") == "receive_weights":
+            self.connection.close()  # the server dies mid-sync
+        else:
+            self._reply({"results": [None]})
+
+
+@pytest.fixture
+def stand_in():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), StandIn)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield VLLMServer("stand-in", args=[], env={}, log_path=Path("/dev/null"),
+                     base_url=f"http://127.0.0.1:{httpd.server_port}")
+    httpd.shutdown()
+
+
+def test_group_that_cannot_form_names_host_and_port(stand_in, tiny_model_path, tmp_path):
+    StandIn.join = False
+    bridge = BroadcastBridge(group_port=None, timeout_s=3)
+    t0 = time.monotonic()
+    with pytest.raises(WeightSyncError, match=r"could not form the weight group 127\.0\.0\.1:\d+"):
+        bridge.setup(Policy(tiny_model_path), stand_in, VLLMClient(stand_in, "policy"), tmp_path)
+    assert time.monotonic() - t0 < 30
+
+
+def test_server_gone_mid_sync_names_host_and_port(stand_in, tiny_model_path, tmp_path):
+    StandIn.join = True
+    bridge = BroadcastBridge(timeout_s=5)
+    bridge.setup(Policy(tiny_model_path), stand_in, VLLMClient(stand_in, "policy"), tmp_path)
+    t0 = time.monotonic()
+    with pytest.raises(WeightSyncError, match=r"weight group 127\.0\.0\.1:\d+ \(vLLM at http://127\.0\.0\.1:\d+\)"):
+        bridge.push(step=1)
+    assert time.monotonic() - t0 < 60
