@@ -163,7 +163,9 @@ class VLLMServer:
             raise VLLMRequestError(f"POST {url} failed: {exc}") from exc
         if resp.status_code >= 400:
             raise VLLMRequestError(f"POST {url} -> HTTP {resp.status_code}: {resp.text[:2000]}")
-        return resp.json() if resp.content else None
+        if "json" in resp.headers.get("content-type", ""):
+            return resp.json()
+        return resp.text or None  # e.g. /v1/load_lora_adapter answers in plain text
 
     def get(self, path: str, timeout: float = 60.0) -> Any:
         url = f"{self.base_url}{path}"
