@@ -1,0 +1,6 @@
+"""Throughput studies: Hydra multirun benchmarks that append one CSV row per grid point.
+
+    python -m experiments.rollout_throughput -m experiment=rollout_throughput
+    python -m experiments.sync_latency -m experiment=sync_latency
+    python -m experiments.plot multirun/<sweep>/rollout_throughput.csv
+"""

@@ -1,0 +1,22 @@
+"""A failed grid point as one CSV cell: the line that names the cause, full traceback on disk."""
+
+from __future__ import annotations
+
+import re
+import traceback
+from pathlib import Path
+
+# A vLLM start error's root cause is the first `XxxError: ...` line of its log (the last lines
+# only say that the engine core failed).
+_CAUSE = re.compile(r"^(?:\(\w+ pid=\d+\) )?(?:ERROR [^\]]*\] )?\s*(\w+(?:Error|Exception): .*)$")
+
+
+def describe(exc: BaseException, run_dir: Path, width: int = 300) -> str:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "error.txt").write_text("".join(traceback.format_exception(exc)))
+    log = run_dir / "vllm.log"
+    text = str(exc) + ("\n" + log.read_text(errors="replace") if log.exists() else "")
+    causes = [m.group(1) for line in text.splitlines() if (m := _CAUSE.match(line.strip()))]
+    root = next((c for c in causes if "Engine core initialization failed" not in c), None)
+    text = root or (str(exc).splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {text}"[:width]

@@ -1,0 +1,101 @@
+"""Charts of a sweep CSV, saved as PNG next to it: rollout throughput by TP x DP, sync latency
+by mode and model size. Runs at the end of a preset's sweep (the `PlotSweep` callback) or alone:
+
+    python -m experiments.plot multirun/rollout_throughput/<time>        # every CSV in the dir
+    python -m experiments.plot multirun/sync_latency/<time>/sync_latency.csv
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: sweeps run on servers and in CI
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+from hydra.experimental.callback import Callback  # noqa: E402
+
+
+def ok_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows of grid points that ran (an empty `error` cell reads back as NaN)."""
+    return df[df["error"].isna() | (df["error"].astype(str) == "")] if "error" in df else df
+
+
+def plot_rollout(df: pd.DataFrame):
+    """Generated tokens/s (median) and speedup over HF generate, per TP x DP and workload."""
+    df = df.assign(grid=[f"tp{t}×dp{d}" for t, d in zip(df["tp"], df["dp"])],
+                   workload=[f"G={g}, T={t}" for g, t in zip(df["group_size"], df["max_tokens"])])
+    grids = list(dict.fromkeys(df.sort_values(["tp", "dp"])["grid"]))
+    workloads = list(dict.fromkeys(df.sort_values(["group_size", "max_tokens"])["workload"]))
+    good = ok_rows(df)
+    panels = [("vllm_tokens_per_s", "vLLM generated tokens/s")]
+    if "speedup" in good and good["speedup"].notna().any():
+        panels.append(("speedup", "speedup over HF generate (×)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    width = 0.8 / max(len(workloads), 1)
+    for ax, (column, title) in zip(axes[0], panels):
+        for i, workload in enumerate(workloads):
+            sub = good[good["workload"] == workload].set_index("grid")
+            values = [sub[column].get(g, float("nan")) for g in grids]
+            ax.bar([x + i * width for x in range(len(grids))], values, width, label=workload)
+        for x, grid in enumerate(grids):
+            if grid not in set(good["grid"]):
+                ax.text(x + 0.4 - width / 2, 0, "failed\n(see error)", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(grids))], grids)
+        ax.set_title(title)
+        if column == "speedup":
+            ax.axhline(1.0, color="grey", lw=0.8)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_sync(df: pd.DataFrame):
+    """Median sync ms (bars: min..max over repeats) against parameter count, one line per mode."""
+    good = ok_rows(df).sort_values("params_m")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode, sub in good.groupby("mode"):
+        err = [sub["sync_ms"] - sub["sync_ms_min"], sub["sync_ms_max"] - sub["sync_ms"]]
+        ax.errorbar(sub["params_m"], sub["sync_ms"], yerr=err, marker="o", capsize=3, label=mode)
+    ax.set(xscale="log", yscale="log", xlabel="parameters (M)", ylabel="sync ms (median)",
+           title="weight sync latency by mode")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_csv(path: str | Path) -> Path:
+    """Plot one sweep CSV (kind told by its columns); return the PNG written next to it."""
+    path = Path(path)
+    df = pd.read_csv(path)
+    fig = plot_rollout(df) if "tp" in df else plot_sync(df)
+    out = path.with_suffix(".png")
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def plot_dir(folder: str | Path) -> list[Path]:
+    return [plot_csv(p) for p in sorted(Path(folder).glob("*.csv"))]
+
+
+class PlotSweep(Callback):
+    """Hydra callback: plot every CSV of the sweep dir once the last job has run."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        for png in plot_dir(config.hydra.sweep.dir):
+            print(f"plot: {png}")
+
+
+def main(argv: list[str]) -> None:
+    if not argv:
+        raise SystemExit(__doc__)
+    for arg in argv:
+        for png in plot_dir(arg) if Path(arg).is_dir() else [plot_csv(arg)]:
+            print(png)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

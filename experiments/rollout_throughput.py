@@ -1,0 +1,109 @@
+"""Rollout throughput of vLLM (generated tokens/s, prompts/s, latency) at one grid point, with
+HF `generate` on the same model and prompts as the baseline; one CSV row per Hydra job.
+
+    python -m experiments.rollout_throughput -m experiment=rollout_throughput   # the TP x DP grid
+    python -m experiments.rollout_throughput hardware.vllm_tp=2 train.group_size=16   # one point
+
+Engines are timed alternately, `bench.repeats` times each, after `bench.warmup` untimed calls,
+so machine noise hits both; the row gives medians and `speedup` = vLLM tok/s / HF tok/s.
+A grid point that cannot run (e.g. TP larger than the machine allows) becomes a row with an
+`error` column, and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from bridges.server import server_from_config
+from experiments.csvlog import append_row, sweep_csv
+from experiments.errors import describe
+from experiments.hf_baseline import hf_generate
+from experiments.schema import ThroughputBench, use_schema
+from experiments.servers import bind_cpu_workers, shared_server
+from experiments.sizes import config_columns, weight_columns
+from grpo.policy import Policy
+from train import model_path
+
+BENCH = ThroughputBench
+use_schema(BENCH)
+
+
+def measure(cfg: DictConfig, run_dir: Path) -> dict:
+    """Time vLLM and (optionally) HF on one workload: the metric columns of a row."""
+    path = model_path(cfg)
+    env = instantiate(cfg.env)
+    try:
+        prompts = env.sample(cfg.train.prompts_per_step)
+    finally:
+        env.close()
+    policy = Policy(path, cfg.model.dtype, cfg.hardware.device)
+    policy.model.eval()
+    prompt_ids = [policy.encode_chat(p.messages) for p in prompts]
+
+    server = server_from_config(cfg, path, run_dir)
+    bind_cpu_workers(server, cfg.hardware.vllm_tp, cfg.hardware.vllm_dp)
+    t = time.perf_counter()
+    server, reused = shared_server(server)
+    row = {**weight_columns(policy.model), "server_start_s": 0.0 if reused else time.perf_counter() - t,
+           "server_reused": reused}
+    client = instantiate(cfg.rollout, server=server, model=cfg.model.served_name)
+    n, ro = cfg.train.group_size, cfg.rollout
+
+    def vllm() -> tuple[float, int]:
+        t = time.perf_counter()
+        groups = client.generate(prompt_ids, n=n)
+        return time.perf_counter() - t, sum(len(c.token_ids) for g in groups for c in g)
+
+    def hf() -> tuple[float, int]:
+        return hf_generate(policy.model, prompt_ids, n, ro.max_tokens, ro.temperature, ro.top_p,
+                           policy.pad_id, policy.tokenizer.eos_token_id)
+
+    engines = {"vllm": vllm, **({"hf": hf} if cfg.bench.hf_baseline else {})}
+    for _ in range(cfg.bench.warmup):
+        for fn in engines.values():
+            fn()
+    timings: dict[str, list[tuple[float, int]]] = {name: [] for name in engines}
+    for _ in range(cfg.bench.repeats):
+        for name, fn in engines.items():
+            timings[name].append(fn())
+    for name, runs in timings.items():
+        row[f"{name}_tokens_per_s"] = statistics.median(tok / s for s, tok in runs)
+        row[f"{name}_prompts_per_s"] = statistics.median(len(prompt_ids) / s for s, _ in runs)
+        row[f"{name}_latency_ms"] = statistics.median(s * 1e3 for s, _ in runs)
+        row[f"{name}_tokens"] = statistics.median(tok for _, tok in runs)
+    if cfg.bench.hf_baseline:
+        row["speedup"] = row["vllm_tokens_per_s"] / row["hf_tokens_per_s"]
+    return row
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> dict:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    row = {
+        **config_columns(cfg),
+        "tp": cfg.hardware.vllm_tp,
+        "dp": cfg.hardware.vllm_dp,
+        "prompts": cfg.train.prompts_per_step,
+        "group_size": cfg.train.group_size,
+        "max_tokens": cfg.rollout.max_tokens,
+        "repeats": cfg.bench.repeats,
+        "run_dir": str(run_dir),
+    }
+    try:
+        row |= measure(cfg, run_dir)
+        row["error"] = ""
+    except Exception as exc:  # one bad grid point must not end the sweep
+        row["error"] = describe(exc, run_dir)
+    append_row(sweep_csv(cfg.bench.name), row)
+    return row
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""The `bench` block of a benchmark's config, and how it joins the training schema.
+
+A benchmark composes the same `conf/` groups as `train.py` (model, mode, env, hardware) plus a
+`bench` block. Each entry point registers `Config + bench` as the root schema of its own process,
+so a typo in `bench.*` fails at start by name, and `grpo/config.py` stays the training schema.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from grpo.config import Config
+
+
+@dataclass
+class ThroughputBench:
+    """Workload sizes come from the training keys (train.prompts_per_step, train.group_size,
+    rollout.max_tokens) so a sweep of them means what it means in training."""
+
+    name: str = "rollout_throughput"  # the CSV `<sweep dir>/<name>.csv`
+    repeats: int = 3  # timed calls per engine; figures are medians
+    warmup: int = 1  # untimed calls first (vLLM compiles, HF allocates)
+    hf_baseline: bool = True  # time HF `generate` on the same prompts: vLLM's gain as a ratio
+
+
+@dataclass
+class SyncBench:
+    name: str = "sync_latency"
+    repeats: int = 3  # timed syncs; figures are medians
+    noise: float = 1e-3  # weights move by this much before each sync, a stand-in for a step
+
+
+def use_schema(bench: type) -> None:
+    """Make `Config + bench: <bench>` the root schema that conf/config.yaml composes onto."""
+    schema = dataclasses.make_dataclass(
+        f"{bench.__name__}Config", [("bench", bench, dataclasses.field(default_factory=bench))], bases=(Config,)
+    )
+    ConfigStore.instance().store(name="config_schema", node=schema)
+
+
+# Presets scale tiny models by width: intermediate = 2 * hidden, heads = hidden / 64.
+for _name, _fn in {"mul": lambda a, b: int(a) * int(b), "div": lambda a, b: int(a) // int(b)}.items():
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _fn)

@@ -1,0 +1,77 @@
+"""Weight-sync latency of one bridge (`mode=`) on one model: one CSV row per Hydra job.
+
+    python -m experiments.sync_latency -m experiment=sync_latency              # every mode x width
+    python -m experiments.sync_latency mode=legacy model.tiny.hidden_size=512  # one point
+
+The run is built exactly as `train.py` builds it (server, policy, bridge), then the weights are
+moved `bench.repeats` times by noise of size `bench.noise` (what an optimizer step does to them)
+and synced; every sync is verified by the bridge, and its stats also land in `sync.jsonl`.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from experiments.csvlog import append_row, sweep_csv
+from experiments.errors import describe
+from experiments.schema import SyncBench, use_schema
+from experiments.sizes import config_columns, weight_columns
+from train import Run, build
+
+BENCH = SyncBench
+use_schema(BENCH)
+
+
+@torch.no_grad()
+def perturb(run: Run, noise: float) -> None:
+    with run.bridge.step_context():  # bridges that share memory with vLLM pause it here
+        for p in run.policy.trainable_parameters():
+            p.add_(torch.randn_like(p), alpha=noise)
+
+
+def measure(cfg: DictConfig, run_dir: Path) -> dict:
+    run = build(cfg, run_dir)
+    try:
+        stats = []
+        for step in range(1, cfg.bench.repeats + 1):
+            perturb(run, cfg.bench.noise)
+            stats.append(run.bridge.sync(step))
+            run.logger.sync(stats[-1].to_dict())
+        ms = [s.ms for s in stats]
+        return {
+            **weight_columns(run.policy.model),
+            "sync_ms": statistics.median(ms),
+            "sync_ms_min": min(ms),
+            "sync_ms_max": max(ms),
+            "verify_ms": statistics.median(s.verify_ms for s in stats),
+            "bytes": statistics.median(s.bytes for s in stats),
+            "probe_max_diff": max(s.probe_max_diff for s in stats),
+        }
+    finally:  # the same teardown as train.train()
+        run.bridge.close()
+        run.server.stop()
+        run.env.close()
+        run.logger.close()
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> dict:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    row = {"mode": cfg.mode.name, **config_columns(cfg), "repeats": cfg.bench.repeats, "run_dir": str(run_dir)}
+    try:
+        row |= measure(cfg, run_dir)
+        row["error"] = ""
+    except Exception as exc:  # one bad grid point must not end the sweep
+        row["error"] = describe(exc, run_dir)
+    append_row(sweep_csv(cfg.bench.name), row)
+    return row
+
+
+if __name__ == "__main__":
+    main()

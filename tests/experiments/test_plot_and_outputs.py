@@ -1,0 +1,63 @@
+"""Plots of sweep CSVs (failed rows included) and the readers the notebooks use."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pandas as pd
+import pytest
+
+from experiments import outputs
+from experiments.csvlog import append_row
+from experiments.plot import main, ok_rows, plot_csv
+
+
+@pytest.fixture
+def rollout_csv(tmp_path):
+    path = tmp_path / "rollout_throughput.csv"
+    for tp, dp, tps in [(1, 1, 900.0), (1, 2, 1500.0), (2, 1, 1100.0)]:
+        for g in (4, 16):
+            append_row(path, {"tp": tp, "dp": dp, "group_size": g, "max_tokens": 32, "vllm_tokens_per_s": tps * g / 4,
+                              "hf_tokens_per_s": 100.0, "speedup": tps * g / 400, "error": ""})
+    append_row(path, {"tp": 2, "dp": 2, "group_size": 4, "max_tokens": 32, "error": "AssertionError: no NUMA node"})
+    return path
+
+
+def test_rollout_plot_from_csv_with_a_failed_point(rollout_csv):
+    df = pd.read_csv(rollout_csv)
+    assert len(df) == 7 and len(ok_rows(df)) == 6
+    png = plot_csv(rollout_csv)
+    assert png == rollout_csv.with_suffix(".png") and png.stat().st_size > 10_000
+
+
+def test_sync_plot_and_cli_over_a_dir(tmp_path, rollout_csv, capsys):
+    sync = tmp_path / "sync_latency.csv"
+    for mode, base in [("reload", 20.0), ("legacy", 30_000.0)]:
+        for h, params in [(128, 0.5), (256, 1.3)]:
+            append_row(sync, {"mode": mode, "hidden_size": h, "params_m": params, "sync_ms": base * params,
+                              "sync_ms_min": base * params * 0.9, "sync_ms_max": base * params * 1.2, "error": ""})
+    main([str(tmp_path)])
+    printed = capsys.readouterr().out.split()
+    assert sorted(printed) == sorted(str(p) for p in [sync.with_suffix(".png"), rollout_csv.with_suffix(".png")])
+
+
+def test_read_jsonl_turns_logged_nan_back_into_floats(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [{"step": 1, "kl": 0.5, "note": "a"}, {"step": 2, "kl": "nan", "note": "b"}]))
+    df = outputs.read_jsonl(path)
+    assert df["kl"].dtype == float and df["kl"].iloc[0] == 0.5 and df["kl"].isna().iloc[1]
+    assert list(df["note"]) == ["a", "b"]
+    assert outputs.read_jsonl(tmp_path / "missing.jsonl").empty
+
+
+def test_newest_dir_is_the_default(tmp_path):
+    old, new = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    for i, folder in enumerate([old, new]):
+        folder.mkdir(parents=True)
+        (folder / "metrics.jsonl").write_text("{}\n")
+        os.utime(folder / "metrics.jsonl", (time.time() - 100 + i, time.time() - 100 + i))
+    assert outputs.newest_parent(tmp_path, "metrics.jsonl") == new
+    with pytest.raises(FileNotFoundError, match="nothing.csv"):
+        outputs.newest_parent(tmp_path, "nothing.csv")

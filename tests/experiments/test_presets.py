@@ -1,0 +1,84 @@
+"""Every experiment preset composes at every grid point, and runs briefly end to end
+(lightning-hydra-template style). A preset `conf/experiment/<name>.yaml` is run by the entry
+point `experiments/<name>.py`, whose command its header gives."""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import make_cfg
+from experiments.schema import use_schema
+from grpo.config import register_configs
+from bench_cli import PRESETS, QUIET, cli
+
+NAMES = [p.stem for p in PRESETS]
+
+
+def grid(name: str) -> list[list[str]]:
+    params = OmegaConf.load(PRESETS[NAMES.index(name)]).hydra.sweeper.params
+    return [[f"{k}={v}" for k, v in zip(params, values)]
+            for values in itertools.product(*(str(v).split(",") for v in params.values()))]
+
+
+@pytest.fixture
+def bench_schema():
+    """Compose as the preset's entry point does; give the training schema back afterwards."""
+    yield lambda name: use_schema(importlib.import_module(f"experiments.{name}").BENCH)
+    register_configs()
+
+
+def test_there_are_presets():
+    assert {"rollout_throughput", "sync_latency"} <= set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_header_gives_the_command(name):
+    lines = PRESETS[NAMES.index(name)].read_text().splitlines()
+    assert lines[0] == "# @package _global_"
+    assert lines[1].startswith(f"# python -m experiments.{name} -m experiment={name}")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_grid_point_composes(name, bench_schema):
+    bench_schema(name)
+    points = grid(name)
+    assert len(points) >= 2
+    for overrides in points:
+        cfg = make_cfg(f"experiment={name}", *overrides)
+        assert cfg.bench.name == name
+        tiny = cfg.model.tiny
+        assert tiny.hidden_size // tiny.num_attention_heads >= 64  # vLLM's CPU attention
+        for override in overrides:
+            key, value = override.split("=")
+            chosen = OmegaConf.select(cfg, key)
+            assert str(chosen if key != "mode" else cfg.mode.name) == value
+
+
+def test_sync_preset_scales_width(bench_schema):
+    bench_schema("sync_latency")
+    tiny = make_cfg("experiment=sync_latency", "model.tiny.hidden_size=512").model.tiny
+    assert (tiny.intermediate_size, tiny.num_attention_heads, tiny.num_key_value_heads) == (1024, 8, 8)
+
+
+def test_bench_typo_fails_at_start(bench_schema):
+    bench_schema("rollout_throughput")
+    with pytest.raises(Exception, match="repeatz"):
+        make_cfg("experiment=rollout_throughput", "bench.repeatz=2")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_every_preset_runs_briefly(name, attach, tmp_path):
+    """The first grid point, one repeat, on the session's vLLM server: one good row and a plot."""
+    cli("-m", f"experiments.{name}", "-m", f"experiment={name}", *grid(name)[0], attach, *QUIET,
+        "bench.repeats=1", "train.prompts_per_step=2", f"hydra.sweep.dir={tmp_path}")
+    rows = pd.read_csv(tmp_path / f"{name}.csv")
+    assert len(rows) == 1 and rows["error"].isna().all(), rows.to_dict("records")
+    metric = {"rollout_throughput": "vllm_tokens_per_s", "sync_latency": "sync_ms"}[name]
+    assert rows[metric].iloc[0] > 0
+    assert (tmp_path / f"{name}.png").stat().st_size > 10_000
