@@ -77,13 +77,18 @@ def build(cfg: DictConfig, run_dir: Path) -> Run:
         torch.set_num_threads(cfg.hardware.torch_threads)
     env = instantiate(cfg.env)  # a missing data file fails here, before vLLM starts
     path = model_path(cfg)
+    bridge = instantiate(cfg.mode.bridge)  # a setup the bridge cannot serve fails before vLLM starts
+    server = server_from_config(cfg, path, run_dir)
+    # mode=shared: the trainer's parameters are views of vLLM's, so vLLM starts first.
+    build_model = getattr(bridge, "build_model", None)
+    model = build_model(path, cfg.model.dtype, cfg.hardware.device, server.start()) if build_model else None
     policy = Policy(path, cfg.model.dtype, cfg.hardware.device, cfg.model.gradient_checkpointing,
-                    temperature=cfg.rollout.temperature, lora=cfg.mode.lora)
+                    temperature=cfg.rollout.temperature, lora=cfg.mode.lora, model=model)
     if cfg.loss.beta > 0:
         policy.load_reference()
-    server = server_from_config(cfg, path, run_dir).start()
+    if not build_model:
+        server.start()
     client = instantiate(cfg.rollout, server=server, model=cfg.model.served_name)
-    bridge = instantiate(cfg.mode.bridge)
     bridge.setup(policy, server, client, run_dir)
     bridge.ensure_synced()
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.train.lr,

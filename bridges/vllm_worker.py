@@ -76,6 +76,7 @@ class SharedWeightsMixin:
         from vllm.model_executor.model_loader import get_model_loader
         from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
         from vllm.model_executor.model_loader.reload.meta import materialize_meta_tensor
+        from vllm.model_executor.model_loader.reload.sanitize import restore_layer_refs
         from vllm.platforms import current_platform
 
         if not current_platform.is_cpu():
@@ -86,7 +87,8 @@ class SharedWeightsMixin:
         for layer in emptied:
             info = get_layerwise_info(layer)
             with info.restore_device:
-                layer.weight = materialize_meta_tensor(info.restore_metadata[0]["weight"])
+                meta = restore_layer_refs(info.restore_metadata[0]["weight"], layer)
+                layer.weight = materialize_meta_tensor(meta)
         if emptied:
             loader = get_model_loader(self.vllm_config.load_config)
             model.load_weights(loader.get_all_weights(self.model_config, model))

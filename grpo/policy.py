@@ -60,12 +60,15 @@ class Policy:
     """HF causal LM (optionally PEFT-wrapped) plus what the loss needs from it."""
 
     def __init__(self, path: str | Path, dtype: str = "float32", device: str = "cpu",
-                 gradient_checkpointing: bool = False, temperature: float = 1.0, lora=None):
+                 gradient_checkpointing: bool = False, temperature: float = 1.0, lora=None,
+                 model: Optional[torch.nn.Module] = None):
         self.path = str(path)
         self.device = torch.device(device)
         self.temperature = temperature
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-        self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch_dtype(dtype)).to(self.device)
+        # `model`: already built where it must live (mode=shared: views of vLLM's weights).
+        self.model = model if model is not None else \
+            AutoModelForCausalLM.from_pretrained(self.path, dtype=torch_dtype(dtype)).to(self.device)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.lora = lora

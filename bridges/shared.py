@@ -1,0 +1,185 @@
+"""mode=shared: one copy of the weights; the trainer's parameters ARE vLLM's tensors.
+
+vLLM's worker (our extension, bridges/vllm_worker.py) exports a handle to every parameter's
+storage; the trainer builds its HF model on `meta` and makes each parameter a view of vLLM's
+tensor (`qkv_proj` -> q/k/v and `gate_up_proj` -> gate/up by `narrow`, a tied lm_head through
+the embedding). So `optimizer.step()` is the sync: 0 bytes move. What remains is keeping vLLM
+from reading half-written weights (generation is paused around the step) and from reusing KV
+blocks computed by the old weights (the prefix cache is reset after it).
+
+Single process per side, same device: TP would shard vLLM's tensors, so it is refused at start,
+as are a trainer on another device than vLLM and an architecture without a name map.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from bridges.base import SyncStats, VerifiedBridge
+from bridges.server import VLLMServer
+from bridges.shared_memory import attach_tensor
+from grpo.policy import torch_dtype
+
+# vLLM fuses these HF projections into one tensor, stacked along dim 0 in this order.
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+NAME_MAPS = {"Qwen2ForCausalLM": FUSED, "LlamaForCausalLM": FUSED}
+# vLLM pads the vocabulary rows of these to a multiple of 64; the trainer sees the real rows.
+VOCAB_PADDED = ("embed_tokens", "lm_head")
+
+
+class SharedWeightsError(RuntimeError):
+    """The trainer cannot share vLLM's weights in this setup (raised at start)."""
+
+
+def name_map(config) -> dict[str, tuple[str, ...]]:
+    arch = (config.architectures or ["?"])[0]
+    if arch not in NAME_MAPS:
+        raise SharedWeightsError(f"mode=shared has no vLLM<->HF name map for architecture {arch!r}; "
+                                 f"supported: {sorted(NAME_MAPS)} (add one to bridges/shared.py NAME_MAPS)")
+    return NAME_MAPS[arch]
+
+
+def physical_cuda_device(device: torch.device) -> str:
+    """The GPU behind `device` as CUDA_VISIBLE_DEVICES of a child would name it."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    index = device.index or 0
+    return visible.split(",")[index].strip() if visible else str(index)
+
+
+def check_topology(vllm_tp: int, vllm_dp: int, device: str, vllm_devices: str | None) -> None:
+    """What config alone tells us, checked before vLLM starts."""
+    if vllm_tp != 1 or vllm_dp != 1:
+        raise SharedWeightsError(f"mode=shared needs hardware.vllm_tp=1 and hardware.vllm_dp=1 (got tp={vllm_tp}, "
+                                 f"dp={vllm_dp}): a TP shard or a DP replica is not the trainer's one tensor")
+    dev = torch.device(device)
+    if dev.type == "cuda" and vllm_devices is not None and str(vllm_devices).strip() != physical_cuda_device(dev):
+        raise SharedWeightsError(f"mode=shared needs the trainer and vLLM on the same GPU: hardware.device={device} "
+                                 f"is GPU {physical_cuda_device(dev)}, hardware.vllm_devices={vllm_devices}")
+
+
+def check_worker(info: dict, n_workers: int, device: torch.device) -> None:
+    """What only the running server can tell: one worker, on the trainer's device."""
+    if n_workers != 1 or info["tensor_parallel_size"] != 1 or info["pipeline_parallel_size"] != 1:
+        raise SharedWeightsError(f"mode=shared needs one vLLM worker (tp=pp=1); the server has {n_workers} "
+                                 f"(tp={info['tensor_parallel_size']}, pp={info['pipeline_parallel_size']})")
+    served = torch.device(info["device"])
+    same = served.type == device.type and (
+        device.type != "cuda" or str(torch.cuda.get_device_properties(device).uuid) == info["device_uuid"])
+    if not same:
+        raise SharedWeightsError(f"mode=shared needs the trainer and vLLM on the same device: trainer on {device}, "
+                                 f"vLLM on {info['device']} (uuid {info['device_uuid']})")
+
+
+def meta_model(config, dtype: str, device: torch.device) -> torch.nn.Module:
+    """The HF model with no parameter memory; computed buffers (rotary tables) built on `device`."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype))
+    for name, module in list(model.named_modules()):
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            parent, _, child = name.rpartition(".")
+            with torch.device(device):
+                setattr(model.get_submodule(parent), child, type(module)(module.config))
+    return model
+
+
+def hf_views(served: dict[str, torch.Tensor], hf_shapes: dict[str, torch.Size],
+             fused: dict[str, tuple[str, ...]]) -> dict[str, torch.Tensor]:
+    """HF parameter name -> view of vLLM's tensor, checked to cover every HF parameter exactly."""
+    views = {}
+    for name, tensor in served.items():
+        prefix, _, leaf = name.rpartition(".")
+        parent, _, module = prefix.rpartition(".")
+        if module in fused:
+            parts = [f"{parent}.{part}.{leaf}" for part in fused[module]]
+            rows = [hf_shapes[p][0] if p in hf_shapes else 0 for p in parts]
+            if sum(rows) != tensor.shape[0]:
+                raise SharedWeightsError(f"{name}: vLLM has {tensor.shape[0]} rows, the HF parts "
+                                         f"{fused[module]} add up to {sum(rows)}")
+            views.update(zip(parts, tensor.split(rows)))
+        elif module in VOCAB_PADDED and name in hf_shapes:
+            views[name] = tensor.narrow(0, 0, hf_shapes[name][0])
+        else:
+            views[name] = tensor
+    missing = sorted(set(hf_shapes) - set(views))
+    unknown = sorted(set(views) - set(hf_shapes))
+    wrong = [f"{n}: HF {tuple(hf_shapes[n])} vs vLLM {tuple(v.shape)}" for n, v in views.items()
+             if n in hf_shapes and v.shape != hf_shapes[n]]
+    if missing or unknown or wrong:
+        raise SharedWeightsError(f"vLLM's parameters do not map onto the HF model: missing {missing[:5]}, "
+                                 f"unknown {unknown[:5]}, shape mismatch {wrong[:5]}")
+    return views
+
+
+def attach(model: torch.nn.Module, views: dict[str, torch.Tensor]) -> None:
+    """Replace each meta parameter by a Parameter over its view; tied parameters stay tied."""
+    old = dict(model.named_parameters())
+    new = {id(old[name]): torch.nn.Parameter(view, requires_grad=old[name].requires_grad)
+           for name, view in views.items()}
+    for module in model.modules():
+        for key, param in module._parameters.items():
+            if param is not None and id(param) in new:
+                module._parameters[key] = new[id(param)]
+
+
+class SharedBridge(VerifiedBridge):
+    mode = "shared"
+
+    def __init__(self, vllm_tp: int = 1, vllm_dp: int = 1, device: str = "cpu", vllm_devices: str | None = None,
+                 pause_mode: str = "wait", **probe):
+        super().__init__(**probe)
+        check_topology(vllm_tp, vllm_dp, device, vllm_devices)
+        self.pause_mode = pause_mode
+        self.pause_ms = 0.0
+        self.served: dict[str, torch.Tensor] = {}
+        self.worker: dict = {}
+
+    def build_model(self, path: str, dtype: str, device: str, server: VLLMServer) -> torch.nn.Module:
+        """The trainer's model, every parameter a view of the served one (no weight is loaded)."""
+        config = AutoConfig.from_pretrained(path)
+        fused = name_map(config)
+        device = torch.device(device)
+        results = server.post("/collective_rpc", {"method": "export_shared_weights"})["results"]
+        self.worker = results[0]
+        check_worker(self.worker, len(results), device)
+        local = device.index if device.type == "cuda" else None
+        self.served = {name: attach_tensor(h, local) for name, h in self.worker["params"].items()}
+        model = meta_model(config, dtype, device)
+        hf_shapes = {name: p.shape for name, p in model.named_parameters()}
+        attach(model, hf_views(self.served, hf_shapes, fused))
+        wrong = [f"{n}: {p.dtype}" for n, p in model.named_parameters() if p.dtype != torch_dtype(dtype)]
+        if wrong:
+            raise SharedWeightsError(f"vLLM serves other dtypes than model.dtype={dtype}: {wrong[:5]}")
+        return model
+
+    @contextlib.contextmanager
+    def step_context(self):
+        """Pause generation while the optimizer writes vLLM's weights; stale KV blocks go after it."""
+        t0 = time.perf_counter()
+        self.server.post(f"/pause?mode={self.pause_mode}&clear_cache=false")
+        t1 = time.perf_counter()
+        try:
+            yield
+            if self.policy.device.type == "cuda":
+                torch.cuda.synchronize(self.policy.device)  # vLLM reads on its own stream
+        finally:
+            t2 = time.perf_counter()
+            reset = self.server.post("/reset_prefix_cache")
+            self.server.post("/resume")
+            self.pause_ms = (t1 - t0 + time.perf_counter() - t2) * 1e3
+        if not reset.get("success", False):
+            raise SharedWeightsError(f"vLLM at {self.server.base_url} could not reset its prefix cache after the "
+                                     f"step: cached KV blocks of the old weights would be reused")
+
+    def push(self, step: int) -> int:
+        return 0  # the optimizer step already wrote vLLM's tensors
+
+    def sync(self, step: int) -> SyncStats:
+        """Verify only; the sync cost is the pause/reset/resume around the step."""
+        stats = super().sync(step)
+        stats.ms = self.pause_ms
+        return stats

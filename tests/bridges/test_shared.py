@@ -1,0 +1,229 @@
+"""mode=shared: trainer and vLLM hold ONE copy of the weights.
+
+Proved on CPU against a real vLLM server of its own (shared mode writes the served weights in
+place, so the session server is left alone): the trainer's parameters live in the shared-memory
+files vLLM computes from, attaching adds no private copy to the trainer's memory, and after an
+optimizer step vLLM's probe logprobs equal the trainer's (fp32 both sides, <= 1e-3; measured
+~1e-6) although no weight-transfer call was made. Then `train()` with mode=shared learns.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import time
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from bridges.server import server_from_config
+from bridges.shared import FUSED, SharedBridge, SharedWeightsError, attach, check_worker, hf_views, meta_model, name_map
+from bridges.shared_memory import segment_name
+from conftest import make_cfg
+from grpo.policy import Policy, token_logprobs
+from grpo.rollout import VLLMClient
+from test_train import SHORT_RUN, assert_learns, read_jsonl
+from train import model_path, train
+
+TOL = 1e-3
+# A tiny-model variant big enough (~44 MB fp32) that a copy of it shows in the process's memory.
+BIG = ("model.tiny.hidden_size=512", "model.tiny.intermediate_size=1024", "model.tiny.num_hidden_layers=4",
+       "model.tiny.num_attention_heads=8", "model.tiny.num_key_value_heads=8")
+
+
+def memory_kb() -> dict[str, int]:
+    """Resident memory of this process by kind: private (RssAnon) and shared-memory (RssShmem).
+
+    Freed heap pages are returned first (malloc_trim), else a new copy could hide in them."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    fields = {}
+    for line in open("/proc/self/status"):
+        key, _, value = line.partition(":")
+        if key in ("RssAnon", "RssShmem", "RssFile"):
+            fields[key] = int(value.split()[0])
+    return fields
+
+
+def mapped_file(pid: int | str, address: int) -> str | None:
+    """The file mapped at `address` in process `pid` (from /proc/<pid>/maps)."""
+    for line in open(f"/proc/{pid}/maps"):
+        parts = line.split()
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        if lo <= address < hi:
+            return parts[5] if len(parts) > 5 else None
+    return None
+
+
+def vllm_layout(model) -> dict[str, torch.Tensor]:
+    """An HF Qwen2's weights as vLLM names and fuses them (q/k/v and gate/up stacked, vocab padded)."""
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    served = {}
+    for name, tensor in sd.items():
+        prefix, _, leaf = name.rpartition(".")
+        parent, _, module = prefix.rpartition(".")
+        fused = next((f for f, parts in FUSED.items() if module in parts), None)
+        if fused is None:
+            served[name] = tensor
+        elif module == FUSED[fused][0]:
+            served[f"{parent}.{fused}.{leaf}"] = torch.cat([sd[f"{parent}.{p}.{leaf}"] for p in FUSED[fused]])
+    emb = served["model.embed_tokens.weight"]
+    served["model.embed_tokens.weight"] = torch.cat([emb, torch.zeros(64, emb.shape[1])])
+    return served
+
+
+def test_views_of_fused_tensors_compute_the_hf_model(tiny_model_path):
+    """No vLLM: a meta-built model attached to vLLM-layout tensors computes what the checkpoint does,
+    and writes through its q_proj / up_proj / tied lm_head land in the fused tensors."""
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    served = vllm_layout(reference)
+    config = AutoConfig.from_pretrained(tiny_model_path)
+    model = meta_model(config, "float32", torch.device("cpu"))
+    attach(model, hf_views(served, {n: p.shape for n, p in model.named_parameters()}, name_map(config)))
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250]])
+    with torch.no_grad():
+        diff = (model(input_ids=ids).logits - reference(input_ids=ids).logits).abs().max().item()
+    assert diff < 1e-5
+    assert not any(p.is_meta for p in model.parameters()) and not any(b.is_meta for b in model.buffers())
+    layer = model.model.layers[1]
+    q_rows = layer.self_attn.q_proj.weight.shape[0]
+    gate_rows = layer.mlp.gate_proj.weight.shape[0]
+    with torch.no_grad():
+        layer.self_attn.k_proj.weight.fill_(7.0)
+        layer.mlp.up_proj.weight.fill_(3.0)
+        model.lm_head.weight[0].fill_(5.0)
+    qkv = served["model.layers.1.self_attn.qkv_proj.weight"]
+    assert (qkv[q_rows:2 * q_rows] == 7.0).all() and not (qkv[:q_rows] == 7.0).any()
+    assert (served["model.layers.1.mlp.gate_up_proj.weight"][gate_rows:] == 3.0).all()
+    assert (served["model.embed_tokens.weight"][0] == 5.0).all()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_unsupported_setups_fail_at_start(tiny_model_path):
+    with pytest.raises(Exception, match="vllm_tp=1"):
+        instantiate(make_cfg("mode=shared", "hardware.vllm_tp=2").mode.bridge)
+    with pytest.raises(SharedWeightsError, match="same GPU"):
+        SharedBridge(device="cuda:0", vllm_devices="1")
+    config = AutoConfig.from_pretrained(tiny_model_path)
+    config.architectures = ["GPT2LMHeadModel"]
+    with pytest.raises(SharedWeightsError, match="GPT2LMHeadModel"):
+        name_map(config)
+    worker = {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "device": "cuda:0", "device_uuid": "GPU-x"}
+    with pytest.raises(SharedWeightsError, match="same device"):
+        check_worker(worker, 1, torch.device("cpu"))
+    with pytest.raises(SharedWeightsError, match="one vLLM worker"):
+        check_worker({**worker, "device": "cpu", "tensor_parallel_size": 2}, 2, torch.device("cpu"))
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    served = vllm_layout(reference)
+    served["model.layers.0.mlp.gate_up_proj.weight"] = served["model.layers.0.mlp.gate_up_proj.weight"][:-1]
+    model = meta_model(config, "float32", torch.device("cpu"))
+    with pytest.raises(SharedWeightsError, match="gate_up_proj"):
+        hf_views(served, {n: p.shape for n, p in model.named_parameters()}, FUSED)
+
+
+def generated_tokens_per_s(server, prompts: int = 32, n: int = 8, max_tokens: int = 64) -> float:
+    client = VLLMClient(server, "policy", max_tokens=max_tokens)
+    ids = [[1, 2, 3, 4, 5 + i] for i in range(prompts)]
+    client.generate(ids, n=2, seed=0)  # warm-up
+    t = time.perf_counter()
+    groups = client.generate(ids, n=n, seed=1)
+    return sum(len(c.token_ids) for g in groups for c in g) / (time.perf_counter() - t)
+
+
+@pytest.fixture(scope="module")
+def big_server(tmp_path_factory):
+    """Its own vLLM server (mode=shared args) on the BIG tiny model; tokens/s measured while vLLM
+    still computes from its packed GEMM weights, before the first export switches to F.linear."""
+    cfg = make_cfg("mode=shared", *BIG)
+    path = model_path(cfg)
+    server = server_from_config(cfg, path, tmp_path_factory.mktemp("vllm-shared")).start()
+    try:
+        server.packed_tokens_per_s = generated_tokens_per_s(server)
+        yield server, path
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_trainer_parameters_are_vllm_memory(big_server, tmp_path):
+    server, path = big_server
+    before = memory_kb()
+    bridge = SharedBridge(probe_tolerance=TOL)
+    policy = Policy(path, model=bridge.build_model(path, "float32", "cpu", server))
+    bridge.setup(policy, server, VLLMClient(server, "policy"), tmp_path)
+    policy.probe_logprobs(bridge.probe_ids)  # reads every weight page
+    after = memory_kb()
+    model_kb = sum(p.numel() * p.element_size() for p in policy.model.parameters()) // 1024
+    grown = {k: after[k] - before[k] for k in before}
+    print(json.dumps({"model_kb": model_kb, "before_kb": before, "after_kb": after}))
+    assert model_kb > 40_000
+    assert grown["RssAnon"] < 0.2 * model_kb, f"a private copy appeared: {grown}"
+    assert grown["RssShmem"] > 0.9 * model_kb, f"the weights read are not the shared pages: {grown}"
+
+    # Same memory: each parameter lies in the shared-memory file vLLM exported, mapped by vLLM too.
+    worker = bridge.worker
+    served_names = {name: segment_name(h) for name, h in worker["params"].items()}
+    mine = {mapped_file("self", p.data_ptr()) for p in policy.model.parameters()}
+    assert mine == {f"/dev/shm{s}" for s in served_names.values()}
+    vllm_maps = open(f"/proc/{worker['pid']}/maps").read()
+    assert all(f"/dev/shm{s}" in vllm_maps for s in served_names.values())
+    assert bridge.probe_diff() <= TOL
+
+    # The measurement sees a copy when there is one.
+    base = memory_kb()["RssAnon"]
+    copy = [p.detach().clone() for p in policy.model.parameters()]
+    assert memory_kb()["RssAnon"] - base > 0.9 * model_kb
+    del copy
+
+
+@pytest.mark.slow
+def test_optimizer_step_is_the_sync(big_server, tmp_path, monkeypatch):
+    server, path = big_server
+    bridge = SharedBridge(probe_tolerance=TOL)
+    policy = Policy(path, model=bridge.build_model(path, "float32", "cpu", server))
+    bridge.setup(policy, server, VLLMClient(server, "policy"), tmp_path)
+    bridge.ensure_synced()
+    served_before = bridge.client.prompt_logprobs(bridge.probe_ids)
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-2)
+    ids = torch.tensor([bridge.probe_ids])
+    (-token_logprobs(policy.model, ids, torch.ones_like(ids), 1).sum()).backward()
+
+    calls = []
+    post = server.post
+    monkeypatch.setattr(server, "post", lambda p, *a, **k: calls.append(p.split("?")[0]) or post(p, *a, **k))
+    with bridge.step_context():
+        optimizer.step()
+    stats = bridge.sync(step=1)
+    monkeypatch.undo()
+
+    served_after = bridge.client.prompt_logprobs(bridge.probe_ids)
+    moved = max(abs(a - b) for a, b in zip(served_before, served_after))
+    print(json.dumps({"probe_max_diff": stats.probe_max_diff, "sync_ms": stats.ms, "served_moved": moved}))
+    assert moved > 1e-2, "the step must change what vLLM serves, or the test proves nothing"
+    assert stats.probe_max_diff <= TOL and stats.bytes == 0
+    assert 0 < stats.ms < 5000 and stats.ms == bridge.pause_ms
+    assert calls[:3] == ["/pause", "/reset_prefix_cache", "/resume"]
+    assert set(calls[3:]) == {"/v1/completions"}, f"a weight transfer call was made: {calls}"
+
+
+@pytest.mark.slow
+def test_plain_linear_throughput(big_server):
+    """vLLM computes from the shared tensors with F.linear instead of its packed kernels: the cost."""
+    server, _ = big_server
+    server.post("/collective_rpc", {"method": "use_plain_linear"})
+    plain = generated_tokens_per_s(server)
+    print(json.dumps({"packed_tokens_per_s": server.packed_tokens_per_s, "plain_tokens_per_s": plain}))
+    assert plain > 0.3 * server.packed_tokens_per_s
+
+
+@pytest.mark.slow
+def test_shared_run_learns(tmp_path):
+    history = train(make_cfg("mode=shared", *SHORT_RUN), tmp_path)
+    assert_learns(history)
+    syncs = read_jsonl(tmp_path / "sync.jsonl")
+    assert len(syncs) == 30 and all(s["bytes"] == 0 and s["probe_max_diff"] <= TOL for s in syncs)
+    assert all(m["sync_bytes"] == 0 and m["sync_ms"] > 0 for m in history)
+    assert max(m["logprob_gap"] for m in history) < 1e-3
