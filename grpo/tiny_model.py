@@ -40,6 +40,10 @@ class TinySpec:
     vocab_size: int = 512
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = True
+    # Std of an untied lm_head. With the default 0.02 the logits of a random 128-wide model span
+    # only about +-2.5 (|w_i| * sqrt(hidden) after the final RMSNorm), so an adapter that cannot
+    # touch lm_head/norm can never concentrate probability: LoRA would plateau near chance.
+    lm_head_std: float = 0.02
     seed: int = 0
     # Env configs whose corpus() trains the tokenizer: the model then speaks the envs' language.
     tokenizer_corpus: list[Any] = field(default_factory=list)
@@ -108,6 +112,8 @@ def _build(spec: TinySpec, out: Path) -> None:
         raise ValueError(f"tokenizer has {len(tok)} tokens > model.tiny.vocab_size={spec.vocab_size}")
     torch.manual_seed(spec.seed)
     model = Qwen2ForCausalLM(config).to(torch.float32)
+    if not spec.tie_word_embeddings:
+        torch.nn.init.normal_(model.lm_head.weight, std=spec.lm_head_std)
     model.save_pretrained(out, safe_serialization=True)
     GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).save_pretrained(out)
     (out / "tiny_spec.json").write_text(json.dumps(asdict(spec), indent=2, default=str))
