@@ -45,7 +45,7 @@ def test_reload_run_learns_and_records_everything(attach, tmp_path):
 
 
 def test_lora_run_learns(attach, tmp_path):
-    history = train(make_cfg("mode=lora", attach, "train.lr=5e-3", *SHORT_RUN), tmp_path)
+    history = train(make_cfg("mode=lora", attach, "train.lr=1e-2", *SHORT_RUN), tmp_path)
     assert_learns(history)
     assert all(s["mode"] == "lora" for s in read_jsonl(tmp_path / "sync.jsonl"))
 
