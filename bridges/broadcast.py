@@ -76,7 +76,7 @@ class BroadcastBridge(VerifiedBridge):
     def setup(self, policy, server, client, run_dir) -> None:
         super().setup(policy, server, client, run_dir)
         self.group_port = self.group_port or free_port(self.group_host)
-        workers = int(server.get("/get_world_size"))
+        workers = int(server.get("/get_world_size")["world_size"])
         timeout = datetime.timedelta(seconds=self.timeout_s)
         store = dist.TCPStore(self.group_host, self.group_port, 1 + workers, is_master=True, timeout=timeout,
                               wait_for_workers=False)

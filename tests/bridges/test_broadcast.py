@@ -74,7 +74,7 @@ class StandIn(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self):
-        self._reply(1 if self.path.startswith("/get_world_size") else {})
+        self._reply({"world_size": 1} if self.path.startswith("/get_world_size") else {})
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
