@@ -78,10 +78,10 @@ def build(cfg: DictConfig, run_dir: Path) -> Run:
     env = instantiate(cfg.env)  # a missing data file fails here, before vLLM starts
     path = model_path(cfg)
     bridge = instantiate(cfg.mode.bridge)  # a setup the bridge cannot serve fails before vLLM starts
-    server = server_from_config(cfg, path, run_dir)
-    # mode=shared: the trainer's parameters are views of vLLM's, so vLLM starts first.
+    server = server_from_config(cfg, path, run_dir, extra_args=getattr(bridge, "server_args", list)())
+    # mode=shared: the trainer's parameters are views of vLLM's, so the bridge starts vLLM first.
     build_model = getattr(bridge, "build_model", None)
-    model = build_model(path, cfg.model.dtype, cfg.hardware.device, server.start()) if build_model else None
+    model = build_model(path, cfg.model.dtype, cfg.hardware.device, server) if build_model else None
     policy = Policy(path, cfg.model.dtype, cfg.hardware.device, cfg.model.gradient_checkpointing,
                     temperature=cfg.rollout.temperature, lora=cfg.mode.lora, model=model)
     if cfg.loss.beta > 0:

@@ -2,10 +2,13 @@
 trainer pushes new weights over a collective after each step (TRL's `vllm_mode="server"`,
 ms-swift's external rollout).
 
-CPU: our worker extension joins a gloo group with the trainer (rank 0) and receives broadcasts.
-GPU: the same group runs NCCL. Either way tensors travel in large flat buckets
-(`bucket_mb`), one broadcast per bucket: TRL's one-HTTP-call-and-one-broadcast-per-tensor is
-what made its syncs slow. `bucket_mb=0` sends one tensor per broadcast, for comparison.
+GPU (trainer on cuda): vLLM's native weight-transfer engine — the server runs with
+`--weight-transfer-config '{"backend": "nccl"}'` (`server_args()`), the trainer drives
+`/init_weight_transfer_engine`, `/start_weight_update`, `/update_weights`, `/finish_weight_update`
+through vLLM's own trainer-side `NCCLWeightTransferEngine`, packed into `bucket_mb` buffers.
+CPU: vLLM has no gloo engine, so our worker extension joins a gloo group with the trainer
+(rank 0) and receives flat buckets, one broadcast per bucket: TRL's one HTTP call and one
+broadcast per tensor is what made its syncs slow. `bucket_mb=0` sends one tensor per broadcast.
 Every collective has `timeout_s`, so a server that goes away mid-sync or a group that cannot form
 ends in an error naming host and port, never a hang.
 """
@@ -69,6 +72,10 @@ class BroadcastBridge(VerifiedBridge):
         self.timeout_s = timeout_s
         self.backend = "nccl" if torch.device(trainer_device).type == "cuda" else "gloo"
         self.group = None
+        self.engine = None  # vLLM's NCCL trainer engine (GPU)
+
+    def server_args(self) -> list[str]:
+        return ["--weight-transfer-config", '{"backend": "nccl"}'] if self.backend == "nccl" else []
 
     def where(self) -> str:
         return f"weight group {self.group_host}:{self.group_port} (vLLM at {self.server.base_url})"
@@ -77,6 +84,9 @@ class BroadcastBridge(VerifiedBridge):
         super().setup(policy, server, client, run_dir)
         self.group_port = self.group_port or free_port(self.group_host)
         workers = int(server.get("/get_world_size")["world_size"])
+        if self.backend == "nccl":
+            self._setup_nccl_engine(workers)
+            return
         timeout = datetime.timedelta(seconds=self.timeout_s)
         store = dist.TCPStore(self.group_host, self.group_port, 1 + workers, is_master=True, timeout=timeout,
                               wait_for_workers=False)
@@ -84,15 +94,26 @@ class BroadcastBridge(VerifiedBridge):
         joined = self._rpc_in_background("join_weight_group", host=self.group_host, port=self.group_port,
                                          world_size=1 + workers, rank_offset=1, timeout_s=self.timeout_s)
         try:
-            prefix = dist.PrefixStore("grpo-weights", store)
-            if self.backend == "nccl":
-                self.group = dist.ProcessGroupNCCL(prefix, 0, 1 + workers)
-            else:
-                self.group = dist.ProcessGroupGloo(prefix, 0, 1 + workers, timeout)
+            self.group = dist.ProcessGroupGloo(dist.PrefixStore("grpo-weights", store), 0, 1 + workers, timeout)
         except RuntimeError as exc:
             raise WeightSyncError(f"could not form the {self.where()} within {self.timeout_s:.0f}s "
                                   f"(mode.bridge.timeout_s): {exc}") from exc
         self._join(joined, "join")
+
+    def _setup_nccl_engine(self, workers: int) -> None:
+        from vllm.distributed.weight_transfer.base import ModuleSource
+        from vllm.distributed.weight_transfer.clients import HTTPVLLMWeightSyncClient
+        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo, NCCLWeightTransferEngine
+
+        info = NCCLTrainerInitInfo(master_address=self.group_host, master_port=self.group_port,
+                                   world_size=1 + workers, rank=0, packed=True,
+                                   packed_buffer_size_bytes=max(self.bucket_bytes, 2**20))
+        try:
+            self.engine = NCCLWeightTransferEngine.trainer_init(
+                info, client=HTTPVLLMWeightSyncClient(self.server.base_url, timeout=self.timeout_s),
+                source=ModuleSource(self.policy.model))
+        except Exception as exc:
+            raise WeightSyncError(f"could not form the NCCL {self.where()}: {exc}") from exc
 
     def _rpc_in_background(self, method: str, **kwargs) -> tuple[threading.Thread, dict]:
         """The worker side blocks in the collective until we broadcast, so its HTTP call runs aside."""
@@ -118,6 +139,12 @@ class BroadcastBridge(VerifiedBridge):
 
     def push(self, step: int) -> int:
         named = [(n, p.detach()) for n, p in self.policy.model.named_parameters()]
+        if self.engine is not None:
+            try:
+                self.engine.send_weights()
+            except Exception as exc:
+                raise WeightSyncError(f"NCCL update over the {self.where()} failed at step {step}: {exc}") from exc
+            return sum(t.numel() * t.element_size() for _, t in named)
         plan = buckets(named, self.bucket_bytes)
         meta = [[[n, str(t.dtype).removeprefix("torch."), list(t.shape)] for n, t in bucket] for bucket in plan]
         pending = self._rpc_in_background("receive_weights", buckets=meta)

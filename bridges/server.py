@@ -183,8 +183,9 @@ class VLLMServer:
         self.stop()
 
 
-def server_from_config(cfg, model_path: str, run_dir: Path) -> VLLMServer:
-    """Build the server from the `model`, `hardware`, `mode` and `server` groups."""
+def server_from_config(cfg, model_path: str, run_dir: Path, extra_args: tuple[str, ...] = ()) -> VLLMServer:
+    """Build the server from the `model`, `hardware`, `mode` and `server` groups; `extra_args`
+    are flags the bridge needs (e.g. the NCCL weight-transfer engine)."""
     hw, srv = cfg.hardware, cfg.server
     args = [
         "--served-model-name", cfg.model.served_name,
@@ -200,6 +201,7 @@ def server_from_config(cfg, model_path: str, run_dir: Path) -> VLLMServer:
         "--worker-extension-cls", "bridges.vllm_worker.WorkerExtension",
         *cfg.mode.server_args,
         *srv.extra_args,
+        *extra_args,
     ]
     # vLLM's workers import our extension from the repository root.
     pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))

@@ -14,7 +14,8 @@ import torch
 
 
 class CollectiveMixin:
-    """mode=broadcast: join a gloo (CPU) or NCCL (GPU) group with the trainer, receive its weights.
+    """mode=broadcast on CPU: join a gloo group with the trainer and receive its weights
+    (on GPU vLLM's native NCCL weight-transfer engine does this job).
 
     The trainer is rank 0 and broadcasts flat buckets; each worker unpacks a bucket into named
     tensors and streams them into vLLM's own `reload_weights` (which shards for TP and re-packs
@@ -27,10 +28,7 @@ class CollectiveMixin:
         rank = rank_offset + parallel.data_parallel_rank * parallel.world_size + self.rank
         store = torch.distributed.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
         prefix = torch.distributed.PrefixStore("grpo-weights", store)
-        if self.device.type == "cuda":
-            self._weight_group = torch.distributed.ProcessGroupNCCL(prefix, rank, world_size)
-        else:
-            self._weight_group = torch.distributed.ProcessGroupGloo(prefix, rank, world_size, timeout)
+        self._weight_group = torch.distributed.ProcessGroupGloo(prefix, rank, world_size, timeout)
         return rank
 
     def receive_weights(self, buckets: list[list[list]]) -> int:
@@ -43,7 +41,7 @@ class CollectiveMixin:
             nonlocal received
             for bucket in buckets:
                 sizes = [math.prod(shape) for _, _, shape in bucket]
-                flat = torch.empty(sum(sizes), dtype=getattr(torch, bucket[0][1]), device=self.device)
+                flat = torch.empty(sum(sizes), dtype=getattr(torch, bucket[0][1]))
                 self._weight_group.broadcast([flat], opts).wait()
                 received += flat.numel() * flat.element_size()
                 for (name, _, shape), chunk in zip(bucket, flat.split(sizes)):
