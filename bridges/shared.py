@@ -139,10 +139,22 @@ class SharedBridge(VerifiedBridge):
         self.worker: dict = {}
 
     def build_model(self, path: str, dtype: str, device: str, server: VLLMServer) -> torch.nn.Module:
-        """The trainer's model, every parameter a view of the served one (no weight is loaded)."""
+        """The trainer's model, every parameter a view of the served one (no weight is loaded).
+
+        Starts `server` if it has not started, after the checks that need no vLLM, and stops it
+        when its weights cannot be shared, so a failed start leaves no server behind."""
         config = AutoConfig.from_pretrained(path)
         fused = name_map(config)
-        device = torch.device(device)
+        if not server.alive():
+            server.start()
+        try:
+            return self.attach_served(config, fused, dtype, torch.device(device), server)
+        except Exception:
+            server.stop()
+            raise
+
+    def attach_served(self, config, fused: dict, dtype: str, device: torch.device,
+                      server: VLLMServer) -> torch.nn.Module:
         results = server.post("/collective_rpc", {"method": "export_shared_weights"})["results"]
         self.worker = results[0]
         check_worker(self.worker, len(results), device)

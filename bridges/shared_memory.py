@@ -9,6 +9,7 @@ HTTP where a file descriptor cannot. Byte strings are base64-encoded for JSON.
 from __future__ import annotations
 
 import base64
+import os
 from typing import Any
 
 import torch
@@ -53,14 +54,23 @@ def attach_tensor(handle: dict, cuda_index: int | None = None) -> torch.Tensor:
     `cuda_index`: this process's index of the exporter's GPU, when CUDA_VISIBLE_DEVICES differ.
     """
     parts = [_decode(p) for p in handle["storage"]]
+    dtype = DTYPES[handle["dtype"]]
+    offset = handle["offset"]
     if handle["kind"] == "cuda":
         parts[0] = parts[0] if cuda_index is None else cuda_index
+        torch.cuda._lazy_init()
         storage = torch.UntypedStorage._new_shared_cuda(*parts)
     else:
-        storage = torch.UntypedStorage._new_shared_filename_cpu(*parts)
-    dtype = DTYPES[handle["dtype"]]
+        # The file is mapped directly, not through the exporter's torch_shm_manager: freeing a
+        # storage attached through a manager that has exited (vLLM stopped) aborts the process.
+        # torch keeps a refcount header before the data, so the data is the file's tail.
+        _, name, nbytes = parts
+        path = f"/dev/shm{name.decode()}"
+        header = os.stat(path).st_size - nbytes
+        storage = torch.UntypedStorage.from_file(path, shared=True, nbytes=header + nbytes)
+        offset += header // dtype.itemsize
     out = torch.empty(0, dtype=dtype, device=storage.device)
-    return out.set_(storage, handle["offset"], handle["shape"], handle["stride"])
+    return out.set_(storage, offset, handle["shape"], handle["stride"])
 
 
 def segment_name(handle: dict) -> str | None:

@@ -60,27 +60,30 @@ def mapped_file(pid: int | str, address: int) -> str | None:
 
 def vllm_layout(model) -> dict[str, torch.Tensor]:
     """An HF Qwen2's weights as vLLM names and fuses them (q/k/v and gate/up stacked, vocab padded)."""
-    sd = {k: v.detach().clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    sd = {k: v.detach().clone() for k, v in model.named_parameters()}
     served = {}
     for name, tensor in sd.items():
         prefix, _, leaf = name.rpartition(".")
         parent, _, module = prefix.rpartition(".")
         fused = next((f for f, parts in FUSED.items() if module in parts), None)
-        if fused is None:
+        if module in ("embed_tokens", "lm_head"):
+            served[name] = torch.cat([tensor, torch.zeros(64, tensor.shape[1])])
+        elif fused is None:
             served[name] = tensor
         elif module == FUSED[fused][0]:
             served[f"{parent}.{fused}.{leaf}"] = torch.cat([sd[f"{parent}.{p}.{leaf}"] for p in FUSED[fused]])
-    emb = served["model.embed_tokens.weight"]
-    served["model.embed_tokens.weight"] = torch.cat([emb, torch.zeros(64, emb.shape[1])])
     return served
 
 
-def test_views_of_fused_tensors_compute_the_hf_model(tiny_model_path):
-    """No vLLM: a meta-built model attached to vLLM-layout tensors computes what the checkpoint does,
-    and writes through its q_proj / up_proj / tied lm_head land in the fused tensors."""
-    reference = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+@pytest.mark.parametrize("tied", [True, False])
+def test_views_of_fused_tensors_compute_the_hf_model(tiny_model_path, tied):
+    """No vLLM: a meta-built model attached to vLLM-layout tensors computes what the HF model does,
+    and writes through its k_proj / up_proj / lm_head land in the fused (or tied) tensors."""
+    config = AutoConfig.from_pretrained(tiny_model_path, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    reference = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     served = vllm_layout(reference)
-    config = AutoConfig.from_pretrained(tiny_model_path)
+    assert ("lm_head.weight" in served) != tied
     model = meta_model(config, "float32", torch.device("cpu"))
     attach(model, hf_views(served, {n: p.shape for n, p in model.named_parameters()}, name_map(config)))
     ids = torch.tensor([[5, 17, 42, 99, 3, 250]])
@@ -98,26 +101,36 @@ def test_views_of_fused_tensors_compute_the_hf_model(tiny_model_path):
     qkv = served["model.layers.1.self_attn.qkv_proj.weight"]
     assert (qkv[q_rows:2 * q_rows] == 7.0).all() and not (qkv[:q_rows] == 7.0).any()
     assert (served["model.layers.1.mlp.gate_up_proj.weight"][gate_rows:] == 3.0).all()
-    assert (served["model.embed_tokens.weight"][0] == 5.0).all()
-    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert (served["model.embed_tokens.weight" if tied else "lm_head.weight"][0] == 5.0).all()
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
 
 
-def test_unsupported_setups_fail_at_start(tiny_model_path):
+class NeverStarted:
+    """A server that must not be started: the check has to come first."""
+
+    def alive(self) -> bool:
+        return False
+
+    def start(self):
+        raise AssertionError("vLLM was started before the setup was checked")
+
+
+def test_unsupported_setups_fail_at_start(tiny_model_path, tmp_path):
     with pytest.raises(Exception, match="vllm_tp=1"):
         instantiate(make_cfg("mode=shared", "hardware.vllm_tp=2").mode.bridge)
     with pytest.raises(SharedWeightsError, match="same GPU"):
         SharedBridge(device="cuda:0", vllm_devices="1")
     config = AutoConfig.from_pretrained(tiny_model_path)
     config.architectures = ["GPT2LMHeadModel"]
+    config.save_pretrained(tmp_path)
     with pytest.raises(SharedWeightsError, match="GPT2LMHeadModel"):
-        name_map(config)
+        SharedBridge().build_model(str(tmp_path), "float32", "cpu", server=NeverStarted())
     worker = {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "device": "cuda:0", "device_uuid": "GPU-x"}
     with pytest.raises(SharedWeightsError, match="same device"):
         check_worker(worker, 1, torch.device("cpu"))
     with pytest.raises(SharedWeightsError, match="one vLLM worker"):
         check_worker({**worker, "device": "cpu", "tensor_parallel_size": 2}, 2, torch.device("cpu"))
-    reference = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
-    served = vllm_layout(reference)
+    served = vllm_layout(AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32))
     served["model.layers.0.mlp.gate_up_proj.weight"] = served["model.layers.0.mlp.gate_up_proj.weight"][:-1]
     model = meta_model(config, "float32", torch.device("cpu"))
     with pytest.raises(SharedWeightsError, match="gate_up_proj"):
