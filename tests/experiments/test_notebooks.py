@@ -1,0 +1,76 @@
+"""CI executes the analysis notebooks (nbclient) on a real short run and a real small sweep made
+here, and fails if any cell fails or a plot is not written."""
+
+from __future__ import annotations
+
+import nbformat
+import pandas as pd
+import pytest
+from nbclient import NotebookClient
+
+from bench_cli import QUIET, cli
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def execute(name: str) -> None:
+    book = nbformat.read(REPO / "notebooks" / f"{name}.ipynb", as_version=4)
+    # From notebooks/, as a user opens it; the kernel inherits RUN_DIR / SWEEP_DIR from us.
+    NotebookClient(book, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+
+
+@pytest.fixture(scope="module")
+def run_dir(vllm_server, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("run") / "run"
+    cli("train.py", "train.steps=4", "log.samples_every=2", *QUIET, f"server.base_url={vllm_server.base_url}",
+        f"hydra.run.dir={folder}")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(vllm_server, tmp_path_factory):
+    """Throughput on 4 grid points with its own servers (TP 1 and 2; each reused for a second
+    workload), and sync latency on the session server, into one sweep dir."""
+    folder = tmp_path_factory.mktemp("sweep")
+    cli("-m", "experiments.rollout_throughput", "-m", "experiment=rollout_throughput", "hardware.vllm_tp=1,2",
+        "hardware.vllm_dp=1", "train.group_size=2,4", "rollout.max_tokens=16", "train.prompts_per_step=4",
+        "bench.repeats=2", f"hydra.sweep.dir={folder}")
+    cli("-m", "experiments.sync_latency", "-m", "experiment=sync_latency", "mode=reload",
+        "model.tiny.hidden_size=128", "bench.repeats=2", f"server.base_url={vllm_server.base_url}",
+        f"hydra.sweep.dir={folder}")
+    return folder
+
+
+def test_sweep_rows(sweep_dir):
+    roll = pd.read_csv(sweep_dir / "rollout_throughput.csv")
+    assert list(zip(roll["tp"], roll["group_size"])) == [(1, 2), (1, 4), (2, 2), (2, 4)]
+    assert list(roll["server_reused"]) == [False, True, False, True]
+    tp1 = roll[roll["tp"] == 1]
+    assert tp1["error"].isna().all(), tp1["error"].tolist()
+    # Token counts are real: at most prompts x group x max_tokens, and most completions run long.
+    assert (tp1["vllm_tokens"] <= 4 * tp1["group_size"] * 16).all() and (tp1["vllm_tokens"] > 4 * tp1["group_size"] * 8).all()
+    assert (tp1["speedup"] > 0).all() and (tp1["vllm_latency_ms"] > 0).all()
+    sync = pd.read_csv(sweep_dir / "sync_latency.csv")
+    assert sync["mode"].tolist() == ["reload"] and sync["error"].isna().all()
+    assert 0 < sync["sync_ms_min"][0] <= sync["sync_ms"][0] <= sync["sync_ms_max"][0]
+    assert sync["bytes"][0] > 0.9 * 4 * sync["params_m"][0] * 1e6  # fp32 safetensors
+    for png in ("rollout_throughput.png", "sync_latency.png"):  # the sweeps' end-of-run plots
+        assert (sweep_dir / png).stat().st_size > 10_000
+
+
+def test_run_analysis_notebook(run_dir, monkeypatch):
+    monkeypatch.setenv("RUN_DIR", str(run_dir))
+    execute("run_analysis")
+    for png in ("reward.png", "kl_logprob_gap.png", "time_split.png", "sync_ms.png"):
+        assert (run_dir / png).stat().st_size > 10_000, png
+
+
+def test_sweep_analysis_notebook(sweep_dir, monkeypatch):
+    for png in sweep_dir.glob("*.png"):
+        png.unlink()
+    monkeypatch.setenv("SWEEP_DIR", str(sweep_dir))
+    execute("sweep_analysis")
+    for png in ("rollout_throughput.png", "sync_latency.png"):
+        assert (sweep_dir / png).stat().st_size > 10_000, png
