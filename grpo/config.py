@@ -93,11 +93,11 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 80
+    steps: int = 40
     prompts_per_step: int = 8
     group_size: int = 8
     micro_batch_size: int = 64  # sequences per forward/backward
-    lr: float = 1e-3
+    lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
