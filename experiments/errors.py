@@ -20,3 +20,17 @@ def describe(exc: BaseException, run_dir: Path, width: int = 300) -> str:
     root = next((c for c in causes if "Engine core initialization failed" not in c), None)
     text = root or (str(exc).splitlines() or [""])[0]
     return f"{type(exc).__name__}: {text}"[:width]
+
+
+def record_point(cfg, run_dir: Path, row: dict, measure) -> dict:
+    """Measure one grid point into `row` and append it to the sweep CSV; a failure becomes the
+    row's `error` cell instead of ending the sweep."""
+    from experiments.csvlog import append_row, sweep_csv
+
+    try:
+        row |= measure(cfg, run_dir)
+        row["error"] = ""
+    except Exception as exc:  # one bad grid point must not end the sweep
+        row["error"] = describe(exc, run_dir)
+    append_row(sweep_csv(cfg.bench.name), row)
+    return row

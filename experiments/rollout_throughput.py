@@ -22,8 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from bridges.server import server_from_config
-from experiments.csvlog import append_row, sweep_csv
-from experiments.errors import describe
+from experiments.errors import record_point
 from experiments.hf_baseline import hf_generate
 from experiments.schema import ThroughputBench, use_schema
 from experiments.servers import shared_server
@@ -95,13 +94,7 @@ def main(cfg: DictConfig) -> dict:
         "repeats": cfg.bench.repeats,
         "run_dir": str(run_dir),
     }
-    try:
-        row |= measure(cfg, run_dir)
-        row["error"] = ""
-    except Exception as exc:  # one bad grid point must not end the sweep
-        row["error"] = describe(exc, run_dir)
-    append_row(sweep_csv(cfg.bench.name), row)
-    return row
+    return record_point(cfg, run_dir, row, measure)
 
 
 if __name__ == "__main__":

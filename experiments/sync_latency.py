@@ -18,8 +18,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from experiments.csvlog import append_row, sweep_csv
-from experiments.errors import describe
+from experiments.errors import record_point
 from experiments.schema import SyncBench, use_schema
 from experiments.sizes import config_columns, weight_columns
 from train import Run, build
@@ -64,13 +63,7 @@ def measure(cfg: DictConfig, run_dir: Path) -> dict:
 def main(cfg: DictConfig) -> dict:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     row = {"mode": cfg.mode.name, **config_columns(cfg), "repeats": cfg.bench.repeats, "run_dir": str(run_dir)}
-    try:
-        row |= measure(cfg, run_dir)
-        row["error"] = ""
-    except Exception as exc:  # one bad grid point must not end the sweep
-        row["error"] = describe(exc, run_dir)
-    append_row(sweep_csv(cfg.bench.name), row)
-    return row
+    return record_point(cfg, run_dir, row, measure)
 
 
 if __name__ == "__main__":
