@@ -23,8 +23,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from bridges.base import Bridge
-from bridges.server import VLLMServer, server_from_config
+from bridges.server import VLLMRequestError, VLLMServer, server_from_config
 from envs.base import Env
+from grpo import checkpoint
 from grpo.advantages import group_advantages
 from grpo.batch import Batch, build_batch
 from grpo.config import register_configs
@@ -51,6 +52,8 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     logger: RunLogger
+    start_step: int = 0  # the step a resumed run's checkpoint ended with
+    vllm_restarts: int = 0
 
 
 def model_path(cfg: DictConfig) -> str:
@@ -86,17 +89,69 @@ def build(cfg: DictConfig, run_dir: Path) -> Run:
                     temperature=cfg.rollout.temperature, lora=cfg.mode.lora, model=model)
     if cfg.loss.beta > 0:
         policy.load_reference()
+    ckpt = checkpoint.newest_complete(cfg.resume) if cfg.resume else None
+    if ckpt:
+        checkpoint.load_policy_weights(policy, ckpt)
     if not build_model:
         server.start()
     client = instantiate(cfg.rollout, server=server, model=cfg.model.served_name)
     bridge.setup(policy, server, client, run_dir)
-    bridge.ensure_synced()
+    # On resume always push: a LoRA adapter close to identity would pass the probe unloaded.
+    if ckpt:
+        bridge.sync(checkpoint.saved_step(ckpt))
+    else:
+        bridge.ensure_synced()
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.train.lr,
                                   weight_decay=cfg.train.weight_decay)
     warmup = max(cfg.train.warmup_steps, 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    logger = RunLogger(run_dir, cfg, total_steps=cfg.train.steps)
-    return Run(cfg, run_dir, env, policy, server, client, bridge, optimizer, scheduler, logger)
+    run = Run(cfg, run_dir, env, policy, server, client, bridge, optimizer, scheduler, None)
+    if ckpt:  # last: the RNG states must be the saved ones, whatever building drew from them
+        run.start_step = checkpoint.load_trainer_state(run, ckpt)
+    run.logger = RunLogger(run_dir, cfg, total_steps=cfg.train.steps, start_step=run.start_step)
+    if ckpt:
+        run.logger.event(run.start_step, "resumed", checkpoint=str(ckpt))
+    return run
+
+
+def rollout_seed(cfg: DictConfig, step: int) -> int:
+    """Base sampling seed of a step (its samples get base + 0..P*n-1, P*n < 2**20): rollouts
+    depend on (seed, step) only, so a resumed run draws exactly what the uninterrupted one did."""
+    return (cfg.train.seed << 40) + (step << 20)
+
+
+def restart_vllm(run: Run, step: int, reason: str) -> None:
+    """The owned server died: start it again on the base model, then push the current weights
+    (full weights, or the LoRA adapter) through the bridge's verified sync."""
+    t = time.perf_counter()
+    run.server.restart(model=run.policy.path)
+    run.bridge.sync(step)
+    run.vllm_restarts += 1
+    run.logger.event(step, "vllm_restart", reason=reason[:500], restarts=run.vllm_restarts,
+                     restart_s=round(time.perf_counter() - t, 1))
+
+
+def server_died(server: VLLMServer, grace_s: float = 5.0) -> bool:
+    """Whether our own server is gone; a killed process can still look alive for a moment."""
+    deadline = time.monotonic() + grace_s
+    while not server.external and server.alive():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return not server.external
+
+
+def vllm_call(run: Run, step: int, fn):
+    """fn() talks to vLLM; if our server died before or during it, restart and call again."""
+    if not run.server.external and not run.server.alive():
+        restart_vllm(run, step, "server process not alive")
+    try:
+        return fn()
+    except VLLMRequestError as exc:
+        if not server_died(run.server):
+            raise
+        restart_vllm(run, step, str(exc))
+        return fn()
 
 
 def optimize(run: Run, batch: Batch) -> dict:
@@ -157,7 +212,8 @@ def train_step(run: Run, step: int) -> dict:
     t = time.perf_counter()  # 1. sample: vLLM generates group_size completions per prompt
     prompts = run.env.sample(cfg.train.prompts_per_step)
     prompt_ids = [policy.encode_chat(p.messages) for p in prompts]
-    groups = run.client.generate(prompt_ids, n=cfg.train.group_size)
+    groups = vllm_call(run, step, lambda: run.client.generate(prompt_ids, n=cfg.train.group_size,
+                                                              seed=rollout_seed(cfg, step)))
     times["time_generate"] = time.perf_counter() - t
 
     t = time.perf_counter()  # 2. score
@@ -169,12 +225,15 @@ def train_step(run: Run, step: int) -> dict:
     advantages = group_advantages(rewards, cfg.loss.scale_rewards)
     batch = build_batch(prompt_ids, groups, advantages, policy.pad_id)
     loss_metrics = optimize(run, batch)
+    if loss_metrics["skipped_updates"]:
+        run.logger.event(step, "skipped_update", reason="non-finite gradient norm",
+                         loss=loss_metrics.get("loss"), updates=loss_metrics["skipped_updates"])
     times["time_train"] = time.perf_counter() - t
 
     t = time.perf_counter()  # 5. sync: new weights -> vLLM, verified
     sync = {}
     if step % cfg.mode.sync_every == 0 or step == cfg.train.steps:
-        stats = run.bridge.sync(step)
+        stats = vllm_call(run, step, lambda: run.bridge.sync(step))
         run.logger.sync(stats.to_dict())
         sync = {"sync_ms": stats.ms, "sync_bytes": stats.bytes, "probe_max_diff": stats.probe_max_diff}
     times["time_sync"] = time.perf_counter() - t
@@ -188,6 +247,7 @@ def train_step(run: Run, step: int) -> dict:
         "lr": run.scheduler.get_last_lr()[0],
         **loss_metrics,
         **sync,
+        "vllm_restarts": run.vllm_restarts,
         **times,
     }
     if step % cfg.log.samples_every == 0 or step == 1:
@@ -204,10 +264,12 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> list[dict]:
     run = build(cfg, run_dir)
     history = []
     try:
-        for step in range(1, cfg.train.steps + 1):
+        for step in range(run.start_step + 1, cfg.train.steps + 1):
             metrics = train_step(run, step)
             run.logger.step(step, metrics)
             history.append(metrics)
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+                checkpoint.save(run, step)
     finally:
         run.bridge.close()
         run.server.stop()

@@ -7,6 +7,7 @@ reload, LoRA loading) are enabled, so by default the server binds to 127.0.0.1 o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -133,7 +134,12 @@ class VLLMServer:
         return self.healthy()
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is not None:
+            # The API server died (e.g. killed): its engine-core children may outlive it.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc = None
             return
         try:

@@ -101,7 +101,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
-    seed: int = 0
+    seed: int = 0  # also seeds each step's rollouts, so a resumed run samples what the straight one did
+    checkpoint_every: int = 0  # steps between checkpoints in <run_dir>/checkpoints (0: none)
 
 
 @dataclass
@@ -129,6 +130,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    resume: Optional[str] = None  # a run dir (its newest complete checkpoint) or a checkpoint dir
 
 
 def register_configs() -> None:

@@ -7,6 +7,7 @@ text, and compares its logprobs with vLLM's sampled ones (`logprobs: 0`, server 
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional, Protocol
 
@@ -49,6 +50,13 @@ class VLLMClient:
         self.timeout_s = timeout_s
 
     def generate(self, prompt_ids: list[list[int]], n: int, seed: Optional[int] = None) -> list[list[Completion]]:
+        """With `seed`, sample j of prompt i uses seed + i*n + j (vLLM gives sample j seed + j).
+        A request has one seed for all its prompts, and equal seeds make different prompts draw
+        near-identical completions, so seeded prompts go as concurrent requests (vLLM batches them)."""
+        if seed is not None and len(prompt_ids) > 1:
+            with ThreadPoolExecutor(len(prompt_ids)) as pool:
+                parts = pool.map(lambda i: self.generate([prompt_ids[i]], n, seed + i * n), range(len(prompt_ids)))
+                return [group for part in parts for group in part]
         payload = {
             "model": self.model,
             "prompt": prompt_ids,
