@@ -71,6 +71,8 @@ class VLLMServer:
         self.base_url = base_url.rstrip("/") if base_url else None
         self.proc: Optional[subprocess.Popen] = None
         self.session = requests.Session()
+        # Seeded rollouts send one request per prompt at once; keep all their connections.
+        self.session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=256))
         if api_key:
             self.session.headers["Authorization"] = f"Bearer {api_key}"
 
@@ -216,6 +218,7 @@ def server_from_config(cfg, model_path: str, run_dir: Path, extra_args: tuple[st
         # Sampled logprobs after temperature, as the trainer computes them.
         "--logprobs-mode", "processed_logprobs",
         "--worker-extension-cls", "bridges.vllm_worker.WorkerExtension",
+        *hw.server_args,
         *cfg.mode.server_args,
         *srv.extra_args,
         *extra_args,

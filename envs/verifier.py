@@ -42,6 +42,7 @@ def _init_worker() -> None:
 
     logging.getLogger("latex2sympy2_extended").setLevel(logging.ERROR)
     signal.signal(signal.SIGPROF, _on_cpu_timer)
+    verify_one("\\boxed{1}", "1", STARTUP_TIMEOUT_S)  # first parse loads lazy parts: not on a timed item
 
 
 def _worker_pid() -> int:

@@ -56,6 +56,7 @@ class HardwareConfig:
     vllm_devices: Optional[str] = None  # CUDA_VISIBLE_DEVICES of the server
     gpu_memory_utilization: float = 0.1  # on CPU vLLM sizes its KV cache from RAM with this
     max_num_seqs: int = 256
+    server_args: list[str] = field(default_factory=list)  # vLLM flags this hardware needs
     server_env: dict[str, str] = field(default_factory=dict)
 
 

@@ -28,6 +28,19 @@ def test_generate_returns_token_ids_and_sampled_logprobs(vllm_server, tiny_model
     assert max(abs(a - b) for a, b in zip(mine, c.logprobs)) < 1e-3
 
 
+def test_seeded_rollouts_beyond_one_step_budget_repeat_and_keep_the_server_up(vllm_server, tiny_model_path):
+    """64 seeded prompts of ~60 tokens overflow vLLM's 2048-token step budget; with chunked
+    prefill vLLM's CPU runner died here ("CPU Generator does not use offset")."""
+    policy = Policy(tiny_model_path)
+    client = VLLMClient(vllm_server, "policy", max_tokens=4)
+    prompts = [policy.encode_chat([{"role": "user", "content": f"Count on from {k} " * 8}]) for k in range(64)]
+    assert sum(map(len, prompts)) > 2048
+    first = client.generate(prompts, n=2, seed=7)
+    again = client.generate(prompts, n=2, seed=7)
+    assert [[c.token_ids for c in g] for g in first] == [[c.token_ids for c in g] for g in again]
+    assert vllm_server.healthy()
+
+
 def test_dev_endpoints_bind_to_loopback(vllm_server):
     assert vllm_server.base_url.startswith("http://127.0.0.1:")
     assert "--host" in vllm_server.command() and "127.0.0.1" in vllm_server.command()

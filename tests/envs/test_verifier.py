@@ -55,13 +55,13 @@ def test_unparseable_latex_scores_zero_fast(verifier):
 
 
 def test_hung_item_scores_zero_within_its_limit_and_pool_recovers(verifier):
-    restarts = verifier.hard_timeouts
+    restarts, pools = verifier.hard_timeouts, len(verifier.startup_s)
     t0 = time.monotonic()
     scores = verifier.score([(HUNG, "72"), ("\\boxed{72}", "72"), ("\\boxed{5}", "5"), ("\\boxed{4}", "5")])
-    elapsed = time.monotonic() - t0
+    elapsed = time.monotonic() - t0 - sum(verifier.startup_s[pools:])  # fresh pools' start-up is not item time
     assert scores == [0.0, 1.0, 1.0, 0.0]  # the items in flight beside it are rescored, not zeroed
     assert verifier.hard_timeouts == restarts + 1
-    assert elapsed < TIMEOUT_S * 3 + 5  # its limit, plus a fresh pool's start-up (~1 s here)
+    assert elapsed < TIMEOUT_S * 3  # its limit, plus the rescored items (unbounded, it would run for minutes)
     assert verifier.score([("\\boxed{72}", "72")]) == [1.0]
 
 
