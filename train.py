@@ -13,8 +13,10 @@ from __future__ import annotations
 import math
 import random
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import hydra
 import torch
@@ -72,16 +74,21 @@ def check_loss_config(cfg: DictConfig) -> None:
                        cfg.loss.is_level, cfg.loss.is_mode, cfg.loss.is_cap)
 
 
-def build(cfg: DictConfig, run_dir: Path) -> Run:
+def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
+    """Build every part; each one that holds a resource (vLLM, worker pools, files) is registered
+    with `cleanup` as soon as it exists, so a failure half-way through leaves nothing running."""
     check_loss_config(cfg)
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     if cfg.hardware.torch_threads:
         torch.set_num_threads(cfg.hardware.torch_threads)
     env = instantiate(cfg.env)  # a missing data file fails here, before vLLM starts
+    cleanup.callback(env.close)
     path = model_path(cfg)
     bridge = instantiate(cfg.mode.bridge)  # a setup the bridge cannot serve fails before vLLM starts
     server = server_from_config(cfg, path, run_dir, extra_args=getattr(bridge, "server_args", list)())
+    cleanup.callback(server.stop)
+    cleanup.callback(bridge.close)
     # mode=shared: the trainer's parameters are views of vLLM's, so the bridge starts vLLM first.
     build_model = getattr(bridge, "build_model", None)
     model = build_model(path, cfg.model.dtype, cfg.hardware.device, server) if build_model else None
@@ -109,9 +116,17 @@ def build(cfg: DictConfig, run_dir: Path) -> Run:
     if ckpt:  # last: the RNG states must be the saved ones, whatever building drew from them
         run.start_step = checkpoint.load_trainer_state(run, ckpt)
     run.logger = RunLogger(run_dir, cfg, total_steps=cfg.train.steps, start_step=run.start_step)
+    cleanup.callback(run.logger.close)
     if ckpt:
         run.logger.event(run.start_step, "resumed", checkpoint=str(ckpt))
     return run
+
+
+@contextmanager
+def open_run(cfg: DictConfig, run_dir: Path) -> Iterator[Run]:
+    """The built run; on leaving, everything it started is stopped (vLLM, pools, files)."""
+    with ExitStack() as cleanup:
+        yield build(cfg, run_dir, cleanup)
 
 
 def rollout_seed(cfg: DictConfig, step: int) -> int:
@@ -261,20 +276,14 @@ def train_step(run: Run, step: int) -> dict:
 def train(cfg: DictConfig, run_dir: Path | None = None) -> list[dict]:
     """Run GRPO as configured; returns the per-step metrics (also in metrics.jsonl)."""
     run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
-    run = build(cfg, run_dir)
     history = []
-    try:
+    with open_run(cfg, run_dir) as run:
         for step in range(run.start_step + 1, cfg.train.steps + 1):
             metrics = train_step(run, step)
             run.logger.step(step, metrics)
             history.append(metrics)
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
                 checkpoint.save(run, step)
-    finally:
-        run.bridge.close()
-        run.server.stop()
-        run.env.close()
-        run.logger.close()
     return history
 
 

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from experiments.errors import record_point
 from experiments.schema import SyncBench, use_schema
 from experiments.sizes import config_columns, weight_columns
-from train import Run, build
+from train import Run, open_run
 
 BENCH = SyncBench
 use_schema(BENCH)
@@ -35,8 +35,7 @@ def perturb(run: Run, noise: float) -> None:
 
 
 def measure(cfg: DictConfig, run_dir: Path) -> dict:
-    run = build(cfg, run_dir)
-    try:
+    with open_run(cfg, run_dir) as run:
         stats = []
         for step in range(1, cfg.bench.repeats + 1):
             perturb(run, cfg.bench.noise)
@@ -52,11 +51,6 @@ def measure(cfg: DictConfig, run_dir: Path) -> dict:
             "bytes": statistics.median(s.bytes for s in stats),
             "probe_max_diff": max(s.probe_max_diff for s in stats),
         }
-    finally:  # the same teardown as train.train()
-        run.bridge.close()
-        run.server.stop()
-        run.env.close()
-        run.logger.close()
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

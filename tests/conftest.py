@@ -50,8 +50,10 @@ def vllm_server(tiny_model_path, tmp_path_factory):
 
 
 @pytest.fixture
-def attach(vllm_server: VLLMServer) -> str:
-    """Override that makes a train() run use the session server."""
+def attach(vllm_server: VLLMServer, tiny_model_path) -> str:
+    """Override that makes a train() run use the session server, on the tiny model's own weights
+    (a LoRA run needs the base under its adapter; an earlier full-weight run changed it)."""
+    restore_pristine(vllm_server, tiny_model_path)
     return f"server.base_url={vllm_server.base_url}"
 
 

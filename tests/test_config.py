@@ -9,7 +9,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import REPO, make_cfg
-from train import build, check_loss_config
+from train import check_loss_config, open_run
 
 GROUPS = {g: sorted(p.stem for p in (REPO / "conf" / g).glob("*.yaml")) for g in ("model", "mode", "env", "hardware")}
 
@@ -51,7 +51,8 @@ def test_bad_loss_option_fails_at_start(key, value):
 def test_missing_data_file_fails_before_server_start(tmp_path):
     cfg = make_cfg("env=gsm8k", "env.source=../shared/data/no_such_dir")
     with pytest.raises(Exception) as err:
-        build(cfg, tmp_path)
+        with open_run(cfg, tmp_path):
+            pass
     assert "no_such_dir" in str(err.value)
     assert not (tmp_path / "vllm.log").exists()  # failed before vLLM was started
 
@@ -59,5 +60,6 @@ def test_missing_data_file_fails_before_server_start(tmp_path):
 def test_unknown_env_kwarg_is_named(tmp_path):
     cfg = make_cfg("+env.shuffle_typo=1")
     with pytest.raises(Exception) as err:
-        build(cfg, tmp_path)
+        with open_run(cfg, tmp_path):
+            pass
     assert "shuffle_typo" in str(err.value)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import make_cfg, restore_pristine
+from conftest import make_cfg
 from train import train
 
 pytestmark = pytest.mark.slow
@@ -20,8 +20,7 @@ def read_jsonl(path):
 
 
 @pytest.mark.parametrize("overrides", [("mode=reload",), ("mode=lora", "train.lr=1e-2")], ids=["reload", "lora"])
-def test_resumed_run_repeats_the_straight_one(attach, vllm_server, tiny_model_path, tmp_path, overrides):
-    restore_pristine(vllm_server, tiny_model_path)  # a LoRA adapter needs the base weights under it
+def test_resumed_run_repeats_the_straight_one(attach, tmp_path, overrides):
     straight = train(make_cfg(*overrides, attach, *RUN, "train.steps=6"), tmp_path / "straight")
     split = tmp_path / "split"
     train(make_cfg(*overrides, attach, *RUN, "train.steps=3"), split)

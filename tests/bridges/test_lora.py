@@ -15,7 +15,7 @@ from conftest import make_cfg
 from grpo.config import LoraConfig
 from grpo.policy import Policy
 from grpo.rollout import VLLMClient
-from train import build
+from train import open_run
 
 
 def lora_policy(path, **overrides) -> Policy:
@@ -73,12 +73,14 @@ def test_lora_hot_swap_serves_trainer_adapter_and_saves_peft_loadable(vllm_serve
 def test_rank_above_server_max_fails_at_start(tmp_path):
     cfg = make_cfg("mode=lora", "mode.lora.r=128", "mode.lora.max_lora_rank=64")
     with pytest.raises(ValueError, match=r"mode.lora.r=128.*max-lora-rank"):
-        build(cfg, tmp_path)
+        with open_run(cfg, tmp_path):
+            pass
     assert not (tmp_path / "vllm.log").exists()
 
 
 def test_unknown_target_module_fails_at_start(tmp_path):
     cfg = make_cfg("mode=lora", "mode.lora.target_modules=[q_proj,attn_qkv]")
     with pytest.raises(ValueError, match=r"attn_qkv.*linear modules are"):
-        build(cfg, tmp_path)
+        with open_run(cfg, tmp_path):
+            pass
     assert not (tmp_path / "vllm.log").exists()

@@ -9,8 +9,8 @@ import pytest
 from envs.verifier import MathVerifier
 
 TIMEOUT_S = 2.0
-# 9**(9**9) makes sympy compute a 370-million-digit integer in C: signals are not seen, so only
-# killing the worker stops it (math-verify's own 10 s alarm is the first thing that would).
+# 9**(9**9) makes sympy compute a 370-million-digit integer, mostly in C where signals are not
+# seen, so killing the worker is what stops it (math-verify's own 10 s alarm would come too late).
 HUNG = "\\boxed{9^{9^{9}}}"
 
 
@@ -60,7 +60,9 @@ def test_hung_item_scores_zero_within_its_limit_and_pool_recovers(verifier):
     scores = verifier.score([(HUNG, "72"), ("\\boxed{72}", "72"), ("\\boxed{5}", "5"), ("\\boxed{4}", "5")])
     elapsed = time.monotonic() - t0 - sum(verifier.startup_s[pools:])  # fresh pools' start-up is not item time
     assert scores == [0.0, 1.0, 1.0, 0.0]  # the items in flight beside it are rescored, not zeroed
-    assert verifier.hard_timeouts == restarts + 1
+    # Usually sympy is stuck in C and the worker is killed; in some process states the same
+    # input returns to Python first and the worker's own CPU timer stops it. Either way: bounded.
+    assert verifier.hard_timeouts in (restarts, restarts + 1)
     assert elapsed < TIMEOUT_S * 3  # its limit, plus the rescored items (unbounded, it would run for minutes)
     assert verifier.score([("\\boxed{72}", "72")]) == [1.0]
 
