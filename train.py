@@ -25,7 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from bridges.base import Bridge
-from bridges.server import VLLMRequestError, VLLMServer, server_from_config
+from serving.server import VLLMRequestError, VLLMServer, server_from_config
 from envs.base import Env
 from grpo import checkpoint
 from grpo.advantages import group_advantages
@@ -34,7 +34,7 @@ from grpo.config import register_configs
 from grpo.logger import RunLogger
 from grpo.loss import get_loss, grpo_loss, importance_weights
 from grpo.policy import Policy
-from grpo.rollout import VLLMClient
+from serving.client import VLLMClient
 from grpo.tiny_model import build_tiny_model
 
 register_configs()

@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from bridges.server import VLLMServer
+from serving.server import VLLMServer
 from grpo.policy import Policy
-from grpo.rollout import VLLMClient
+from serving.client import VLLMClient
 
 
 class WeightSyncError(RuntimeError):

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from bridges.base import VerifiedBridge, WeightSyncError
-from bridges.server import free_port
+from serving.server import free_port
 
 
 def same_device(trainer_device: str, vllm_devices: Optional[str]) -> bool:

@@ -21,7 +21,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from bridges.base import SyncStats, VerifiedBridge
-from bridges.server import VLLMServer
+from serving.server import VLLMServer
 from bridges.shared_memory import attach_tensor
 from grpo.policy import torch_dtype
 

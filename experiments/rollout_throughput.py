@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from bridges.server import server_from_config
+from serving.server import server_from_config
 from experiments.errors import record_point
 from experiments.hf_baseline import hf_generate
 from experiments.schema import ThroughputBench, use_schema

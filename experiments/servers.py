@@ -8,7 +8,7 @@ one server instead of paying a start each (tens of seconds on CPU, minutes on GP
 from __future__ import annotations
 
 import atexit
-from bridges.server import VLLMServer
+from serving.server import VLLMServer
 
 _live: dict[tuple, VLLMServer] = {}
 

@@ -11,7 +11,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from grpo.rollout import Completion
+from serving.client import Completion
 
 
 @dataclass

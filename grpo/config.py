@@ -72,7 +72,7 @@ class ServerConfig:
 
 @dataclass
 class RolloutConfig:
-    _target_: str = "grpo.rollout.VLLMClient"
+    _target_: str = "serving.client.VLLMClient"
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0

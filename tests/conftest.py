@@ -15,7 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from bridges.server import VLLMServer
+from serving.server import VLLMServer
 from grpo.config import register_configs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def tiny_model_path() -> str:
 @pytest.fixture(scope="session")
 def vllm_server(tiny_model_path, tmp_path_factory):
     """A real vLLM server on the tiny model, LoRA enabled so the LoRA tests can share it."""
-    from bridges.server import server_from_config
+    from serving.server import server_from_config
 
     cfg = make_cfg("mode=reload", "server.extra_args=[--enable-lora,--max-lora-rank,64]")
     OmegaConf.update(cfg, "mode.server_env", {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}, force_add=True)

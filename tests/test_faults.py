@@ -19,13 +19,13 @@ import pytest
 import torch
 
 from bridges.base import SyncStats
-from bridges.server import VLLMServer, server_from_config
+from serving.server import VLLMServer, server_from_config
 from conftest import REPO, make_cfg
 from envs.synthetic import DigitsEnv
 from grpo import checkpoint
 from grpo.logger import RunLogger
 from grpo.policy import Policy
-from grpo.rollout import Completion
+from serving.client import Completion
 from train import Run, train, train_step
 
 QUIET = ("log.wandb.mode=disabled", "log.progress=false", "train.prompts_per_step=2", "train.group_size=4",

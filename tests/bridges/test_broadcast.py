@@ -17,9 +17,9 @@ import torch
 
 from bridges.base import WeightSyncError
 from bridges.broadcast import BroadcastBridge, buckets
-from bridges.server import VLLMServer
+from serving.server import VLLMServer
 from grpo.policy import Policy
-from grpo.rollout import VLLMClient
+from serving.client import VLLMClient
 from conftest import PROBE_TOL as TOL
 from conftest import perturb, restore_pristine
 

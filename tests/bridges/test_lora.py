@@ -14,7 +14,7 @@ from conftest import PROBE_TOL as TOL
 from conftest import make_cfg
 from grpo.config import LoraConfig
 from grpo.policy import Policy
-from grpo.rollout import VLLMClient
+from serving.client import VLLMClient
 from train import open_run
 
 

@@ -8,11 +8,11 @@ import pytest
 
 from bridges.legacy import LegacyBridge
 from bridges.reload import ReloadBridge
-from bridges.server import server_from_config
+from serving.server import server_from_config
 from conftest import PROBE_TOL as TOL
 from conftest import make_cfg, perturb, restore_pristine
 from grpo.policy import Policy
-from grpo.rollout import VLLMClient
+from serving.client import VLLMClient
 
 pytestmark = pytest.mark.slow
 

@@ -19,12 +19,12 @@ import torch
 from hydra.utils import instantiate
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from bridges.server import server_from_config
+from serving.server import server_from_config
 from bridges.shared import FUSED, SharedBridge, SharedWeightsError, attach, check_worker, hf_views, meta_model, name_map
 from bridges.shared_memory import segment_name
 from conftest import make_cfg
 from grpo.policy import Policy, token_logprobs
-from grpo.rollout import VLLMClient
+from serving.client import VLLMClient
 from test_train import SHORT_RUN, assert_learns, read_jsonl
 from train import model_path, train
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bridges.server import VLLMStartError
+from serving.server import VLLMStartError
 from experiments.errors import describe
 
 LOG = """(EngineCore pid=7591) INFO 11-24 13:36:32 [multiproc_executor.py:153] world_size=2

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional, Protocol
 
-from bridges.server import VLLMServer
+from serving.server import VLLMServer
 
 
 @dataclass

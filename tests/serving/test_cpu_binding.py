@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bridges.server import cpu_binding, server_from_config
+from serving.server import cpu_binding, server_from_config
 from conftest import make_cfg
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from bridges.server import VLLMServer, VLLMStartError
+from serving.server import VLLMServer, VLLMStartError
 from grpo.policy import Policy
-from grpo.rollout import VLLMClient
+from serving.client import VLLMClient
 
 pytestmark = pytest.mark.slow
 
