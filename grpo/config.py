@@ -77,6 +77,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     timeout_s: float = 600.0
+    ignore_eos: bool = False  # sample on past EOS to max_tokens (benchmarks compare equal token counts)
 
 
 @dataclass

@@ -41,6 +41,7 @@ class VLLMClient:
         temperature: float = 1.0,
         top_p: float = 1.0,
         timeout_s: float = 600.0,
+        ignore_eos: bool = False,
     ):
         self.server = server
         self.model = model  # the LoRA bridge points this at the adapter's name
@@ -48,6 +49,7 @@ class VLLMClient:
         self.temperature = temperature
         self.top_p = top_p
         self.timeout_s = timeout_s
+        self.ignore_eos = ignore_eos  # every completion runs to max_tokens (benchmarks: equal token counts)
 
     def generate(self, prompt_ids: list[list[int]], n: int, seed: Optional[int] = None) -> list[list[Completion]]:
         """With `seed`, sample j of prompt i uses seed + i*n + j (vLLM gives sample j seed + j).
@@ -66,6 +68,7 @@ class VLLMClient:
             "top_p": self.top_p,
             "logprobs": 0,
             "return_token_ids": True,
+            "ignore_eos": self.ignore_eos,
         }
         if seed is not None:
             payload["seed"] = seed
