@@ -1,7 +1,8 @@
 """Our vLLM worker extension (`--worker-extension-cls bridges.vllm_worker.WorkerExtension`).
 
 Runs inside vLLM's worker processes; its methods are called over HTTP with
-`POST /collective_rpc {"method": <name>, "kwargs": {...}}`. It patches nothing in vLLM.
+`POST /collective_rpc {"method": <name>, "kwargs": {...}}`. Importing it makes the worker nap
+instead of spinning while it waits for requests (serving/quiet_worker.py); it patches nothing else.
 """
 
 from __future__ import annotations
@@ -12,10 +13,14 @@ import os
 
 import torch
 
+from serving import quiet_worker
+
+quiet_worker.install()  # imported by vLLM in each worker process, before its queues exist
+
 
 class CollectiveMixin:
-    """mode=broadcast on CPU: join a gloo group with the trainer and receive its weights
-    (on GPU vLLM's native NCCL weight-transfer engine does this job).
+    """mode=broadcast over gloo (bridges/broadcast_gloo.py): join a gloo group with the trainer and
+    receive its weights (between separate GPUs vLLM's own NCCL weight-transfer engine does this).
 
     The trainer is rank 0 and broadcasts flat buckets; each worker unpacks a bucket into named
     tensors and streams them into vLLM's own `reload_weights` (which shards for TP and re-packs
@@ -25,7 +30,9 @@ class CollectiveMixin:
     def join_weight_group(self, host: str, port: int, world_size: int, rank_offset: int, timeout_s: float) -> int:
         timeout = datetime.timedelta(seconds=timeout_s)
         parallel = self.vllm_config.parallel_config
-        rank = rank_offset + parallel.data_parallel_rank * parallel.world_size + self.rank
+        # As vLLM's NCCL engine numbers workers: data_parallel_rank is reset to 0 in every
+        # independent (dense-model) DP replica, data_parallel_index is not.
+        rank = rank_offset + parallel.data_parallel_index * parallel.world_size + self.rank
         store = torch.distributed.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
         prefix = torch.distributed.PrefixStore("grpo-weights", store)
         self._weight_group = torch.distributed.ProcessGroupGloo(prefix, rank, world_size, timeout)
@@ -50,9 +57,6 @@ class CollectiveMixin:
         self.reload_weights(weights_iterator=stream(), is_checkpoint_format=True)
         self.refresh_cpu_weights()
         return received
-
-    def leave_weight_group(self) -> None:
-        self._weight_group = None
 
 
 class SharedWeightsMixin:
@@ -103,20 +107,22 @@ class SharedWeightsMixin:
 
         self.use_plain_linear()
         model = self.model_runner.model
-        uuid = str(torch.cuda.get_device_properties(self.device).uuid) if self.device.type == "cuda" else None
         return {
             "params": {name: export_tensor(p.data) for name, p in model.named_parameters()},
             "architectures": list(self.model_config.hf_config.architectures or []),
             "tensor_parallel_size": self.parallel_config.tensor_parallel_size,
             "pipeline_parallel_size": self.parallel_config.pipeline_parallel_size,
-            "device": str(self.device),
-            "device_uuid": uuid,
-            "pid": os.getpid(),
+            **self.device_info(),
         }
 
 
 class WorkerExtension(CollectiveMixin, SharedWeightsMixin):
     """Mixed into vLLM's Worker: `self.model_runner.model` is the served nn.Module."""
+
+    def device_info(self) -> dict:
+        """Where this worker computes; a GPU by UUID, the one name every process agrees on."""
+        uuid = str(torch.cuda.get_device_properties(self.device).uuid) if self.device.type == "cuda" else None
+        return {"device": str(self.device), "device_uuid": uuid, "pid": os.getpid()}
 
     def refresh_cpu_weights(self) -> int:
         """Re-pack CPU GEMM weights that still hold a stale copy; returns how many were re-packed.
