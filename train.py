@@ -12,30 +12,30 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from bridges.base import Bridge
-from serving.server import VLLMRequestError, VLLMServer, server_from_config
 from envs.base import Env
 from grpo import checkpoint
-from grpo.advantages import group_advantages
-from grpo.batch import Batch, build_batch
-from grpo.config import register_configs
-from grpo.logger import RunLogger
-from grpo.loss import get_loss, grpo_loss, importance_weights
+from grpo.advantages import group_advantages, reward_tensor
+from grpo.batch import Batch, Rollout, build_batch
+from grpo.config import register_configs, validate
+from grpo.logger import PhaseTimer, RunLogger
+from grpo.loss import GRPOLoss
 from grpo.policy import Policy
 from serving.client import VLLMClient
-from grpo.tiny_model import build_tiny_model
+from serving.guard import RestartGuard
+from serving.lifeline import exit_on_sigterm
+from serving.server import VLLMServer, model_path, server_from_config
 
 register_configs()
 
@@ -51,33 +51,19 @@ class Run:
     server: VLLMServer
     client: VLLMClient
     bridge: Bridge
+    loss: GRPOLoss
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     logger: RunLogger
     start_step: int = 0  # the step a resumed run's checkpoint ended with
-    vllm_restarts: int = 0
-
-
-def model_path(cfg: DictConfig) -> str:
-    if cfg.model.tiny is not None:
-        return str(build_tiny_model(OmegaConf.to_object(cfg.model.tiny)))
-    if not cfg.model.path:
-        raise ValueError("set model.path (hub id or local dir) or model.tiny")
-    return cfg.model.path
-
-
-def check_loss_config(cfg: DictConfig) -> None:
-    """Fail at start, naming the key, for loss options the GRPO functions would reject mid-run."""
-    get_loss(cfg.loss.loss_type)
-    group_advantages(torch.zeros(1, 2), cfg.loss.scale_rewards)
-    importance_weights(torch.zeros(1, 1), torch.zeros(1, 1), torch.ones(1, 1),
-                       cfg.loss.is_level, cfg.loss.is_mode, cfg.loss.is_cap)
+    guard: Optional[RestartGuard] = None  # restarts our vLLM if it dies; set by build()
 
 
 def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
     """Build every part; each one that holds a resource (vLLM, worker pools, files) is registered
     with `cleanup` as soon as it exists, so a failure half-way through leaves nothing running."""
-    check_loss_config(cfg)
+    validate(cfg)  # every range and choice, by its key, before anything starts
+    loss = instantiate(cfg.loss, max_completion_length=cfg.rollout.max_tokens)  # checks its options
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     if cfg.hardware.torch_threads:
@@ -85,34 +71,27 @@ def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
     env = instantiate(cfg.env)  # a missing data file fails here, before vLLM starts
     cleanup.callback(env.close)
     path = model_path(cfg)
-    bridge = instantiate(cfg.mode.bridge)  # a setup the bridge cannot serve fails before vLLM starts
-    server = server_from_config(cfg, path, run_dir, extra_args=getattr(bridge, "server_args", list)())
+    bridge: Bridge = instantiate(cfg.mode.bridge)  # a setup the bridge cannot serve fails before vLLM starts
+    server = server_from_config(cfg, path, run_dir, extra_args=bridge.server_args(), extra_env=bridge.server_env())
     cleanup.callback(server.stop)
     cleanup.callback(bridge.close)
-    # mode=shared: the trainer's parameters are views of vLLM's, so the bridge starts vLLM first.
-    build_model = getattr(bridge, "build_model", None)
-    model = build_model(path, cfg.model.dtype, cfg.hardware.device, server) if build_model else None
     policy = Policy(path, cfg.model.dtype, cfg.hardware.device, cfg.model.gradient_checkpointing,
-                    temperature=cfg.rollout.temperature, lora=cfg.mode.lora, model=model)
-    if cfg.loss.beta > 0:
+                    temperature=cfg.rollout.temperature, lora=cfg.mode.lora, autocast=cfg.hardware.autocast,
+                    model=bridge.build_model(path, cfg.model.dtype, cfg.hardware.device, server))
+    if loss.needs_reference:
         policy.load_reference()
     ckpt = checkpoint.newest_complete(cfg.resume) if cfg.resume else None
     if ckpt:
         checkpoint.load_policy_weights(policy, ckpt)
-    if not build_model:
-        server.start()
+    server.start()  # a no-op if the bridge started it to build the model on vLLM's weights
     client = instantiate(cfg.rollout, server=server, model=cfg.model.served_name)
     bridge.setup(policy, server, client, run_dir)
-    # On resume always push: a LoRA adapter close to identity would pass the probe unloaded.
-    if ckpt:
-        bridge.sync(checkpoint.saved_step(ckpt))
-    else:
-        bridge.ensure_synced()
-    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.train.lr,
-                                  weight_decay=cfg.train.weight_decay)
-    warmup = max(cfg.train.warmup_steps, 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    run = Run(cfg, run_dir, env, policy, server, client, bridge, optimizer, scheduler, None)
+    bridge.initial_sync(checkpoint.saved_step(ckpt) if ckpt else None)
+    optimizer = instantiate(cfg.optimizer, policy.trainable_parameters())
+    scheduler = instantiate(cfg.scheduler, optimizer, total_steps=cfg.train.steps)
+    run = Run(cfg, run_dir, env, policy, server, client, bridge, loss, optimizer, scheduler, None)
+    run.guard = RestartGuard(server, path, resync=bridge.sync,
+                             on_restart=lambda step, **info: run.logger.event(step, "vllm_restart", **info))
     if ckpt:  # last: the RNG states must be the saved ones, whatever building drew from them
         run.start_step = checkpoint.load_trainer_state(run, ckpt)
     run.logger = RunLogger(run_dir, cfg, total_steps=cfg.train.steps, start_step=run.start_step)
@@ -124,8 +103,9 @@ def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
 
 @contextmanager
 def open_run(cfg: DictConfig, run_dir: Path) -> Iterator[Run]:
-    """The built run; on leaving, everything it started is stopped (vLLM, pools, files)."""
-    with ExitStack() as cleanup:
+    """The built run; on leaving, everything it started is stopped (vLLM, pools, files), on
+    SIGTERM too (it exits like Ctrl-C; a vLLM we started dies with us even on SIGKILL)."""
+    with exit_on_sigterm(), ExitStack() as cleanup:
         yield build(cfg, run_dir, cleanup)
 
 
@@ -135,80 +115,32 @@ def rollout_seed(cfg: DictConfig, step: int) -> int:
     return (cfg.train.seed << 40) + (step << 20)
 
 
-def restart_vllm(run: Run, step: int, reason: str) -> None:
-    """The owned server died: start it again on the base model, then push the current weights
-    (full weights, or the LoRA adapter) through the bridge's verified sync."""
-    t = time.perf_counter()
-    run.server.restart(model=run.policy.path)
-    run.bridge.sync(step)
-    run.vllm_restarts += 1
-    run.logger.event(step, "vllm_restart", reason=reason[:500], restarts=run.vllm_restarts,
-                     restart_s=round(time.perf_counter() - t, 1))
-
-
-def server_died(server: VLLMServer, grace_s: float = 5.0) -> bool:
-    """Whether our own server is gone; a killed process can still look alive for a moment."""
-    deadline = time.monotonic() + grace_s
-    while not server.external and server.alive():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return not server.external
-
-
-def vllm_call(run: Run, step: int, fn):
-    """fn() talks to vLLM; if our server died before or during it, restart and call again."""
-    if not run.server.external and not run.server.alive():
-        restart_vllm(run, step, "server process not alive")
-    try:
-        return fn()
-    except VLLMRequestError as exc:
-        if not server_died(run.server):
-            raise
-        restart_vllm(run, step, str(exc))
-        return fn()
-
-
-def optimize(run: Run, batch: Batch) -> dict:
-    """GRPO update on one batch of rollouts: `num_iterations` passes of micro-batched
-    gradient accumulation, one optimizer step each. Returns averaged loss metrics."""
-    cfg, policy = run.cfg, run.policy
+def optimize(run: Run, batch: Batch, step: int) -> dict:
+    """GRPO update on one batch of rollouts: `train.num_iterations` passes of micro-batched
+    gradient accumulation, one optimizer step each, then one scheduler step. Returns averaged
+    loss metrics and the lr the step used."""
+    policy, loss, size, passes = run.policy, run.loss, run.cfg.train.micro_batch_size, run.cfg.train.num_iterations
     num_items = batch.completion_mask.sum()
+    lr = run.optimizer.param_groups[0]["lr"]
     with torch.no_grad():
-        batch.ref_logp = torch.cat([policy.reference_logprobs(m) for m in batch.micro_batches(cfg.train.micro_batch_size)]) \
-            if cfg.loss.beta > 0 else None
+        batch.ref_logp = torch.cat([policy.reference_logprobs(m) for m in batch.micro_batches(size)]) \
+            if loss.needs_reference else None
         # With several passes, the ratio must be taken against the rollout-time policy.
-        batch.old_logp = torch.cat([policy.logprobs(m) for m in batch.micro_batches(cfg.train.micro_batch_size)]) \
-            if cfg.loss.num_iterations > 1 else None
+        batch.old_logp = torch.cat([policy.logprobs(m) for m in batch.micro_batches(size)]) if passes > 1 else None
     totals: dict[str, float] = {}
     skipped = 0
-    for _ in range(cfg.loss.num_iterations):
+    for _ in range(passes):
         run.optimizer.zero_grad(set_to_none=True)
-        for micro in batch.micro_batches(cfg.train.micro_batch_size):
+        for micro in batch.micro_batches(size):
             logp = policy.logprobs(micro)
-            out = grpo_loss(
-                logp,
-                micro.old_logp if micro.old_logp is not None else logp.detach(),
-                micro.sampling_logp.to(logp.device),
-                micro.ref_logp,
-                micro.advantages.to(logp.device),
-                micro.completion_mask.to(logp.device),
-                loss_type=cfg.loss.loss_type,
-                epsilon_low=cfg.loss.epsilon_low,
-                epsilon_high=cfg.loss.epsilon_high,
-                beta=cfg.loss.beta,
-                is_level=cfg.loss.is_level,
-                is_mode=cfg.loss.is_mode,
-                is_cap=cfg.loss.is_cap,
-                max_completion_length=cfg.rollout.max_tokens,
-                num_items_in_batch=num_items,
-            )
-            # dapo already divides by the whole batch's token count; the others average micro-batches.
-            weight = 1.0 if cfg.loss.loss_type == "dapo" else micro.size / batch.size
-            (out.loss * weight).backward()
+            old_logp = micro.old_logp if micro.old_logp is not None else logp.detach()
+            out = loss(logp, old_logp, micro.sampling_logp.to(logp.device), micro.ref_logp,
+                       micro.advantages.to(logp.device), micro.completion_mask.to(logp.device),
+                       num_items_in_batch=num_items)
+            (out.loss * loss.micro_weight(micro.size, batch.size)).backward()
             for k, v in {"loss": out.loss.item(), **out.metrics}.items():
-                totals[k] = totals.get(k, 0.0) + v * micro.size / batch.size / cfg.loss.num_iterations
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), cfg.train.max_grad_norm)
+                totals[k] = totals.get(k, 0.0) + v * micro.size / batch.size / passes
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), run.cfg.train.max_grad_norm)
         if not torch.isfinite(grad_norm):
             # A NaN/inf gradient would poison the weights for good: drop this update, keep the run.
             skipped += 1
@@ -216,61 +148,57 @@ def optimize(run: Run, batch: Batch) -> dict:
             continue
         with run.bridge.step_context():
             run.optimizer.step()
-        run.scheduler.step()
-    return {**totals, "grad_norm": float(grad_norm), "skipped_updates": skipped}
+    run.scheduler.step()
+    if skipped:
+        run.logger.event(step, "skipped_update", reason="non-finite gradient norm", loss=totals.get("loss"),
+                         updates=skipped)
+    return {**totals, "grad_norm": float(grad_norm), "skipped_updates": skipped, "lr": lr}
+
+
+def generate(run: Run, step: int) -> Rollout:
+    """The step's prompts and vLLM's `group_size` completions of each (seeded by the step)."""
+    cfg = run.cfg
+    prompts = run.env.sample(cfg.train.prompts_per_step)
+    prompt_ids = [run.policy.encode_chat(p.messages) for p in prompts]
+    groups = run.guard.call(step, lambda: run.client.generate(prompt_ids, n=cfg.train.group_size,
+                                                              seed=rollout_seed(cfg, step)))
+    return Rollout(prompts, prompt_ids, groups)
+
+
+def sync_weights(run: Run, step: int) -> dict:
+    """Every `mode.sync_every` steps and at the last: push the weights into vLLM, verified."""
+    if step % run.cfg.mode.sync_every and step != run.cfg.train.steps:
+        return {}
+    stats = run.guard.call(step, lambda: run.bridge.sync(step))
+    run.logger.sync(stats.to_dict())
+    return {"sync_ms": stats.ms, "sync_bytes": stats.bytes, "probe_max_diff": stats.probe_max_diff}
 
 
 def train_step(run: Run, step: int) -> dict:
-    cfg, policy = run.cfg, run.policy
-    times = {}
-
-    t = time.perf_counter()  # 1. sample: vLLM generates group_size completions per prompt
-    prompts = run.env.sample(cfg.train.prompts_per_step)
-    prompt_ids = [policy.encode_chat(p.messages) for p in prompts]
-    groups = vllm_call(run, step, lambda: run.client.generate(prompt_ids, n=cfg.train.group_size,
-                                                              seed=rollout_seed(cfg, step)))
-    times["time_generate"] = time.perf_counter() - t
-
-    t = time.perf_counter()  # 2. score
-    texts = [[c.text for c in group] for group in groups]
-    rewards = torch.tensor(run.env.score(prompts, texts), dtype=torch.float32)  # [P, n]
-    times["time_score"] = time.perf_counter() - t
-
-    t = time.perf_counter()  # 3. advantages, 4. loss + optimizer step
-    advantages = group_advantages(rewards, cfg.loss.scale_rewards)
-    batch = build_batch(prompt_ids, groups, advantages, policy.pad_id)
-    loss_metrics = optimize(run, batch)
-    if loss_metrics["skipped_updates"]:
-        run.logger.event(step, "skipped_update", reason="non-finite gradient norm",
-                         loss=loss_metrics.get("loss"), updates=loss_metrics["skipped_updates"])
-    times["time_train"] = time.perf_counter() - t
-
-    t = time.perf_counter()  # 5. sync: new weights -> vLLM, verified
-    sync = {}
-    if step % cfg.mode.sync_every == 0 or step == cfg.train.steps:
-        stats = vllm_call(run, step, lambda: run.bridge.sync(step))
-        run.logger.sync(stats.to_dict())
-        sync = {"sync_ms": stats.ms, "sync_bytes": stats.bytes, "probe_max_diff": stats.probe_max_diff}
-    times["time_sync"] = time.perf_counter() - t
-
+    """One GRPO step: sample -> score -> advantages -> loss + optimizer step -> sync; its metrics."""
+    cfg, timer = run.cfg, PhaseTimer()
+    with timer("time_generate"):  # 1. vLLM samples group_size completions per prompt
+        rollout = generate(run, step)
+    with timer("time_score"):  # 2. rewards [P, G]; one the env could not give is NaN, never 0
+        rollout.rewards = reward_tensor(run.env.score(rollout.prompts, rollout.texts))
+    with timer("time_train"):  # 3. advantages [P, G], 4. loss + optimizer step
+        advantages = group_advantages(rollout.rewards, cfg.advantage.scale_rewards)
+        batch = build_batch(rollout, advantages, run.policy.pad_id)
+        loss_metrics = optimize(run, batch, step)
+    with timer("time_sync"):  # 5. new weights -> vLLM
+        sync = sync_weights(run, step)
+    if step % cfg.log.samples_every == 0 or step == 1:
+        run.logger.samples(step, rollout)
     generated = int(batch.completion_mask.sum())
-    metrics = {
-        "reward_mean": rewards.mean().item(),
-        "reward_std": rewards.std().item(),
+    return {
+        **rollout.reward_metrics(),
         "completion_len": generated / batch.size,
-        "tokens_per_s": generated / max(times["time_generate"], 1e-9),
-        "lr": run.scheduler.get_last_lr()[0],
+        "tokens_per_s": generated / max(timer.seconds["time_generate"], 1e-9),
         **loss_metrics,
         **sync,
-        "vllm_restarts": run.vllm_restarts,
-        **times,
+        "vllm_restarts": run.guard.restarts,
+        **timer.seconds,
     }
-    if step % cfg.log.samples_every == 0 or step == 1:
-        run.logger.samples(step, [
-            {"prompt": p.messages[-1]["content"], "answer": p.answer, "completion": c.text, "reward": r}
-            for p, group, rs in zip(prompts, groups, rewards.tolist()) for c, r in zip(group, rs)
-        ])
-    return metrics
 
 
 def train(cfg: DictConfig, run_dir: Path | None = None) -> list[dict]:

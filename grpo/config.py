@@ -1,19 +1,67 @@
 """Structured configs: every YAML in conf/ merges into these dataclasses, so a wrong key or type
 fails at start with its full name (e.g. `Key 'lr_typo' not in 'TrainConfig'`).
 
-`env`, `mode.bridge` and `rollout` carry a `_target_` and are built by `hydra.utils.instantiate`;
-their extra keys are the constructor's arguments and fail there, also at start, by name.
+`env`, `mode.bridge`, `rollout`, `loss`, `optimizer` and `scheduler` carry a `_target_` and are
+built by `hydra.utils.instantiate`; extra keys of `env` and `mode.bridge` are their constructor's
+arguments and fail there, also at start, by name. Ranges and choices sit on the fields
+(`metadata=at_least(1)`) and `validate()` checks them all, naming the key, before anything starts;
+the loss checks its own options in its constructor (grpo/loss.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
+from grpo.advantages import SCALES
+from grpo.schedule import DECAYS
 from grpo.tiny_model import TinySpec
+
+Rule = Callable[[str, Any], None]
+
+
+def _rule(ok: Callable[[Any], bool], need: str) -> dict[str, Rule]:
+    def check(key: str, value: Any) -> None:
+        if not ok(value):
+            raise ValueError(f"{key}={value!r}: must be {need}")
+
+    return {"rule": check}
+
+
+def at_least(low: float) -> dict[str, Rule]:
+    return _rule(lambda v: v >= low, f">= {low}")
+
+
+def above(low: float) -> dict[str, Rule]:
+    return _rule(lambda v: v > low, f"> {low}")
+
+
+def in_unit(low_open: bool = True) -> dict[str, Rule]:
+    """(0, 1], or [0, 1] with low_open=False."""
+    return _rule(lambda v: (v > 0 if low_open else v >= 0) and v <= 1, "in (0, 1]" if low_open else "in [0, 1]")
+
+
+def one_of(choices) -> dict[str, Rule]:
+    return _rule(lambda v: v in choices, f"one of {sorted(choices)}")
+
+
+def validate(cfg: DictConfig, prefix: str = "") -> None:
+    """Check every field's rule (`metadata=at_least(...)` etc.), naming the full key: a bad number
+    fails here, before vLLM starts, not as a raw HTTP 400 or a silently useless run.
+    (`__post_init__` would not do: OmegaConf merges YAML and overrides without re-running it.)"""
+    schema = OmegaConf.get_type(cfg)
+    if not dataclasses.is_dataclass(schema):
+        return
+    for f in dataclasses.fields(schema):
+        value = cfg[f.name]
+        if isinstance(value, DictConfig):
+            validate(value, f"{prefix}{f.name}.")
+        elif value is not None and "rule" in f.metadata:
+            f.metadata["rule"](prefix + f.name, value)
 
 
 @dataclass
@@ -21,41 +69,47 @@ class ModelConfig:
     path: Optional[str] = None  # hub id or local directory; unused when `tiny` is set
     tiny: Optional[TinySpec] = None  # build this tiny model locally instead
     dtype: str = "float32"
-    max_model_len: int = 1024
+    max_model_len: int = field(default=1024, metadata=at_least(1))
     served_name: str = "policy"
     gradient_checkpointing: bool = False
 
 
 @dataclass
 class LoraConfig:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
+    r: int = field(default=16, metadata=at_least(1))
+    alpha: int = field(default=32, metadata=above(0))
+    dropout: float = field(default=0.0, metadata=in_unit(low_open=False))
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
-    max_lora_rank: int = 64  # the server's --max-lora-rank; r above it fails at start
+    # The server's --max-lora-rank; r above it fails at start.
+    max_lora_rank: int = field(default=64, metadata=at_least(1))
 
 
 @dataclass
 class ModeConfig:
     name: str = MISSING
     bridge: Any = MISSING  # {_target_: bridges.<mode>.<Bridge>, ...}
-    sync_every: int = 1  # steps between weight syncs
+    sync_every: int = field(default=1, metadata=at_least(1))  # steps between weight syncs
     lora: Optional[LoraConfig] = None  # set: train adapters only
-    server_args: list[str] = field(default_factory=list)  # vLLM flags this mode needs
-    server_env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
 class HardwareConfig:
     device: str = "cpu"  # trainer device
     torch_threads: Optional[int] = None  # trainer intra-op threads (None: torch's default)
-    vllm_tp: int = 1
-    vllm_dp: int = 1
+    # Forward/backward under torch.autocast to this dtype, fp32 master weights: "bfloat16", or
+    # "auto" (bf16 where it is native: CUDA, CPUs with AVX512-BF16/AMX), or null (off).
+    autocast: Optional[str] = None
+    vllm_tp: int = field(default=1, metadata=at_least(1))
+    vllm_dp: int = field(default=1, metadata=at_least(1))
     vllm_devices: Optional[str] = None  # CUDA_VISIBLE_DEVICES of the server
-    gpu_memory_utilization: float = 0.1  # on CPU vLLM sizes its KV cache from RAM with this
-    max_num_seqs: int = 256
+    # On CPU vLLM sizes its KV cache from RAM with this.
+    gpu_memory_utilization: float = field(default=0.1, metadata=in_unit())
+    max_num_seqs: int = field(default=256, metadata=at_least(1))
+    # mode=broadcast's mechanism on this hardware (the bridge's _target_): gloo through host memory
+    # where vLLM shares the trainer's device, vLLM's NCCL engine between separate GPUs.
+    broadcast_bridge: str = "bridges.broadcast_gloo.GlooBroadcastBridge"
     server_args: list[str] = field(default_factory=list)  # vLLM flags this hardware needs
     server_env: dict[str, str] = field(default_factory=dict)
 
@@ -64,47 +118,73 @@ class HardwareConfig:
 class ServerConfig:
     base_url: Optional[str] = None  # attach to a running server instead of starting one
     host: str = "127.0.0.1"  # dev endpoints (reload, collective_rpc, LoRA) listen here only
-    port: Optional[int] = None  # None: pick a free port
+    port: Optional[int] = field(default=None, metadata=at_least(1))  # None: pick a free port
     api_key: Optional[str] = None
-    startup_timeout_s: float = 600.0
+    startup_timeout_s: float = field(default=600.0, metadata=above(0))
     extra_args: list[str] = field(default_factory=list)
 
 
 @dataclass
 class RolloutConfig:
     _target_: str = "serving.client.VLLMClient"
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    timeout_s: float = 600.0
+    max_tokens: int = field(default=16, metadata=at_least(1))
+    # The trainer divides its logits by the same temperature (Policy), so the logprobs compare.
+    temperature: float = field(default=1.0, metadata=above(0))
+    # vLLM's sampled logprobs are renormalised over the nucleus: < 1 adds log(1/nucleus mass) to the gap.
+    top_p: float = field(default=1.0, metadata=in_unit())
     ignore_eos: bool = False  # sample on past EOS to max_tokens (benchmarks compare equal token counts)
+    timeout_s: float = field(default=600.0, metadata=above(0))
 
 
 @dataclass
 class LossConfig:
-    loss_type: str = "grpo"  # grpo | bnpo | dr_grpo | dapo
-    epsilon_low: float = 0.2
-    epsilon_high: float = 0.2
-    beta: float = 0.0  # k3 KL weight; 0 loads no reference model
-    scale_rewards: str = "group"  # group | batch | none
-    num_iterations: int = 1  # optimizer passes over each batch of rollouts
+    """grpo.loss.GRPOLoss's options; its constructor checks them (valid names, ranges) at start."""
+
+    _target_: str = "grpo.loss.GRPOLoss"
+    loss_type: str = "grpo"  # grpo | bnpo | dr_grpo | dapo (grpo/loss.py registry)
+    epsilon_low: float = 0.2  # >= 0
+    epsilon_high: float = 0.2  # >= 0
+    beta: float = 0.0  # >= 0, k3 KL weight; 0 loads no reference model
     is_level: str = "token"  # token | sequence | none: vLLM/trainer mismatch correction
     is_mode: str = "truncate"  # truncate | mask
-    is_cap: float = 2.0
+    is_cap: float = 2.0  # >= 1
+
+
+@dataclass
+class AdvantageConfig:
+    # group | batch | none (Dr. GRPO): what the group-centred rewards are divided by
+    scale_rewards: str = field(default="group", metadata=one_of(SCALES))
+
+
+@dataclass
+class OptimizerConfig:
+    _target_: str = "torch.optim.AdamW"
+    lr: float = field(default=2e-4, metadata=above(0))
+    weight_decay: float = field(default=0.0, metadata=at_least(0))
+
+
+@dataclass
+class SchedulerConfig:
+    """Linear warmup over `warmup_steps` training steps, then `decay` to min_lr_ratio * lr."""
+
+    _target_: str = "grpo.schedule.warmup_schedule"
+    decay: str = field(default="constant", metadata=one_of(DECAYS))  # constant | linear | cosine
+    warmup_steps: int = field(default=0, metadata=at_least(0))
+    min_lr_ratio: float = field(default=0.0, metadata=in_unit(low_open=False))
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 40
-    prompts_per_step: int = 8
-    group_size: int = 8
-    micro_batch_size: int = 64  # sequences per forward/backward
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    seed: int = 0  # also seeds each step's rollouts, so a resumed run samples what the straight one did
-    checkpoint_every: int = 0  # steps between checkpoints in <run_dir>/checkpoints (0: none)
+    steps: int = field(default=40, metadata=at_least(1))
+    prompts_per_step: int = field(default=8, metadata=at_least(1))
+    # GRPO compares samples of one prompt: with 1 every advantage is 0 (TRL refuses it too).
+    group_size: int = field(default=8, metadata=at_least(2))
+    micro_batch_size: int = field(default=64, metadata=at_least(1))  # sequences per forward/backward
+    num_iterations: int = field(default=1, metadata=at_least(1))  # optimizer passes over each batch
+    max_grad_norm: float = field(default=1.0, metadata=above(0))
+    seed: int = field(default=0, metadata=at_least(0))  # also seeds each step's rollouts (exact resume)
+    # Steps between checkpoints in <run_dir>/checkpoints (0: none).
+    checkpoint_every: int = field(default=0, metadata=at_least(0))
 
 
 @dataclass
@@ -116,7 +196,7 @@ class WandbConfig:
 
 @dataclass
 class LogConfig:
-    samples_every: int = 5  # steps between samples.jsonl dumps
+    samples_every: int = field(default=5, metadata=at_least(1))  # steps between samples.jsonl dumps
     progress: bool = True
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
@@ -130,6 +210,9 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
     resume: Optional[str] = None  # a run dir (its newest complete checkpoint) or a checkpoint dir

@@ -22,20 +22,41 @@ hf_logging.disable_progress_bar()
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def torch_dtype(name: str) -> torch.dtype:
+def torch_dtype(name: str, key: str = "model.dtype") -> torch.dtype:
     if name not in DTYPES:
-        raise ValueError(f"model.dtype={name!r} is not one of {sorted(DTYPES)}")
+        raise ValueError(f"{key}={name!r} is not one of {sorted(DTYPES)}")
     return DTYPES[name]
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
                    temperature: float = 1.0) -> torch.Tensor:
-    """Logprob of each completion token: [B, C] for input_ids [B, P+C], prompt_len = P."""
+    """Logprob of each completion token: [B, C] for input_ids [B, P+C], prompt_len = P.
+
+    The LM head runs on the C positions that predict completion tokens only (`logits_to_keep`),
+    not on the prompt: with a 152k vocabulary that is most of the head's FLOPs and memory."""
+    completion_len = input_ids.shape[1] - prompt_len
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-    logits = logits[:, prompt_len - 1 : -1].float() / temperature
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   logits_to_keep=completion_len + 1).logits
+    logits = logits[:, :-1].float() / temperature  # [B, C, V]: position P-1+i predicts token P+i
     targets = input_ids[:, prompt_len:]
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def autocast_dtype(setting: Optional[str], device: torch.device) -> Optional[torch.dtype]:
+    """`hardware.autocast` -> the dtype forward/backward autocast to (fp32 master weights), or None.
+
+    "auto" picks bf16 only where bf16 matmuls are native: CUDA devices that support it, CPUs with
+    AVX512-BF16 or AMX. Elsewhere (e.g. AVX2-only CPUs) torch emulates them, measured 2.4x slower
+    than fp32 for a 0.46M-param step on this machine."""
+    if setting is None:
+        return None
+    if setting != "auto":
+        return torch_dtype(setting, key="hardware.autocast")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    fast = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.bfloat16 if fast else None
 
 
 def wrap_lora(model, lora):
@@ -61,9 +82,10 @@ class Policy:
 
     def __init__(self, path: str | Path, dtype: str = "float32", device: str = "cpu",
                  gradient_checkpointing: bool = False, temperature: float = 1.0, lora=None,
-                 model: Optional[torch.nn.Module] = None):
+                 model: Optional[torch.nn.Module] = None, autocast: Optional[str] = None):
         self.path = str(path)
         self.device = torch.device(device)
+        self.autocast = autocast_dtype(autocast, self.device)
         self.temperature = temperature
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         # `model`: already built where it must live (mode=shared: views of vLLM's weights).
@@ -85,15 +107,25 @@ class Policy:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+    @property
+    def base_model(self) -> torch.nn.Module:
+        """The transformers model (under the PEFT wrapper with LoRA): what full checkpoints save."""
+        return self.model.get_base_model() if self.lora is not None else self.model
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    def compute_context(self):
+        """Where training-time forwards run: autocast to `self.autocast` if set. The probe does not
+        use it: it checks the weights vLLM serves, at the weights' own precision."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
     def logprobs(self, batch: Batch) -> torch.Tensor:
-        return token_logprobs(self.model, batch.input_ids.to(self.device), batch.attention_mask.to(self.device),
-                             batch.prompt_len, self.temperature)
+        with self.compute_context():
+            return token_logprobs(self.model, batch.input_ids.to(self.device),
+                                  batch.attention_mask.to(self.device), batch.prompt_len, self.temperature)
 
     def load_reference(self) -> None:
         """A frozen copy of the initial weights for the KL term; with LoRA the base model,
@@ -120,7 +152,7 @@ class Policy:
     def reference_logprobs(self, batch: Batch) -> Optional[torch.Tensor]:
         if self.reference_model is None:
             return None
-        with self.reference_context():
+        with self.reference_context(), self.compute_context():
             return token_logprobs(self.reference_model, batch.input_ids.to(self.device),
                                   batch.attention_mask.to(self.device), batch.prompt_len, self.temperature)
 
