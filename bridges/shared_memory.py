@@ -4,17 +4,26 @@ Torch only (no vLLM), so the vLLM worker extension, the trainer and the GPU test
 A handle names the storage, not a copy: CUDA IPC (`_share_cuda_`) on GPU, a named shared-memory
 file (`_share_filename_cpu_`, file_system strategy) on CPU, because a file name can travel over
 HTTP where a file descriptor cannot. Byte strings are base64-encoded for JSON.
+
+Those files are RAM and outlive their creator: torch removes one only when the last storage on it
+is freed, which a process that exits or is killed never does. So the exporting process records its
+files (`register_segments`: a manifest `/dev/shm/grpo-segments-<pid>-<start time>.json`) and
+removes them when it exits; the files of a process killed before that are removed by the next
+start (`remove_stale`), which knows the owner is gone because no process has its pid and start time.
 """
 
 from __future__ import annotations
 
 import base64
+import json
+import multiprocessing.util
 import os
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterable
 
 import torch
 
-DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16)}
+SHM = Path("/dev/shm")
 
 
 def _encode(value: Any) -> Any:
@@ -54,7 +63,7 @@ def attach_tensor(handle: dict, cuda_index: int | None = None) -> torch.Tensor:
     `cuda_index`: this process's index of the exporter's GPU, when CUDA_VISIBLE_DEVICES differ.
     """
     parts = [_decode(p) for p in handle["storage"]]
-    dtype = DTYPES[handle["dtype"]]
+    dtype = getattr(torch, handle["dtype"].removeprefix("torch."))  # str() of the exported tensor's dtype
     offset = handle["offset"]
     if handle["kind"] == "cuda":
         parts[0] = parts[0] if cuda_index is None else cuda_index
@@ -76,3 +85,65 @@ def attach_tensor(handle: dict, cuda_index: int | None = None) -> torch.Tensor:
 def segment_name(handle: dict) -> str | None:
     """The shared-memory file behind a CPU handle (None for CUDA)."""
     return _decode(handle["storage"][1]).decode() if handle["kind"] == "cpu" else None
+
+
+def process_start(pid: int) -> str | None:
+    """Start time of `pid` in clock ticks since boot (None: no such process): with the pid it
+    names one process, even after the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def manifest_path(pid: int) -> Path:
+    return SHM / f"grpo-segments-{pid}-{process_start(pid)}.json"
+
+
+def remove_files(names: Iterable[str]) -> int:
+    removed = 0
+    for name in names:
+        try:
+            (SHM / name.lstrip("/")).unlink()
+            removed += 1
+        except OSError:  # gone already, or another user's
+            pass
+    return removed
+
+
+def release_segments(manifest: Path) -> int:
+    """Remove the files a manifest lists, then the manifest; returns how many files were removed."""
+    try:
+        names = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        names = []
+    removed = remove_files(names)
+    remove_files([manifest.name])
+    return removed
+
+
+def register_segments(handles: Iterable[dict]) -> Path:
+    """Record the shared-memory files of `handles` (exported by this process) and remove them when
+    this process exits."""
+    path = manifest_path(os.getpid())
+    known = set(json.loads(path.read_text())) if path.exists() else set()
+    first = not known
+    known.update(filter(None, (segment_name(h) for h in handles)))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(sorted(known)))
+    os.replace(tmp, path)
+    if first:
+        # Runs at a normal exit and when a multiprocessing child (a vLLM worker) ends, SIGTERM included.
+        multiprocessing.util.Finalize(None, release_segments, args=(path,), exitpriority=0)
+    return path
+
+
+def remove_stale() -> int:
+    """Remove the files of every manifest whose owner process is gone; returns how many."""
+    removed = 0
+    for manifest in SHM.glob("grpo-segments-*.json"):
+        _, _, pid, start = manifest.stem.split("-", 3)
+        if process_start(int(pid)) != start:
+            removed += release_segments(manifest)
+    return removed

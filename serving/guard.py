@@ -1,0 +1,58 @@
+"""Calls to a vLLM server we own survive its death: restart it, re-sync the weights, call again.
+
+An attached server (`server.base_url`) is never restarted: its failures reach the caller.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional, TypeVar
+
+from serving.server import VLLMRequestError, VLLMServer
+
+T = TypeVar("T")
+
+
+def server_died(server: VLLMServer, grace_s: float = 5.0) -> bool:
+    """Whether our own server is gone; a killed process can still look alive for a moment."""
+    deadline = time.monotonic() + grace_s
+    while not server.external and server.alive():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return not server.external
+
+
+class RestartGuard:
+    """`call(step, fn)` runs fn (which talks to vLLM); if our server died before or during it, the
+    server starts again on the base model `model`, `resync(step)` pushes the current weights (or
+    LoRA adapter) through the bridge's verified sync, `on_restart(step, **info)` records it, and
+    fn runs once more. `restarts` counts them (saved in checkpoints)."""
+
+    def __init__(self, server: VLLMServer, model: str, resync: Callable[[int], object],
+                 on_restart: Optional[Callable[..., None]] = None, restarts: int = 0):
+        self.server = server
+        self.model = model
+        self.resync = resync
+        self.on_restart = on_restart
+        self.restarts = restarts
+
+    def restart(self, step: int, reason: str) -> None:
+        t = time.perf_counter()
+        self.server.restart(model=self.model)
+        self.resync(step)
+        self.restarts += 1
+        if self.on_restart:
+            self.on_restart(step, reason=reason[:500], restarts=self.restarts,
+                            restart_s=round(time.perf_counter() - t, 1))
+
+    def call(self, step: int, fn: Callable[[], T]) -> T:
+        if not self.server.external and not self.server.alive():
+            self.restart(step, "server process not alive")
+        try:
+            return fn()
+        except VLLMRequestError as exc:
+            if not server_died(self.server):
+                raise
+            self.restart(step, str(exc))
+            return fn()
