@@ -3,6 +3,8 @@
 A sync is only done when vLLM provably serves the weights just pushed: the logprobs vLLM gives a
 fixed probe sequence must match the trainer's to `probe_tolerance`. A mismatch retries the push
 once, then stops the run with an error, so a sync never fails silently.
+
+The tolerance follows the precision of the weights unless set (`probe_tolerance_for`).
 """
 
 from __future__ import annotations
@@ -11,11 +13,32 @@ import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Optional, Protocol
+
+import torch
 
 from serving.server import VLLMServer
 from grpo.policy import Policy
 from serving.client import VLLMClient
+
+
+# max |dlogprob| of a correct sync, by the coarsest dtype the probe's logits pass through.
+# float32: measured 2-4e-7 between HF on the trainer and vLLM (CPU); 1e-3 leaves room for other
+# kernels and still sits far below what one optimizer step moves (> 1e-2).
+# bfloat16 keeps 8 significant bits: a logit of magnitude 8-16 moves in steps of 0.0625, 16-32 in
+# steps of 0.125, and the trainer's and vLLM's kernels round differently in every layer, so a
+# correct sync shows a gap of about one such step (measured 0.016-0.050 over the 10 reload syncs
+# of a bf16 run, tiny model on CPU); 0.15 clears one step at |logit| < 32, while a wrong or stale
+# model is off by whole nats. float16 keeps 11 bits: the same reasoning gives an eighth of that.
+PROBE_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.15, torch.float16: 0.02}
+
+
+def probe_tolerance_for(model: torch.nn.Module) -> float:
+    """The tolerance of the coarsest floating dtype among `model`'s parameters (a bf16 base with
+    fp32 LoRA adapters is bf16): vLLM serves that precision, so the probe cannot agree closer."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    coarsest = max(dtypes, key=lambda d: torch.finfo(d).eps)
+    return PROBE_TOLERANCE[coarsest]
 
 
 class WeightSyncError(RuntimeError):
@@ -49,14 +72,16 @@ class VerifiedBridge:
     mode = "base"
 
     def __init__(self, probe_prompt: str = "What is 6 times 7?", probe_completion: str = "6 times 7 is 42.",
-                 probe_tolerance: float = 1e-3):
+                 probe_tolerance: Optional[float] = None):
         self.probe_prompt = probe_prompt
         self.probe_completion = probe_completion
-        self.probe_tolerance = probe_tolerance
+        self.probe_tolerance = probe_tolerance  # None: probe_tolerance_for(the trainer's model), at setup
 
     def setup(self, policy: Policy, server: VLLMServer, client: VLLMClient, run_dir: Path) -> None:
         self.policy, self.server, self.client = policy, server, client
         self.run_dir = Path(run_dir)
+        if self.probe_tolerance is None:
+            self.probe_tolerance = probe_tolerance_for(policy.model)
         completion = policy.tokenizer(self.probe_completion, add_special_tokens=False).input_ids
         self.probe_ids = policy.encode_chat([{"role": "user", "content": self.probe_prompt}]) + completion
 

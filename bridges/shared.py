@@ -21,27 +21,13 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from bridges.base import SyncStats, VerifiedBridge
+from bridges.names import hf_views, name_map
 from serving.server import VLLMServer
 from bridges.shared_memory import attach_tensor
 from grpo.policy import torch_dtype
 
-# vLLM fuses these HF projections into one tensor, stacked along dim 0 in this order.
-FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-NAME_MAPS = {"Qwen2ForCausalLM": FUSED, "LlamaForCausalLM": FUSED}
-# vLLM pads the vocabulary rows of these to a multiple of 64; the trainer sees the real rows.
-VOCAB_PADDED = ("embed_tokens", "lm_head")
-
-
 class SharedWeightsError(RuntimeError):
     """The trainer cannot share vLLM's weights in this setup (raised at start)."""
-
-
-def name_map(config) -> dict[str, tuple[str, ...]]:
-    arch = (config.architectures or ["?"])[0]
-    if arch not in NAME_MAPS:
-        raise SharedWeightsError(f"mode=shared has no vLLM<->HF name map for architecture {arch!r}; "
-                                 f"supported: {sorted(NAME_MAPS)} (add one to bridges/shared.py NAME_MAPS)")
-    return NAME_MAPS[arch]
 
 
 def physical_cuda_device(device: torch.device) -> str:
@@ -87,34 +73,6 @@ def meta_model(config, dtype: str, device: torch.device) -> torch.nn.Module:
     return model
 
 
-def hf_views(served: dict[str, torch.Tensor], hf_shapes: dict[str, torch.Size],
-             fused: dict[str, tuple[str, ...]]) -> dict[str, torch.Tensor]:
-    """HF parameter name -> view of vLLM's tensor, checked to cover every HF parameter exactly."""
-    views = {}
-    for name, tensor in served.items():
-        prefix, _, leaf = name.rpartition(".")
-        parent, _, module = prefix.rpartition(".")
-        if module in fused:
-            parts = [f"{parent}.{part}.{leaf}" for part in fused[module]]
-            rows = [hf_shapes[p][0] if p in hf_shapes else 0 for p in parts]
-            if sum(rows) != tensor.shape[0]:
-                raise SharedWeightsError(f"{name}: vLLM has {tensor.shape[0]} rows, the HF parts "
-                                         f"{fused[module]} add up to {sum(rows)}")
-            views.update(zip(parts, tensor.split(rows)))
-        elif module in VOCAB_PADDED and name in hf_shapes:
-            views[name] = tensor.narrow(0, 0, hf_shapes[name][0])
-        else:
-            views[name] = tensor
-    missing = sorted(set(hf_shapes) - set(views))
-    unknown = sorted(set(views) - set(hf_shapes))
-    wrong = [f"{n}: HF {tuple(hf_shapes[n])} vs vLLM {tuple(v.shape)}" for n, v in views.items()
-             if n in hf_shapes and v.shape != hf_shapes[n]]
-    if missing or unknown or wrong:
-        raise SharedWeightsError(f"vLLM's parameters do not map onto the HF model: missing {missing[:5]}, "
-                                 f"unknown {unknown[:5]}, shape mismatch {wrong[:5]}")
-    return views
-
-
 def attach(model: torch.nn.Module, views: dict[str, torch.Tensor]) -> None:
     """Replace each meta parameter by a Parameter over its view; tied parameters stay tied."""
     old = dict(model.named_parameters())
@@ -133,6 +91,7 @@ class SharedBridge(VerifiedBridge):
                  pause_mode: str = "wait", **probe):
         super().__init__(**probe)
         check_topology(vllm_tp, vllm_dp, device, vllm_devices)
+        self.device = torch.device(device)
         self.pause_mode = pause_mode
         self.pause_ms = 0.0
         self.served: dict[str, torch.Tensor] = {}

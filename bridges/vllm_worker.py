@@ -18,6 +18,13 @@ from serving import quiet_worker
 quiet_worker.install()  # imported by vLLM in each worker process, before its queues exist
 
 
+def weight_group_rank(parallel_config, worker_rank: int, rank_offset: int) -> int:
+    """This worker's rank in the trainer's group, numbered as vLLM's NCCL engine numbers them:
+    by `data_parallel_index`, because `data_parallel_rank` is reset to 0 in every independent
+    (dense-model) DP replica, which would give two replicas one rank."""
+    return rank_offset + parallel_config.data_parallel_index * parallel_config.world_size + worker_rank
+
+
 class CollectiveMixin:
     """mode=broadcast over gloo (bridges/broadcast_gloo.py): join a gloo group with the trainer and
     receive its weights (between separate GPUs vLLM's own NCCL weight-transfer engine does this).
@@ -29,10 +36,7 @@ class CollectiveMixin:
 
     def join_weight_group(self, host: str, port: int, world_size: int, rank_offset: int, timeout_s: float) -> int:
         timeout = datetime.timedelta(seconds=timeout_s)
-        parallel = self.vllm_config.parallel_config
-        # As vLLM's NCCL engine numbers workers: data_parallel_rank is reset to 0 in every
-        # independent (dense-model) DP replica, data_parallel_index is not.
-        rank = rank_offset + parallel.data_parallel_index * parallel.world_size + self.rank
+        rank = weight_group_rank(self.vllm_config.parallel_config, self.rank, rank_offset)
         store = torch.distributed.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
         prefix = torch.distributed.PrefixStore("grpo-weights", store)
         self._weight_group = torch.distributed.ProcessGroupGloo(prefix, rank, world_size, timeout)

@@ -2,7 +2,8 @@
 
 Tolerance: after a sync, max |logprob_vllm - logprob_trainer| over the probe <= 1e-3 (fp32).
 Failure handling is tested against a loopback stand-in server that answers vLLM's endpoints but
-never joins the group, or joins and then drops the connection mid-sync."""
+never joins the group, or joins and then drops the connection mid-sync. The NCCL bridge cannot run
+without GPUs: its calls into vLLM are checked in tests/contracts/."""
 
 from __future__ import annotations
 
@@ -14,14 +15,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import instantiate
 
 from bridges.base import WeightSyncError
-from bridges.broadcast import BroadcastBridge, buckets
+from bridges.broadcast_gloo import GlooBroadcastBridge, buckets
+from bridges.broadcast_nccl import NcclBroadcastBridge, shared_gpus
 from serving.server import VLLMServer
 from grpo.policy import Policy
 from serving.client import VLLMClient
 from conftest import PROBE_TOL as TOL
-from conftest import perturb, restore_pristine
+from conftest import make_cfg, perturb, restore_pristine
 
 
 def test_buckets_group_by_dtype_and_size():
@@ -32,10 +35,21 @@ def test_buckets_group_by_dtype_and_size():
     assert [[n for n, _ in b] for b in buckets(named, 0)] == [["a"], ["b"], ["c"], ["h"]]
 
 
-def test_trainer_on_a_vllm_gpu_is_refused():
-    with pytest.raises(ValueError, match="cuda:0 is also a vLLM device"):
-        BroadcastBridge(trainer_device="cuda:0", vllm_devices="0,1")
-    BroadcastBridge(trainer_device="cuda:0", vllm_devices="1")  # separate GPUs are fine
+@pytest.mark.parametrize("hardware, bridge", [("cpu", GlooBroadcastBridge), ("gpu", GlooBroadcastBridge),
+                                              ("gpu_split", NcclBroadcastBridge)])
+def test_the_hardware_picks_the_mechanism(hardware, bridge):
+    """One GPU (or none): gloo through host memory; separate GPUs: vLLM's NCCL engine, whose
+    server needs the weight-transfer flag."""
+    built = instantiate(make_cfg("mode=broadcast", f"hardware={hardware}").mode.bridge)
+    assert type(built) is bridge
+    if bridge is NcclBroadcastBridge:
+        assert "--weight-transfer-config" in built.server_args()
+
+
+def test_a_trainer_gpu_among_vllm_gpus_is_found_by_uuid():
+    workers = [{"device": "cuda:0", "device_uuid": "GPU-a"}, {"device": "cuda:1", "device_uuid": "GPU-b"}]
+    assert shared_gpus("GPU-b", workers) == [workers[1]]
+    assert shared_gpus("GPU-c", workers) == []
 
 
 @pytest.mark.slow
@@ -44,7 +58,7 @@ def test_broadcast_sync_serves_trainer_weights(vllm_server, tiny_model_path, tmp
     timings = {}
     try:
         for bucket_mb in (64, 0):  # one bucket vs one broadcast per tensor
-            bridge = BroadcastBridge(bucket_mb=bucket_mb, timeout_s=60, probe_tolerance=TOL)
+            bridge = GlooBroadcastBridge(bucket_mb=bucket_mb, timeout_s=60, probe_tolerance=TOL)
             bridge.setup(policy, vllm_server, VLLMClient(vllm_server, "policy"), tmp_path)
             perturb(policy)
             assert bridge.probe_diff() > 1e-2
@@ -55,6 +69,26 @@ def test_broadcast_sync_serves_trainer_weights(vllm_server, tiny_model_path, tmp
             bridge.close()
         print(f"\nbroadcast sync: bucketed {timings[64]:.1f} ms, per-tensor {timings[0]:.1f} ms")
     finally:
+        restore_pristine(vllm_server, tiny_model_path)
+
+
+@pytest.mark.slow
+def test_a_restarted_server_joins_a_new_group(vllm_server, tiny_model_path, tmp_path):
+    """vLLM restarted (what the trainer does when its server died): the old group's workers are
+    gone, so the next sync forms a new group instead of broadcasting into the old one."""
+    policy = Policy(tiny_model_path)
+    bridge = GlooBroadcastBridge(timeout_s=30, probe_tolerance=TOL)
+    try:
+        bridge.setup(policy, vllm_server, VLLMClient(vllm_server, "policy"), tmp_path)
+        first = bridge.joined_server
+        vllm_server.restart()
+        perturb(policy)
+        assert bridge.probe_diff() > 1e-2
+        stats = bridge.sync(step=1)
+        assert bridge.joined_server != first
+        assert stats.probe_max_diff <= TOL and stats.extra["attempts"] == 1
+    finally:
+        bridge.close()
         restore_pristine(vllm_server, tiny_model_path)
 
 
@@ -100,7 +134,7 @@ def stand_in():
 
 def test_group_that_cannot_form_names_host_and_port(stand_in, tiny_model_path, tmp_path):
     StandIn.join = False
-    bridge = BroadcastBridge(group_port=None, timeout_s=3)
+    bridge = GlooBroadcastBridge(group_port=None, timeout_s=3)
     t0 = time.monotonic()
     with pytest.raises(WeightSyncError, match=r"could not form the weight group 127\.0\.0\.1:\d+"):
         bridge.setup(Policy(tiny_model_path), stand_in, VLLMClient(stand_in, "policy"), tmp_path)
@@ -109,7 +143,7 @@ def test_group_that_cannot_form_names_host_and_port(stand_in, tiny_model_path, t
 
 def test_server_gone_mid_sync_names_host_and_port(stand_in, tiny_model_path, tmp_path):
     StandIn.join = True
-    bridge = BroadcastBridge(timeout_s=5)
+    bridge = GlooBroadcastBridge(timeout_s=5)
     bridge.setup(Policy(tiny_model_path), stand_in, VLLMClient(stand_in, "policy"), tmp_path)
     t0 = time.monotonic()
     with pytest.raises(WeightSyncError, match=r"weight group 127\.0\.0\.1:\d+ \(vLLM at http://127\.0\.0\.1:\d+\)"):

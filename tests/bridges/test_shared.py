@@ -20,7 +20,8 @@ from hydra.utils import instantiate
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from serving.server import server_from_config
-from bridges.shared import FUSED, SharedBridge, SharedWeightsError, attach, check_worker, hf_views, meta_model, name_map
+from bridges.names import FUSED, NameMapError, hf_views, name_map
+from bridges.shared import SharedBridge, SharedWeightsError, attach, check_worker, meta_model
 from bridges.shared_memory import segment_name
 from conftest import make_cfg
 from grpo.policy import Policy, token_logprobs
@@ -123,7 +124,7 @@ def test_unsupported_setups_fail_at_start(tiny_model_path, tmp_path):
     config = AutoConfig.from_pretrained(tiny_model_path)
     config.architectures = ["GPT2LMHeadModel"]
     config.save_pretrained(tmp_path)
-    with pytest.raises(SharedWeightsError, match="GPT2LMHeadModel"):
+    with pytest.raises(NameMapError, match="GPT2LMHeadModel"):
         SharedBridge().build_model(str(tmp_path), "float32", "cpu", server=NeverStarted())
     worker = {"tensor_parallel_size": 1, "pipeline_parallel_size": 1, "device": "cuda:0", "device_uuid": "GPU-x"}
     with pytest.raises(SharedWeightsError, match="same device"):
@@ -133,7 +134,7 @@ def test_unsupported_setups_fail_at_start(tiny_model_path, tmp_path):
     served = vllm_layout(AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32))
     served["model.layers.0.mlp.gate_up_proj.weight"] = served["model.layers.0.mlp.gate_up_proj.weight"][:-1]
     model = meta_model(config, "float32", torch.device("cpu"))
-    with pytest.raises(SharedWeightsError, match="gate_up_proj"):
+    with pytest.raises(NameMapError, match="gate_up_proj"):
         hf_views(served, {n: p.shape for n, p in model.named_parameters()}, FUSED)
 
 

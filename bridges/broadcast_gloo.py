@@ -1,0 +1,114 @@
+"""mode=broadcast over gloo: our worker extension (bridges/vllm_worker.py CollectiveMixin) joins a
+gloo group with the trainer (rank 0) and receives flat buckets, one broadcast per bucket.
+
+vLLM has no gloo weight-transfer engine, hence the extension. Bucketing is what makes it fast:
+TRL's one HTTP call and one broadcast per tensor is what made its syncs slow; `bucket_mb=0`
+sends one tensor per broadcast. Gloo moves host memory, so this also serves a trainer on the GPU
+that vLLM uses (NCCL cannot put two ranks on one GPU). Every collective has `timeout_s`, so a
+server that goes away mid-sync or a group that cannot form ends in an error naming host and port.
+"""
+
+from __future__ import annotations
+
+import datetime
+import threading
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+
+from bridges.base import WeightSyncError
+from bridges.broadcast import BroadcastBridge
+
+GROUP_PREFIX = "grpo-weights"  # the key prefix both sides use in the rendezvous store
+
+
+def buckets(named: list[tuple[str, torch.Tensor]], bucket_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
+    """Group tensors of one dtype into buckets of about `bucket_bytes` (a tensor never splits);
+    bucket_bytes <= 0 gives one tensor per bucket."""
+    by_dtype: dict[torch.dtype, list] = defaultdict(list)
+    for name, t in named:
+        by_dtype[t.dtype].append((name, t))
+    out: list[list] = []
+    for group in by_dtype.values():
+        current, size = [], 0
+        for name, t in group:
+            if current and size + t.numel() * t.element_size() > bucket_bytes:
+                out.append(current)
+                current, size = [], 0
+            current.append((name, t))
+            size += t.numel() * t.element_size()
+        out.append(current)
+    return out
+
+
+def join_request(host: str, port: int, world_size: int, timeout_s: float) -> dict:
+    """The /collective_rpc body that makes every worker join (WorkerExtension.join_weight_group)."""
+    return {"method": "join_weight_group",
+            "kwargs": {"host": host, "port": port, "world_size": world_size, "rank_offset": 1, "timeout_s": timeout_s}}
+
+
+def receive_request(plan: list[list[tuple[str, torch.Tensor]]]) -> dict:
+    """The /collective_rpc body announcing `plan` (WorkerExtension.receive_weights): per bucket,
+    [HF name, dtype name, shape] of each tensor, in broadcast order."""
+    meta = [[[n, str(t.dtype).removeprefix("torch."), list(t.shape)] for n, t in bucket] for bucket in plan]
+    return {"method": "receive_weights", "kwargs": {"buckets": meta}}
+
+
+class GlooBroadcastBridge(BroadcastBridge):
+    def __init__(self, **common):
+        super().__init__(**common)
+        self.group = None
+        self.store = None  # the rendezvous (we are its master) lives as long as the group
+
+    def join(self, world_size: int) -> None:
+        timeout = datetime.timedelta(seconds=self.timeout_s)
+        self.store = dist.TCPStore(self.group_host, self.port, world_size, is_master=True, timeout=timeout,
+                                   wait_for_workers=False)
+        joined = self._rpc_in_background(join_request(self.group_host, self.port, world_size, self.timeout_s))
+        try:
+            self.group = dist.ProcessGroupGloo(dist.PrefixStore(GROUP_PREFIX, self.store), 0, world_size, timeout)
+        except RuntimeError as exc:
+            raise WeightSyncError(f"could not form the {self.where()} within {self.timeout_s:.0f}s "
+                                  f"(mode.bridge.timeout_s): {exc}") from exc
+        self._join(joined, "join")
+
+    def send(self, step: int, named: list[tuple[str, torch.Tensor]]) -> int:
+        plan = buckets(named, self.bucket_bytes)
+        pending = self._rpc_in_background(receive_request(plan))
+        opts = dist.BroadcastOptions()
+        opts.rootRank = 0
+        sent = 0
+        try:
+            for bucket in plan:
+                flat = torch.cat([t.reshape(-1) for _, t in bucket]).cpu()  # a GPU trainer's copy to host
+                self.group.broadcast([flat], opts).wait()
+                sent += flat.numel() * flat.element_size()
+        except RuntimeError as exc:
+            raise WeightSyncError(f"broadcast over the {self.where()} failed mid-sync at step {step}: {exc}") from exc
+        self._join(pending, "receive")
+        return sent
+
+    def disconnect(self) -> None:
+        self.group = self.store = None
+
+    def _rpc_in_background(self, body: dict) -> tuple[threading.Thread, dict]:
+        """The worker side blocks in the collective until we broadcast, so its HTTP call runs aside."""
+        box: dict = {}
+
+        def call():
+            try:
+                box["result"] = self.server.post("/collective_rpc", body, timeout=self.timeout_s + 30)
+            except Exception as exc:  # noqa: BLE001 - reported in _join with host and port
+                box["error"] = exc
+
+        thread = threading.Thread(target=call, daemon=True)
+        thread.start()
+        return thread, box
+
+    def _join(self, pending: tuple[threading.Thread, dict], what: str) -> dict:
+        thread, box = pending
+        thread.join(self.timeout_s + 60)
+        if thread.is_alive() or "error" in box:
+            raise WeightSyncError(f"{what} over the {self.where()} failed: {box.get('error', 'no answer in time')}")
+        return box["result"]
