@@ -19,18 +19,23 @@ def describe(exc: BaseException, run_dir: Path, width: int = 300) -> str:
     causes = [m.group(1) for line in text.splitlines() if (m := _CAUSE.match(line.strip()))]
     root = next((c for c in causes if "Engine core initialization failed" not in c), None)
     text = root or (str(exc).splitlines() or [""])[0]
-    return f"{type(exc).__name__}: {text}"[:width]
+    hint = getattr(exc, "hint", "")  # our config key for the cause (serving.server.start_hint) goes first
+    return f"{type(exc).__name__}: {f'{hint} [{text}]' if hint else text}"[:width]
 
 
-def record_point(cfg, run_dir: Path, row: dict, measure) -> dict:
-    """Measure one grid point into `row` and append it to the sweep CSV; a failure becomes the
-    row's `error` cell instead of ending the sweep."""
-    from experiments.csvlog import append_row, sweep_csv
-
+def measure_point(cfg, run_dir: Path, row: dict, measure) -> dict:
+    """Measure into `row`; a failure becomes the row's `error` cell instead of ending the sweep."""
     try:
         row |= measure(cfg, run_dir)
         row["error"] = ""
     except Exception as exc:  # one bad grid point must not end the sweep
         row["error"] = describe(exc, run_dir)
-    append_row(sweep_csv(cfg.bench.name), row)
+    return row
+
+
+def record_point(cfg, run_dir: Path, row: dict, measure) -> dict:
+    """Measure one grid point into `row` and append it to the sweep CSV."""
+    from experiments.csvlog import append_row, sweep_csv
+
+    append_row(sweep_csv(cfg.bench.name), measure_point(cfg, run_dir, row, measure))
     return row

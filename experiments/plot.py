@@ -1,5 +1,6 @@
 """Charts of a sweep CSV, saved as PNG next to it: rollout throughput by TP x DP, sync latency
-by mode and model size. Runs at the end of a preset's sweep (the `PlotSweep` callback) or alone:
+by mode and model size, GRPO step time (ours vs TRL) by phase. Runs at the end of a preset's
+sweep (the `PlotSweep` callback) or alone:
 
     python -m experiments.plot multirun/rollout_throughput/<time>        # every CSV in the dir
     python -m experiments.plot multirun/sync_latency/<time>/sync_latency.csv
@@ -66,11 +67,44 @@ def plot_sync(df: pd.DataFrame):
     return fig
 
 
+STEP_PHASES = {"generate_s": "generate", "score_s": "score", "train_s": "train", "sync_s": "sync"}
+
+
+def plot_step_time(df: pd.DataFrame):
+    """Median step time split by phase, ours vs TRL side by side, per model size and workload;
+    TRL/ours above each pair (> 1: ours is faster)."""
+    good = ok_rows(df).sort_values(["params_m", "max_tokens", "dtype"])
+    points = list(dict.fromkeys(zip(good["size"], good["max_tokens"], good["dtype"])))
+    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(points)), 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for x, (size, tokens, dtype) in enumerate(points):
+        sub = good[(good["size"] == size) & (good["max_tokens"] == tokens) & (good["dtype"] == dtype)]
+        for offset, side, hatch in [(-0.2, "ours", ""), (0.2, "trl", "//")]:
+            row = sub[sub["side"] == side]
+            if row.empty:
+                continue
+            bottom = 0.0
+            for i, (column, label) in enumerate(STEP_PHASES.items()):
+                value = float(row[column].iloc[-1])
+                ax.bar(x + offset, value, 0.38, bottom=bottom, color=colors[i], hatch=hatch, edgecolor="white",
+                       label=label if x == 0 and side == "ours" else None)
+                bottom += value
+            ax.text(x + offset, bottom, side, ha="center", va="bottom", fontsize=8)
+        if "ratio" in sub and sub["ratio"].notna().any():
+            ax.text(x, ax.get_ylim()[1] * 0.95, f"TRL/ours {sub['ratio'].dropna().iloc[-1]:.2f}×", ha="center",
+                    va="top", fontsize=8)
+    ax.set_xticks(range(len(points)), [f"{s}\n{t} tok, {d}" for s, t, d in points])
+    ax.set(ylabel="seconds per step (median)", title="GRPO step: ours (vLLM) vs TRL GRPOTrainer (HF generate)")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
 def plot_csv(path: str | Path) -> Path:
     """Plot one sweep CSV (kind told by its columns); return the PNG written next to it."""
     path = Path(path)
     df = pd.read_csv(path)
-    fig = plot_rollout(df) if "tp" in df else plot_sync(df)
+    fig = plot_rollout(df) if "tp" in df else plot_step_time(df) if "side" in df else plot_sync(df)
     out = path.with_suffix(".png")
     fig.savefig(out, dpi=120)
     plt.close(fig)

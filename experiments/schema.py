@@ -8,7 +8,8 @@ so a typo in `bench.*` fails at start by name, and `grpo/config.py` stays the tr
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
@@ -25,6 +26,8 @@ class ThroughputBench:
     repeats: int = 3  # timed calls per engine; figures are medians
     warmup: int = 1  # untimed calls first (vLLM compiles, HF allocates)
     hf_baseline: bool = True  # time HF `generate` on the same prompts: vLLM's gain as a ratio
+    quiet_threshold: float = 0.05  # cores the vLLM server may still use when an HF call starts
+    quiet_timeout_s: float = 60.0
 
 
 @dataclass
@@ -32,6 +35,21 @@ class SyncBench:
     name: str = "sync_latency"
     repeats: int = 3  # timed syncs; figures are medians
     noise: float = 1e-3  # weights move by this much before each sync, a stand-in for a step
+
+
+@dataclass
+class StepTimeBench:
+    """One GRPO step, ours against TRL's GRPOTrainer, on one model size (`size`, a key of `sizes`:
+    the preset maps it to model.tiny.* and hardware.gpu_memory_utilization)."""
+
+    name: str = "step_time"
+    size: str = "toy"
+    sizes: dict[str, Any] = field(default_factory=dict)
+    warmup: int = 2  # untimed steps first, on both sides (allocation, first-call costs)
+    repeats: int = 3  # timed steps per side; figures are medians
+    trl: bool = True  # also run TRL (the `bench` extra); false: our step alone
+    quiet_threshold: float = 0.05  # cores the vLLM server may still use when TRL starts
+    quiet_timeout_s: float = 60.0
 
 
 def use_schema(bench: type) -> None:

