@@ -18,10 +18,17 @@ from bridges.base import VerifiedBridge, dir_bytes
 class LoraBridge(VerifiedBridge):
     mode = "lora"
 
-    def __init__(self, adapter_name: str = "policy-lora", keep: int = 2, **probe):
+    def __init__(self, adapter_name: str = "policy-lora", keep: int = 2, max_lora_rank: int = 64, **probe):
         super().__init__(**probe)
         self.adapter_name = adapter_name
         self.keep = keep  # adapter dirs kept on disk (vLLM may still read the previous one)
+        self.max_lora_rank = max_lora_rank  # mode.lora.r above it is refused when the model is wrapped
+
+    def server_args(self) -> list[str]:
+        return ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank), "--max-loras", "1"]
+
+    def server_env(self) -> dict[str, str]:
+        return {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}  # /v1/load_lora_adapter at run time
 
     def push(self, step: int) -> int:
         out = self.run_dir / "adapters" / f"step-{step:06d}"

@@ -97,15 +97,19 @@ class SharedBridge(VerifiedBridge):
         self.served: dict[str, torch.Tensor] = {}
         self.worker: dict = {}
 
+    def server_args(self) -> list[str]:
+        # vLLM's compiled CPU graph bakes in its packed GEMM kernels: only eager execution
+        # computes from the shared tensors (bridges/vllm_worker.py SharedWeightsMixin).
+        return ["--enforce-eager"]
+
     def build_model(self, path: str, dtype: str, device: str, server: VLLMServer) -> torch.nn.Module:
         """The trainer's model, every parameter a view of the served one (no weight is loaded).
 
-        Starts `server` if it has not started, after the checks that need no vLLM, and stops it
+        Starts `server` (a no-op if started), after the checks that need no vLLM, and stops it
         when its weights cannot be shared, so a failed start leaves no server behind."""
         config = AutoConfig.from_pretrained(path)
         fused = name_map(config)
-        if not server.alive():
-            server.start()
+        server.start()
         try:
             return self.attach_served(config, fused, dtype, torch.device(device), server)
         except Exception:

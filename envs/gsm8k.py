@@ -12,8 +12,8 @@ from typing import Iterator, Optional
 
 from envs.base import Prompt, PromptListEnv, PromptSampler
 from envs.verifier import MathVerifier
+from grpo import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SYSTEM = (
     "Solve the problem step by step, then give the final answer as a number in \\boxed{}."
 )

@@ -11,7 +11,7 @@ from typing import Optional
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-REPO = Path(__file__).resolve().parents[1]
+from grpo import REPO_ROOT
 
 
 def newest_parent(root: Path, pattern: str) -> Path:
@@ -23,11 +23,11 @@ def newest_parent(root: Path, pattern: str) -> Path:
 
 
 def run_dir(path: Optional[str] = None) -> Path:
-    return Path(path) if path else newest_parent(REPO / "outputs", "metrics.jsonl")
+    return Path(path) if path else newest_parent(REPO_ROOT / "outputs", "metrics.jsonl")
 
 
 def sweep_dir(path: Optional[str] = None) -> Path:
-    return Path(path) if path else newest_parent(REPO / "multirun", "*.csv")
+    return Path(path) if path else newest_parent(REPO_ROOT / "multirun", "*.csv")
 
 
 def read_jsonl(path: Path) -> pd.DataFrame:

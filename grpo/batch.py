@@ -1,4 +1,5 @@
-"""The tensors one GRPO step trains on, built from vLLM's groups.
+"""What one GRPO step works on: the `Rollout` (prompts, vLLM's groups, rewards), and the `Batch`
+of tensors the loss trains on, built from it.
 
 Layout (TRL's): prompts left-padded to P, completions right-padded to C, so the completion
 logits of every row are the slice [P-1 : P+C-1] and need no per-row gather.
@@ -11,7 +12,28 @@ from typing import Iterator, Optional
 
 import torch
 
+from envs.base import Prompt
 from serving.client import Completion
+
+
+@dataclass
+class Rollout:
+    """One step's samples: P prompts, G completions each, exactly as vLLM returned them."""
+
+    prompts: list[Prompt]  # [P]
+    prompt_ids: list[list[int]]  # [P][prompt tokens]: chat template applied, what vLLM was sent
+    groups: list[list[Completion]]  # [P][G]: sampled token ids + vLLM's logprob of each
+    rewards: Optional[torch.Tensor] = None  # [P, G] float32 once scored; NaN where the env gave none
+
+    @property
+    def texts(self) -> list[list[str]]:  # [P][G]
+        return [[c.text for c in group] for group in self.groups]
+
+    def reward_metrics(self) -> dict:
+        """Mean and std over the rewards the env gave; `reward_nan` counts those it could not."""
+        given = self.rewards[~self.rewards.isnan()]
+        return {"reward_mean": given.mean().item(), "reward_std": given.std().item(),
+                "reward_nan": self.rewards.numel() - given.numel()}
 
 
 @dataclass
@@ -42,14 +64,9 @@ class Batch:
             )
 
 
-def build_batch(
-    prompt_ids: list[list[int]],
-    groups: list[list[Completion]],
-    advantages: torch.Tensor,
-    pad_id: int,
-) -> Batch:
-    """Flatten [P prompts][n completions] into rows; `advantages` is [P, n]."""
-    rows = [(p, c) for p, group in zip(prompt_ids, groups) for c in group]
+def build_batch(rollout: Rollout, advantages: torch.Tensor, pad_id: int) -> Batch:
+    """Flatten the rollout's [P prompts][G completions] into B = P*G rows; `advantages` is [P, G]."""
+    rows = [(p, c) for p, group in zip(rollout.prompt_ids, rollout.groups) for c in group]
     P = max(len(p) for p, _ in rows)
     C = max(max(len(c.token_ids) for _, c in rows), 1)
     B = len(rows)

@@ -12,17 +12,36 @@ from __future__ import annotations
 
 import json
 import math
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from omegaconf import OmegaConf
 from tqdm import tqdm
+
+from grpo.batch import Rollout
 
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
+
+
+class PhaseTimer:
+    """Wall time of a step's phases in seconds, under their metric names (`time_generate`, ...)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = time.perf_counter() - start
 
 
 class RunLogger:
@@ -69,9 +88,12 @@ class RunLogger:
             f"| {m['tokens_per_s']:.0f} tok/s | gen {m['time_generate']:.2f}s train {m['time_train']:.2f}s"
         )
 
-    def samples(self, step: int, rows: list[dict]) -> None:
-        for row in rows:
-            self._write("samples", {"step": step, **row})
+    def samples(self, step: int, rollout: Rollout) -> None:
+        """One samples.jsonl row per completion: its prompt's last message, answer, text, reward."""
+        for prompt, group, rewards in zip(rollout.prompts, rollout.groups, rollout.rewards.tolist()):
+            for completion, reward in zip(group, rewards):
+                self._write("samples", {"step": step, "prompt": prompt.messages[-1]["content"],
+                                        "answer": prompt.answer, "completion": completion.text, "reward": reward})
 
     def sync(self, record: dict) -> None:
         self._write("sync", record)

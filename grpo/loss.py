@@ -1,6 +1,9 @@
 """The GRPO objective on per-token logprobs: clipped surrogate, optional k3 KL to a reference,
 vLLM/trainer mismatch correction, and a registry of ways to average tokens into one scalar.
 
+`GRPOLoss` is the configured component (`loss:` in the config, built at start, where it checks
+its options); the pure functions below are what it computes.
+
 Shapes: B sequences (one micro-batch), T completion positions; `mask` [B, T] is 1 on real
 completion tokens and 0 on padding.
 """
@@ -13,15 +16,30 @@ import torch
 from torch import Tensor
 
 Aggregation = Callable[..., Tensor]
-_LOSSES: dict[str, Aggregation] = {}
 
 
-def register_loss(name: str) -> Callable[[Aggregation], Aggregation]:
+def by_rows(micro_rows: int, batch_rows: int) -> float:
+    """Weight of a micro-batch whose loss is a mean over its own rows: its share of the rows."""
+    return micro_rows / batch_rows
+
+
+class LossType(NamedTuple):
+    """A registered loss type: how tokens become one scalar, and how micro-batches add up."""
+
+    aggregate: Aggregation  # (per_token [B, T], mask [B, T], *, max_completion_length, num_items_in_batch)
+    micro_weight: Callable[[int, int], float]  # (micro-batch rows, batch rows) -> weight of its loss
+
+
+_LOSSES: dict[str, LossType] = {}
+
+
+def register_loss(name: str, micro_weight: Callable[[int, int], float] = by_rows) -> Callable[[Aggregation], Aggregation]:
     """Add an aggregation `fn(per_token [B, T], mask [B, T], *, max_completion_length,
-    num_items_in_batch) -> scalar` under `name`, so a new loss type is one decorated function."""
+    num_items_in_batch) -> scalar` under `name`, with the weight its micro-batch losses get when
+    gradients accumulate, so a new loss type is one decorated function."""
 
     def add(fn: Aggregation) -> Aggregation:
-        _LOSSES[name] = fn
+        _LOSSES[name] = LossType(fn, micro_weight)
         return fn
 
     return add
@@ -31,7 +49,7 @@ def get_loss(name: str) -> Aggregation:
     """The aggregation registered as `name`; ValueError listing the valid names otherwise."""
     if name not in _LOSSES:
         raise ValueError(f"unknown loss_type {name!r}; valid: {sorted(_LOSSES)}")
-    return _LOSSES[name]
+    return _LOSSES[name].aggregate
 
 
 @register_loss("grpo")
@@ -55,7 +73,8 @@ def _dr_grpo(per_token: Tensor, mask: Tensor, *, max_completion_length: Optional
     return (per_token * mask).sum() / (per_token.shape[0] * length)
 
 
-@register_loss("dapo")
+# Already divided by the whole step's token count: micro-batch losses simply add up.
+@register_loss("dapo", micro_weight=lambda micro_rows, batch_rows: 1.0)
 def _dapo(per_token: Tensor, mask: Tensor, *, num_items_in_batch: Union[int, Tensor, None] = None, **_) -> Tensor:
     """Token sum over the completion-token count of the whole step (`num_items_in_batch`), so
     summing the micro-batches' losses gives exactly the full batch's token mean; without it,
@@ -167,3 +186,40 @@ def grpo_loss(
         "ratio_mean": _masked_mean(ratio, mask),
     }
     return LossOutput(loss, metrics)
+
+
+class GRPOLoss:
+    """The `loss:` component. Built at start, so a bad option fails before vLLM starts, by name;
+    called once per micro-batch with the tensors of `grpo_loss`."""
+
+    def __init__(self, loss_type: str = "grpo", epsilon_low: float = 0.2, epsilon_high: float = 0.2,
+                 beta: float = 0.0, is_level: str = "token", is_mode: str = "truncate", is_cap: float = 2.0,
+                 max_completion_length: Optional[int] = None):
+        for key, value, valid in (("loss_type", loss_type, _LOSSES), ("is_level", is_level, _IS_LEVELS),
+                                  ("is_mode", is_mode, _IS_MODES)):
+            if value not in valid:
+                raise ValueError(f"loss.{key}={value!r}: must be one of {sorted(valid)}")
+        # A negative beta would reward drifting from the reference; a cap below 1 cuts on-policy tokens.
+        for key, value, low in (("epsilon_low", epsilon_low, 0), ("epsilon_high", epsilon_high, 0),
+                                ("beta", beta, 0), ("is_cap", is_cap, 1)):
+            if not value >= low:
+                raise ValueError(f"loss.{key}={value!r}: must be >= {low}")
+        self.kind = _LOSSES[loss_type]
+        self.beta = beta
+        self.options = dict(loss_type=loss_type, epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta,
+                            is_level=is_level, is_mode=is_mode, is_cap=is_cap,
+                            max_completion_length=max_completion_length)
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.beta > 0
+
+    def micro_weight(self, micro_rows: int, batch_rows: int) -> float:
+        """What this micro-batch's loss is multiplied by before backward, so the accumulated
+        gradient is the whole batch's."""
+        return self.kind.micro_weight(micro_rows, batch_rows)
+
+    def __call__(self, logp: Tensor, old_logp: Tensor, sampling_logp: Tensor, ref_logp: Optional[Tensor],
+                 advantages: Tensor, mask: Tensor, num_items_in_batch: Union[int, Tensor, None] = None) -> LossOutput:
+        return grpo_loss(logp, old_logp, sampling_logp, ref_logp, advantages, mask,
+                         num_items_in_batch=num_items_in_batch, **self.options)

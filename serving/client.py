@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Optional
 
 from serving.server import VLLMServer
 
@@ -20,14 +20,6 @@ class Completion:
     logprobs: list[float]  # [C_i] vLLM's logprob of each sampled id
     text: str
     finish_reason: str  # "stop" | "length"
-
-
-class RolloutClient(Protocol):
-    def generate(self, prompt_ids: list[list[int]], n: int) -> list[list[Completion]]:
-        """`n` completions for each prompt: [P][n]."""
-
-    def prompt_logprobs(self, token_ids: list[int]) -> list[float]:
-        """Logprob of each token after the first, given its prefix: [len(token_ids) - 1]."""
 
 
 class VLLMClient:

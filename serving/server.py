@@ -21,7 +21,7 @@ from typing import Any, Optional
 import requests
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from grpo import REPO_ROOT
 
 
 class VLLMStartError(RuntimeError):
@@ -114,6 +114,9 @@ class VLLMServer:
         return cmd
 
     def start(self) -> "VLLMServer":
+        """Start (or wait for the attached server); a no-op while our process runs."""
+        if self.proc is not None and self.proc.poll() is None:
+            return self
         if self.external:
             self.wait_healthy()
             return self
@@ -232,9 +235,10 @@ def cpu_binding(workers: int, cpus: list[int]) -> str:
     return "|".join(str(cpus[i % len(cpus)]) for i in range(workers))
 
 
-def server_from_config(cfg, model_path: str, run_dir: Path, extra_args: tuple[str, ...] = ()) -> VLLMServer:
-    """Build the server from the `model`, `hardware`, `mode` and `server` groups; `extra_args`
-    are flags the bridge needs (e.g. the NCCL weight-transfer engine)."""
+def server_from_config(cfg, model_path: str, run_dir: Path, extra_args: tuple[str, ...] = (),
+                       extra_env: Optional[dict[str, str]] = None) -> VLLMServer:
+    """Build the server from the `model`, `hardware` and `server` groups; `extra_args` and
+    `extra_env` are what the mode's bridge needs (`Bridge.server_args()`/`server_env()`)."""
     hw, srv = cfg.hardware, cfg.server
     args = [
         "--served-model-name", cfg.model.served_name,
@@ -249,16 +253,15 @@ def server_from_config(cfg, model_path: str, run_dir: Path, extra_args: tuple[st
         "--logprobs-mode", "processed_logprobs",
         "--worker-extension-cls", "bridges.vllm_worker.WorkerExtension",
         *hw.server_args,
-        *cfg.mode.server_args,
-        *srv.extra_args,
         *extra_args,
+        *srv.extra_args,  # the user's, last
     ]
     # vLLM's workers import our extension from the repository root.
     pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     env = {"VLLM_SERVER_DEV_MODE": "1", "PYTHONPATH": pythonpath}
     if hw.vllm_tp * hw.vllm_dp > 1 and not torch.cuda.is_available():
         env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(hw.vllm_tp * hw.vllm_dp, sorted(os.sched_getaffinity(0)))
-    env.update({**hw.server_env, **cfg.mode.server_env})  # explicit settings win
+    env.update({**hw.server_env, **(extra_env or {})})  # explicit settings win
     if hw.vllm_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = hw.vllm_devices
     return VLLMServer(

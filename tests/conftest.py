@@ -8,17 +8,16 @@ the served weights at start, so tests stay independent of each other's weight ch
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from serving.server import VLLMServer
+from grpo import REPO_ROOT
 from grpo.config import register_configs
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO_ROOT
 os.environ.setdefault("WANDB_SILENT", "true")
 register_configs()
 
@@ -39,11 +38,12 @@ def tiny_model_path() -> str:
 @pytest.fixture(scope="session")
 def vllm_server(tiny_model_path, tmp_path_factory):
     """A real vLLM server on the tiny model, LoRA enabled so the LoRA tests can share it."""
+    from bridges.lora import LoraBridge
     from serving.server import server_from_config
 
-    cfg = make_cfg("mode=reload", "server.extra_args=[--enable-lora,--max-lora-rank,64]")
-    OmegaConf.update(cfg, "mode.server_env", {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}, force_add=True)
-    server = server_from_config(cfg, tiny_model_path, tmp_path_factory.mktemp("vllm"))
+    lora = LoraBridge()  # the flags and environment mode=lora starts its server with
+    server = server_from_config(make_cfg("mode=reload"), tiny_model_path, tmp_path_factory.mktemp("vllm"),
+                                extra_args=lora.server_args(), extra_env=lora.server_env())
     server.start()
     yield server
     server.stop()

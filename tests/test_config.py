@@ -6,10 +6,11 @@ import itertools
 
 import pytest
 from hydra.errors import ConfigCompositionException
-from omegaconf.errors import ConfigKeyError, ValidationError
+from omegaconf.errors import ValidationError
 
 from conftest import REPO, make_cfg
-from train import check_loss_config, open_run
+from grpo.config import validate
+from train import open_run
 
 GROUPS = {g: sorted(p.stem for p in (REPO / "conf" / g).glob("*.yaml")) for g in ("model", "mode", "env", "hardware")}
 
@@ -17,6 +18,7 @@ GROUPS = {g: sorted(p.stem for p in (REPO / "conf" / g).glob("*.yaml")) for g in
 @pytest.mark.parametrize("combo", list(itertools.product(*GROUPS.values())), ids=lambda c: "-".join(c))
 def test_every_combination_composes(combo):
     cfg = make_cfg(*(f"{g}={o}" for g, o in zip(GROUPS, combo)))
+    validate(cfg)  # the shipped defaults are in range
     assert cfg.mode.name == combo[1]
     assert cfg.env._target_.startswith("envs.")
     assert cfg.mode.bridge._target_.startswith("bridges.")
@@ -40,12 +42,67 @@ def test_unknown_group_option_lists_choices():
     assert "teleport" in str(err.value) and "reload" in str(err.value)
 
 
-@pytest.mark.parametrize("key,value", [("loss.loss_type", "ppo2"), ("loss.scale_rewards", "median"),
-                                       ("loss.is_level", "batch"), ("loss.is_mode", "clip")])
-def test_bad_loss_option_fails_at_start(key, value):
-    cfg = make_cfg(f"{key}={value}")
-    with pytest.raises(ValueError, match=value):
-        check_loss_config(cfg)
+def fails_at_start(tmp_path, *overrides: str) -> str:
+    """The error `python train.py <overrides>` stops with; asserts vLLM was never started."""
+    with pytest.raises(Exception) as err:
+        with open_run(make_cfg(*overrides), tmp_path):
+            pass
+    assert not (tmp_path / "vllm.log").exists(), "failed only after vLLM was started"
+    return str(err.value)
+
+
+# Every numeric option out of range, and every bad choice, fails before vLLM starts, by its key.
+BAD = [
+    ("train.group_size=1", "train.group_size"),  # GRPO: one sample per prompt -> every advantage 0
+    ("train.prompts_per_step=0", "train.prompts_per_step"),
+    ("train.micro_batch_size=0", "train.micro_batch_size"),
+    ("train.steps=0", "train.steps"),
+    ("train.num_iterations=0", "train.num_iterations"),
+    ("train.max_grad_norm=0", "train.max_grad_norm"),
+    ("train.checkpoint_every=-1", "train.checkpoint_every"),
+    ("optimizer.lr=0", "optimizer.lr"),
+    ("optimizer.lr=-0.001", "optimizer.lr"),
+    ("optimizer.weight_decay=-0.1", "optimizer.weight_decay"),
+    ("scheduler.warmup_steps=-1", "scheduler.warmup_steps"),
+    ("scheduler.decay=step", "scheduler.decay"),
+    ("scheduler.min_lr_ratio=1.5", "scheduler.min_lr_ratio"),
+    ("rollout.max_tokens=-5", "rollout.max_tokens"),
+    ("rollout.max_tokens=0", "rollout.max_tokens"),
+    ("rollout.temperature=0", "rollout.temperature"),
+    ("rollout.top_p=0", "rollout.top_p"),
+    ("rollout.top_p=1.2", "rollout.top_p"),
+    ("advantage.scale_rewards=median", "advantage.scale_rewards"),
+    ("loss.loss_type=ppo2", "loss.loss_type"),
+    ("loss.is_level=batch", "loss.is_level"),
+    ("loss.is_mode=clip", "loss.is_mode"),
+    ("loss.epsilon_low=-0.1", "loss.epsilon_low"),
+    ("loss.epsilon_high=-0.2", "loss.epsilon_high"),
+    ("loss.is_cap=0.5", "loss.is_cap"),
+    ("loss.beta=-0.04", "loss.beta"),  # was silently ignored: only beta > 0 added the KL term
+    ("mode.sync_every=0", "mode.sync_every"),
+    ("model.max_model_len=0", "model.max_model_len"),
+    ("hardware.vllm_tp=0", "hardware.vllm_tp"),
+    ("hardware.gpu_memory_utilization=1.5", "hardware.gpu_memory_utilization"),
+    ("hardware.max_num_seqs=0", "hardware.max_num_seqs"),
+    ("log.samples_every=0", "log.samples_every"),
+]
+
+
+@pytest.mark.parametrize("override,key", BAD, ids=[o for o, _ in BAD])
+def test_out_of_range_option_fails_before_vllm_starts_naming_the_key(tmp_path, override, key):
+    value = override.split("=", 1)[1]
+    message = fails_at_start(tmp_path, override)
+    assert key in message and value in message, message
+
+
+def test_lora_rank_below_one_is_named(tmp_path):
+    assert "mode.lora.r" in fails_at_start(tmp_path, "mode=lora", "mode.lora.r=0")
+
+
+@pytest.mark.parametrize("override", ["train.group_size=2", "rollout.top_p=1", "rollout.temperature=0.7",
+                                      "loss.beta=0", "loss.is_cap=1", "scheduler.decay=cosine"])
+def test_boundary_values_are_accepted(override):
+    validate(make_cfg(override))
 
 
 def test_missing_data_file_fails_before_server_start(tmp_path):

@@ -19,7 +19,7 @@ def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("overrides", [("mode=reload",), ("mode=lora", "train.lr=1e-2")], ids=["reload", "lora"])
+@pytest.mark.parametrize("overrides", [("mode=reload",), ("mode=lora", "optimizer.lr=1e-2")], ids=["reload", "lora"])
 def test_resumed_run_repeats_the_straight_one(attach, tmp_path, overrides):
     straight = train(make_cfg(*overrides, attach, *RUN, "train.steps=6"), tmp_path / "straight")
     split = tmp_path / "split"

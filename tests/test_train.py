@@ -1,16 +1,16 @@
 """End to end: `train()` on the synthetic env against a real vLLM server learns, and writes the
-run record the notebooks read."""
+run record the notebooks read; a reward the env could not give is left out, never a 0."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
 from conftest import make_cfg
-from train import train
-
-pytestmark = pytest.mark.slow
+from test_faults import QUIET, serverless_run
+from train import train, train_step
 
 SHORT_RUN = ("train.steps=30", "log.wandb.mode=offline", "log.progress=false", "log.samples_every=10")
 
@@ -25,6 +25,7 @@ def assert_learns(history, gain=0.15):
     assert last > first + gain, f"reward {first:.3f} -> {last:.3f}"
 
 
+@pytest.mark.slow
 def test_reload_run_learns_and_records_everything(attach, tmp_path):
     history = train(make_cfg("mode=reload", attach, *SHORT_RUN), tmp_path)
     assert_learns(history)
@@ -44,14 +45,37 @@ def test_reload_run_learns_and_records_everything(attach, tmp_path):
     assert list((tmp_path / "wandb").glob("offline-run-*")), "wandb offline run written"
 
 
+@pytest.mark.slow
 def test_lora_run_learns(attach, tmp_path):
-    history = train(make_cfg("mode=lora", attach, "train.lr=1e-2", *SHORT_RUN), tmp_path)
+    history = train(make_cfg("mode=lora", attach, "optimizer.lr=1e-2", *SHORT_RUN), tmp_path)
     assert_learns(history)
     assert all(s["mode"] == "lora" for s in read_jsonl(tmp_path / "sync.jsonl"))
 
 
+@pytest.mark.slow
 def test_broadcast_run_learns(attach, tmp_path):
     history = train(make_cfg("mode=broadcast", attach, *SHORT_RUN), tmp_path)
     assert_learns(history)
     syncs = read_jsonl(tmp_path / "sync.jsonl")
     assert all(s["mode"] == "broadcast" and s["bytes"] > 1_000_000 for s in syncs)
+
+
+@pytest.mark.slow
+def test_run_at_temperature_0_7_keeps_trainer_and_vllm_logprobs_together(attach, tmp_path):
+    history = train(make_cfg("mode=reload", attach, "rollout.temperature=0.7", "train.steps=3", *SHORT_RUN[1:]),
+                    tmp_path)
+    # Policy gets rollout.temperature from build(): dropped anywhere, the gap would be > 0.05.
+    assert max(m["logprob_gap"] for m in history) < 1e-3
+
+
+def test_a_missing_reward_is_left_out_and_counted_never_a_zero(tmp_path, tiny_model_path):
+    run = serverless_run(tmp_path, tiny_model_path, make_cfg(*QUIET))  # 2 prompts x 4 samples
+    run.env.score = lambda prompts, completions: [[1.0, None, 0.0, math.nan], [None] * 4]
+    metrics = train_step(run, 1)
+    run.logger.close()
+    assert metrics["reward_nan"] == 6
+    assert metrics["reward_mean"] == 0.5  # of the two given, not (1 + 0 + 0 * 6) / 8
+    assert metrics["reward_std"] == pytest.approx(math.sqrt(0.5))
+    assert metrics["skipped_updates"] == 0 and math.isfinite(metrics["loss"])
+    rewards = [s["reward"] for s in read_jsonl(tmp_path / "samples.jsonl")]
+    assert rewards == [1.0, "nan", 0.0, "nan"] + ["nan"] * 4  # samples.jsonl says which were missing

@@ -153,7 +153,8 @@ def big_server(tmp_path_factory):
     still computes from its packed GEMM weights, before the first export switches to F.linear."""
     cfg = make_cfg("mode=shared", *BIG)
     path = model_path(cfg)
-    server = server_from_config(cfg, path, tmp_path_factory.mktemp("vllm-shared")).start()
+    server = server_from_config(cfg, path, tmp_path_factory.mktemp("vllm-shared"),
+                                extra_args=SharedBridge().server_args()).start()
     try:
         server.packed_tokens_per_s = generated_tokens_per_s(server)
         yield server, path

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from grpo.advantages import group_advantages
+from grpo.advantages import group_advantages, reward_tensor
 
 TOL = dict(rtol=0.0, atol=1e-12)
 # Group 0 has mean 0.5 and unbiased std sqrt(1/3); group 1 mean 0.25, unbiased std 0.5.
@@ -48,3 +48,38 @@ def test_unknown_scale_names_the_value_and_the_valid_ones():
         group_advantages(REWARDS, "grop")
     for valid in ("group", "batch", "none"):
         assert valid in str(err.value)
+
+
+NAN = math.nan
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_a_missing_reward_is_left_out_of_its_groups_statistics(scale):
+    # Group 0 with its NaN dropped is group 0 of REWARDS minus its last sample: [1, 0, 0],
+    # mean 1/3, unbiased std sqrt(1/3); group 1 is REWARDS' group 1 unchanged.
+    with_nan = torch.tensor([[1.0, 0.0, 0.0, NAN], [0.0, 0.0, 0.0, 1.0]], dtype=torch.float64)
+    got = group_advantages(with_nan, scale)
+    dropped = group_advantages(with_nan[:1, :3], scale)
+    assert got[0, 3] == 0.0  # the missing sample neither pulls nor pushes
+    if scale != "batch":  # the batch std also changes by the NaN's absence, checked below
+        torch.testing.assert_close(got[0, :3], dropped[0], **TOL)
+        torch.testing.assert_close(got[1], group_advantages(REWARDS, scale)[1], **TOL)
+    expected_row0 = torch.tensor([2 / 3, -1 / 3, -1 / 3], dtype=torch.float64)
+    if scale == "group":
+        expected_row0 = expected_row0 / (math.sqrt(1 / 3) + 1e-4)
+    if scale == "batch":  # 7 given rewards: 2 ones, 5 zeros; mean 2/7, squares 2*(5/7)^2 + 5*(2/7)^2 = 10/7, over 6
+        expected_row0 = expected_row0 / (math.sqrt(10 / 7 / 6) + 1e-4)
+    torch.testing.assert_close(got[0, :3], expected_row0, **TOL)
+
+
+def test_an_all_missing_group_gets_zero_advantages_and_leaves_the_others_alone():
+    rewards = torch.tensor([[NAN, NAN, NAN, NAN], [0.0, 0.0, 0.0, 1.0]], dtype=torch.float64)
+    got = group_advantages(rewards, "group")
+    torch.testing.assert_close(got[0], torch.zeros(4, dtype=torch.float64), **TOL)
+    torch.testing.assert_close(got[1], group_advantages(REWARDS, "group")[1], **TOL)
+
+
+def test_reward_tensor_turns_none_into_nan_not_zero():
+    rewards = reward_tensor([[1.0, None], [0, 0.5]])
+    assert rewards.dtype == torch.float32 and rewards.shape == (2, 2)
+    assert math.isnan(rewards[0, 1]) and rewards[1, 0] == 0.0 and rewards[0, 0] == 1.0

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from grpo.loss import _LOSSES, get_loss, grpo_loss, importance_weights, kl_k3
+from grpo.loss import _LOSSES, GRPOLoss, get_loss, grpo_loss, importance_weights, kl_k3
 
 F64 = torch.float64
 TOL = dict(rtol=0.0, atol=1e-12)
@@ -216,3 +216,51 @@ def test_unknown_importance_level_or_mode_names_it(level, mode, bad):
 def test_cap_below_one_is_refused():
     with pytest.raises(ValueError, match="0.5"):
         importance_weights(IS_OLD, IS_SAMPLING, IS_MASK, "token", "truncate", 0.5)
+
+
+# --- the configured loss ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, key", [
+    ({"loss_type": "ppo2"}, "loss.loss_type"), ({"is_level": "batch"}, "loss.is_level"),
+    ({"is_mode": "clip"}, "loss.is_mode"), ({"is_cap": 0.5}, "loss.is_cap"), ({"beta": -0.04}, "loss.beta"),
+    ({"epsilon_low": -0.1}, "loss.epsilon_low"), ({"epsilon_high": -0.1}, "loss.epsilon_high"),
+])
+def test_grpo_loss_component_rejects_bad_options_naming_the_key(kwargs, key):
+    with pytest.raises(ValueError, match=key):
+        GRPOLoss(**kwargs)
+
+
+@pytest.mark.parametrize("loss_type, expected", [("grpo", 0.25), ("bnpo", 0.25), ("dr_grpo", 0.25), ("dapo", 1.0)])
+def test_each_loss_type_carries_its_micro_batch_weight(loss_type, expected):
+    # dapo already divides by the whole step's token count; the others are means over their rows.
+    assert GRPOLoss(loss_type=loss_type).micro_weight(2, 8) == expected
+
+
+@pytest.mark.parametrize("loss_type", sorted(_LOSSES))
+def test_weighted_micro_batches_give_the_full_batch_gradient(loss_type):
+    # Four rows of unequal lengths in two micro-batches of two rows: weighted by its type's
+    # micro_weight, the accumulated gradient is the one-batch gradient (bnpo only because both
+    # micro-batches hold 4 tokens: its token mean is per micro-batch, as in TRL).
+    torch.manual_seed(0)
+    logp0 = -torch.rand(4, 3, dtype=F64)
+    old, sampling, adv = logp0 - 0.05, logp0 - 0.1, t([1.0, -0.5, 0.25, 2.0])
+    mask = t([[1, 1, 0], [1, 1, 0], [1, 1, 1], [1, 0, 0]])
+    loss = GRPOLoss(loss_type=loss_type, max_completion_length=3)
+    full = logp0.clone().requires_grad_()
+    loss(full, old, sampling, None, adv, mask, num_items_in_batch=mask.sum()).loss.backward()
+    parts = logp0.clone().requires_grad_()
+    for rows in (slice(0, 2), slice(2, 4)):
+        out = loss(parts[rows], old[rows], sampling[rows], None, adv[rows], mask[rows], num_items_in_batch=mask.sum())
+        (out.loss * loss.micro_weight(2, 4)).backward()
+    torch.testing.assert_close(parts.grad, full.grad, **TOL)
+    assert full.grad.abs().sum() > 0.1  # not the trivial zero gradient
+
+
+def test_grpo_loss_component_computes_grpo_loss_with_its_options():
+    loss = GRPOLoss(loss_type="bnpo", beta=0.1, epsilon_high=0.3)
+    assert loss.needs_reference and not GRPOLoss().needs_reference
+    got = loss(KL_LOGP, KL_LOGP, KL_LOGP, KL_REF, t([0.5, 0.5]), KL_MASK)
+    want = grpo_loss(KL_LOGP, KL_LOGP, KL_LOGP, KL_REF, t([0.5, 0.5]), KL_MASK, loss_type="bnpo", beta=0.1,
+                     epsilon_high=0.3)
+    torch.testing.assert_close(got.loss, want.loss, **TOL)
+    assert got.metrics == want.metrics
