@@ -1,5 +1,8 @@
 """The Bridge protocol (trainer weights -> vLLM) and the verification every sync goes through.
 
+`Bridge` declares everything train.py asks of a mode, with the defaults most modes want, so
+building a run never probes a bridge for what it can do.
+
 A sync is only done when vLLM provably serves the weights just pushed: the logprobs vLLM gives a
 fixed probe sequence must match the trainer's to `probe_tolerance`. A mismatch retries the push
 once, then stops the run with an error, so a sync never fails silently.
@@ -13,7 +16,7 @@ import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Protocol
+from typing import Optional
 
 import torch
 
@@ -59,17 +62,48 @@ class SyncStats:
         return asdict(self)
 
 
-class Bridge(Protocol):
-    def setup(self, policy: Policy, server: VLLMServer, client: VLLMClient, run_dir: Path) -> None: ...
-    def sync(self, step: int) -> SyncStats: ...
-    def step_context(self) -> contextlib.AbstractContextManager: ...
-    def close(self) -> None: ...
-
-
-class VerifiedBridge:
-    """Base of the bridges: subclasses implement `push`; `sync` times and verifies it."""
+class Bridge:
+    """How the trainer's weights reach vLLM, in the order train.py calls it: `server_args` and
+    `server_env` (before vLLM starts), `build_model`, `setup`, `initial_sync`, then per step
+    `step_context` around optimizer.step() and `sync`, and `close` at the end."""
 
     mode = "base"
+
+    def server_args(self) -> list[str]:
+        """vLLM flags this mode needs (hardware.server_args and server.extra_args add theirs)."""
+        return []
+
+    def server_env(self) -> dict[str, str]:
+        """Environment variables the vLLM server needs for this mode."""
+        return {}
+
+    def build_model(self, path: str, dtype: str, device: str, server: VLLMServer) -> Optional[torch.nn.Module]:
+        """The trainer's model if this mode must build it (mode=shared: views of vLLM's weights, so
+        it starts `server` first); None: the trainer loads it from `path`."""
+        return None
+
+    def setup(self, policy: Policy, server: VLLMServer, client: VLLMClient, run_dir: Path) -> None:
+        self.policy, self.server, self.client = policy, server, client
+        self.run_dir = Path(run_dir)
+
+    def initial_sync(self, resumed_step: Optional[int]) -> None:
+        """At start vLLM serves the base model: a resumed run pushes its checkpoint's weights."""
+        if resumed_step is not None:
+            self.sync(resumed_step)
+
+    def step_context(self) -> contextlib.AbstractContextManager:
+        """Wraps optimizer.step(): bridges whose vLLM reads the trainer's memory pause it here."""
+        return contextlib.nullcontext()
+
+    def sync(self, step: int) -> SyncStats:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class VerifiedBridge(Bridge):
+    """Base of the bridges: subclasses implement `push`; `sync` times and verifies it."""
 
     def __init__(self, probe_prompt: str = "What is 6 times 7?", probe_completion: str = "6 times 7 is 42.",
                  probe_tolerance: Optional[float] = None):
@@ -78,16 +112,11 @@ class VerifiedBridge:
         self.probe_tolerance = probe_tolerance  # None: probe_tolerance_for(the trainer's model), at setup
 
     def setup(self, policy: Policy, server: VLLMServer, client: VLLMClient, run_dir: Path) -> None:
-        self.policy, self.server, self.client = policy, server, client
-        self.run_dir = Path(run_dir)
+        super().setup(policy, server, client, run_dir)
         if self.probe_tolerance is None:
             self.probe_tolerance = probe_tolerance_for(policy.model)
         completion = policy.tokenizer(self.probe_completion, add_special_tokens=False).input_ids
         self.probe_ids = policy.encode_chat([{"role": "user", "content": self.probe_prompt}]) + completion
-
-    def step_context(self):
-        """Wraps optimizer.step(): bridges whose vLLM reads the trainer's memory pause it here."""
-        return contextlib.nullcontext()
 
     def push(self, step: int) -> int:
         """Move the trainer's weights into vLLM; return bytes written or moved."""
@@ -97,6 +126,13 @@ class VerifiedBridge:
         served = self.client.prompt_logprobs(self.probe_ids)
         mine = self.policy.probe_logprobs(self.probe_ids)
         return max(abs(a - b) for a, b in zip(served, mine))
+
+    def initial_sync(self, resumed_step: Optional[int]) -> None:
+        # A resumed run always pushes: a LoRA adapter close to identity would pass the probe unloaded.
+        if resumed_step is not None:
+            self.sync(resumed_step)
+        else:
+            self.ensure_synced()
 
     def ensure_synced(self) -> None:
         """At start: an attached server may still serve an earlier run's weights."""
@@ -117,9 +153,6 @@ class VerifiedBridge:
             f"{self.mode} sync at step {step}: vLLM at {self.server.base_url} still serves other weights "
             f"after a retry (probe max |dlogprob| = {diff:.3g} > probe_tolerance={self.probe_tolerance})"
         )
-
-    def close(self) -> None:
-        pass
 
 
 def dir_bytes(path: Path) -> int:
