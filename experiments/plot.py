@@ -71,32 +71,31 @@ STEP_PHASES = {"generate_s": "generate", "score_s": "score", "train_s": "train",
 
 
 def plot_step_time(df: pd.DataFrame):
-    """Median step time split by phase, ours vs TRL side by side, per model size and workload;
-    TRL/ours above each pair (> 1: ours is faster)."""
+    """Median step time split by phase, ours vs TRL, one panel (own scale) per model size and
+    workload; TRL/ours in the title (> 1: ours is faster)."""
     good = ok_rows(df).sort_values(["params_m", "max_tokens", "dtype"])
     points = list(dict.fromkeys(zip(good["size"], good["max_tokens"], good["dtype"])))
-    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(points)), 4.5))
+    fig, axes = plt.subplots(1, max(len(points), 1), figsize=(3.2 * max(len(points), 1) + 1, 4.2), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for x, (size, tokens, dtype) in enumerate(points):
+    for ax, (size, tokens, dtype) in zip(axes[0], points):
         sub = good[(good["size"] == size) & (good["max_tokens"] == tokens) & (good["dtype"] == dtype)]
-        for offset, side, hatch in [(-0.2, "ours", ""), (0.2, "trl", "//")]:
-            row = sub[sub["side"] == side]
-            if row.empty:
-                continue
-            bottom = 0.0
+        sides = [side for side in ("ours", "trl") if side in set(sub["side"])]
+        for x, side in enumerate(sides):
+            row, bottom = sub[sub["side"] == side].iloc[-1], 0.0
             for i, (column, label) in enumerate(STEP_PHASES.items()):
-                value = float(row[column].iloc[-1])
-                ax.bar(x + offset, value, 0.38, bottom=bottom, color=colors[i], hatch=hatch, edgecolor="white",
-                       label=label if x == 0 and side == "ours" else None)
-                bottom += value
-            ax.text(x + offset, bottom, side, ha="center", va="bottom", fontsize=8)
-        if "ratio" in sub and sub["ratio"].notna().any():
-            ax.text(x, ax.get_ylim()[1] * 0.95, f"TRL/ours {sub['ratio'].dropna().iloc[-1]:.2f}×", ha="center",
-                    va="top", fontsize=8)
-    ax.set_xticks(range(len(points)), [f"{s}\n{t} tok, {d}" for s, t, d in points])
-    ax.set(ylabel="seconds per step (median)", title="GRPO step: ours (vLLM) vs TRL GRPOTrainer (HF generate)")
-    ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
+                ax.bar(x, row[column], 0.6, bottom=bottom, color=colors[i], label=label)
+                bottom += row[column]
+            # Phases are medians one by one; the whole step's median is the black line.
+            ax.plot([x - 0.35, x + 0.35], [row["step_s"]] * 2, color="black", lw=1.5, label="step")
+        ax.set_xticks(range(len(sides)), sides)
+        ratio = sub["ratio"].dropna() if "ratio" in sub else pd.Series(dtype=float)
+        ax.set_title(f"{size}, {tokens} tok, {dtype}" + (f"\nTRL/ours {ratio.iloc[-1]:.2f}×" if len(ratio) else ""),
+                     fontsize=9)
+    axes[0][0].set_ylabel("seconds per step (median)")
+    legend = dict(zip(*reversed(axes[0][0].get_legend_handles_labels())))  # label -> handle, once each
+    fig.legend(legend.values(), legend.keys(), loc="upper right", fontsize=8)
+    fig.suptitle("GRPO step: ours (vLLM) vs TRL GRPOTrainer (HF generate)", fontsize=10, x=0.4)
+    fig.tight_layout(rect=(0, 0, 0.85, 1))
     return fig
 
 

@@ -61,3 +61,16 @@ def test_newest_dir_is_the_default(tmp_path):
     assert outputs.newest_parent(tmp_path, "metrics.jsonl") == new
     with pytest.raises(FileNotFoundError, match="nothing.csv"):
         outputs.newest_parent(tmp_path, "nothing.csv")
+
+
+def test_step_time_plot_with_a_failed_side(tmp_path):
+    path = tmp_path / "step_time.csv"
+    for size, params, ours_s, trl_s in [("toy", 0.46, 0.5, 0.4), ("28m", 27.8, 6.0, 8.0)]:
+        for side, step in [("ours", ours_s), ("trl", trl_s)]:
+            append_row(path, {"size": size, "params_m": params, "max_tokens": 64, "dtype": "float32", "side": side,
+                              "step_s": step, "generate_s": step / 2, "score_s": 0.01, "train_s": step / 3,
+                              "sync_s": step / 10 if side == "ours" else 0.0, "ratio": trl_s / ours_s, "error": ""})
+    append_row(path, {"size": "85m", "params_m": 85.7, "max_tokens": 64, "dtype": "float32", "side": "ours",
+                      "error": "VLLMStartError: raise hardware.gpu_memory_utilization"})
+    png = plot_csv(path)
+    assert png == path.with_suffix(".png") and png.stat().st_size > 10_000
