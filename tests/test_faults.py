@@ -24,8 +24,11 @@ from conftest import REPO, make_cfg
 from envs.synthetic import DigitsEnv
 from grpo import checkpoint
 from grpo.logger import RunLogger
+from grpo.loss import GRPOLoss
 from grpo.policy import Policy
 from serving.client import Completion
+from serving.guard import RestartGuard
+from serving.lifeline import group_members
 from train import Run, train, train_step
 
 QUIET = ("log.wandb.mode=disabled", "log.progress=false", "train.prompts_per_step=2", "train.group_size=4",
@@ -53,7 +56,9 @@ def small_run(tmp_path) -> Run:
     policy = SavingPolicy()
     optimizer = torch.optim.AdamW(policy.model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    return Run(None, tmp_path, DigitsEnv(num_prompts=8), policy, None, None, None, optimizer, scheduler, None)
+    return Run(cfg=None, run_dir=tmp_path, env=DigitsEnv(num_prompts=8), policy=policy, server=None, client=None,
+               bridge=None, loss=None, optimizer=optimizer, scheduler=scheduler, logger=None,
+               guard=RestartGuard(None, "m", resync=lambda step: None))
 
 
 def test_checkpoint_round_trip_restores_cursor_rng_and_optimizer(tmp_path):
@@ -62,6 +67,7 @@ def test_checkpoint_round_trip_restores_cursor_rng_and_optimizer(tmp_path):
     run.optimizer.step()
     run.env.sample(3)
     torch.manual_seed(5)
+    run.guard.restarts = 2
     ckpt = checkpoint.save(run, 7)
     expected_prompts, expected_draw = run.env.sample(2), torch.rand(3)
 
@@ -71,6 +77,7 @@ def test_checkpoint_round_trip_restores_cursor_rng_and_optimizer(tmp_path):
     assert other.env.sample(2) == expected_prompts
     assert torch.equal(torch.rand(3), expected_draw)
     assert other.optimizer.state_dict()["state"][0]["step"] == 1
+    assert other.guard.restarts == 2
 
 
 def test_partial_checkpoints_are_never_picked(tmp_path):
@@ -105,9 +112,11 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 class FakeClient:
     """Samples random token ids so train_step runs without a server."""
 
+    logprob = -1.0  # vLLM's logprob of every sampled token
+
     def generate(self, prompt_ids, n, seed=None):
         g = torch.Generator().manual_seed(seed)
-        return [[Completion(torch.randint(10, 200, (4,), generator=g).tolist(), [-1.0] * 4, "12ab", "length")
+        return [[Completion(torch.randint(10, 200, (4,), generator=g).tolist(), [self.logprob] * 4, "12ab", "length")
                  for _ in range(n)] for _ in prompt_ids]
 
 
@@ -119,24 +128,29 @@ class FakeBridge:
         return SyncStats(step, "fake", 0.0, 0, 0.0, 0.0)
 
 
-def test_nan_reward_skips_the_update_logs_it_and_the_run_goes_on(tmp_path, tiny_model_path):
-    cfg = make_cfg(*QUIET)
+def serverless_run(tmp_path, tiny_model_path, cfg) -> Run:
+    """A Run whose rollouts come from FakeClient: train_step runs without vLLM."""
     policy = Policy(tiny_model_path)
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-2)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    env = DigitsEnv()
     attached = VLLMServer("m", args=[], env={}, log_path=tmp_path / "vllm.log", base_url="http://127.0.0.1:9")
-    run = Run(cfg, tmp_path, env, policy, attached, FakeClient(), FakeBridge(), optimizer, scheduler,
-              RunLogger(tmp_path, cfg, total_steps=2))
+    return Run(cfg=cfg, run_dir=tmp_path, env=DigitsEnv(), policy=policy, server=attached, client=FakeClient(),
+               bridge=FakeBridge(), loss=GRPOLoss(), optimizer=optimizer,
+               scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+               logger=RunLogger(tmp_path, cfg, total_steps=2),
+               guard=RestartGuard(attached, "m", resync=lambda step: None))
+
+
+def test_non_finite_gradient_skips_the_update_logs_it_and_the_run_goes_on(tmp_path, tiny_model_path):
+    run = serverless_run(tmp_path, tiny_model_path, make_cfg(*QUIET))
+    policy = run.policy
     before = [p.detach().clone() for p in policy.trainable_parameters()]
-    score = env.score
-    env.score = lambda prompts, completions: [[float("nan")] * len(g) for g in completions]
+    run.client.logprob = float("nan")  # e.g. an fp16 overflow in vLLM: the IS weights, then the gradient
 
     bad = train_step(run, 1)
     assert bad["skipped_updates"] == 1
     assert all(torch.equal(a, p) for a, p in zip(before, policy.trainable_parameters()))
 
-    env.score = score  # finite rewards again: the next step updates the weights
+    run.client.logprob = -1.0  # finite again: the next step updates the weights
     good = train_step(run, 2)
     run.logger.close()
     assert good["skipped_updates"] == 0 and torch.isfinite(torch.tensor(good["loss"]))
@@ -165,15 +179,30 @@ class HeaderEcho(BaseHTTPRequestHandler):
 def test_server_binds_loopback_unless_configured(tmp_path):
     default = server_from_config(make_cfg(), "m", tmp_path).command()
     assert default[default.index("--host") + 1] == "127.0.0.1"
-    assert "--api-key" not in default
-    wide = server_from_config(make_cfg("server.host=0.0.0.0"), "m", tmp_path).command()
+    assert "--api-key" not in default and "--middleware" not in default
+    wide = server_from_config(make_cfg("server.host=0.0.0.0", "server.api_key=k"), "m", tmp_path).command()
     assert wide[wide.index("--host") + 1] == "0.0.0.0"
 
 
-def test_api_key_goes_to_vllm_and_into_every_request(tmp_path):
+@pytest.mark.parametrize("override", ["server.host=0.0.0.0", "server.host=10.1.2.3",
+                                      "server.base_url=http://10.1.2.3:8000", "server.base_url=http://example.org"])
+def test_no_server_beyond_loopback_without_a_key(tmp_path, override):
+    key = override.split("=")[0]
+    with pytest.raises(ValueError, match=rf"{key}=.*server\.api_key"):
+        server_from_config(make_cfg(override), "m", tmp_path)
+    server_from_config(make_cfg(override, "server.api_key=k"), "m", tmp_path)  # with a key: fine
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8000", "http://localhost:8000", "http://[::1]:8000"])
+def test_loopback_attach_needs_no_key(tmp_path, url):
+    assert server_from_config(make_cfg(f"server.base_url='{url}'"), "m", tmp_path).external
+
+
+def test_api_key_guards_every_route_and_goes_into_every_request(tmp_path):
     server = server_from_config(make_cfg("server.api_key=s3cret"), "m", tmp_path)
     cmd = server.command()
-    assert cmd[cmd.index("--api-key") + 1] == "s3cret"
+    assert cmd[cmd.index("--middleware") + 1] == "serving.auth.RequireApiKey"
+    assert "s3cret" not in " ".join(cmd)  # the key goes by environment, not where `ps` shows it
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), HeaderEcho)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
@@ -202,7 +231,7 @@ def kill_server_after(run_dir: Path, servers: list, step: int, killed: list) -> 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides", [("mode=reload",), ("mode=lora", "train.lr=1e-2")], ids=["reload", "lora"])
+@pytest.mark.parametrize("overrides", [("mode=reload",), ("mode=lora", "optimizer.lr=1e-2")], ids=["reload", "lora"])
 def test_killed_vllm_is_restarted_and_the_run_continues(tmp_path, monkeypatch, overrides):
     servers, killed = [], []
     start = VLLMServer.start
@@ -251,3 +280,54 @@ def test_killed_trainer_resumes_from_last_complete_checkpoint(attach, tmp_path):
     resumed = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "resumed"]
     assert resumed[-1]["checkpoint"] == str(newest) and resumed[-1]["step"] == last
     assert [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl")][-2:] == [last + 1, last + 2]
+
+
+# -- the trainer killed: its vLLM goes with it ----------------------------------------------------
+
+def server_group(trainer_pid: int) -> int | None:
+    """The process group of the server the trainer started: its child that leads a group."""
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == trainer_pid and int(fields[2]) == int(entry):
+            return int(entry)
+    return None
+
+
+def start_trainer_and_kill(run_dir: Path, sig: int, *overrides: str) -> tuple[int, list[int], float, float]:
+    """Start `python train.py` (owning its vLLM), send `sig` once it has trained a step; returns its
+    exit code, the server's pids (lifeline, API server, engine core, worker), and the seconds from
+    the signal until the trainer was gone and until the server was."""
+    proc = subprocess.Popen([sys.executable, "train.py", *QUIET, "train.steps=40", f"hydra.run.dir={run_dir}",
+                             *overrides], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 400
+    while not (metrics.exists() and metrics.read_text()) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    pgid = server_group(proc.pid)
+    assert pgid is not None and proc.poll() is None, "the trainer did not get to train with its own server"
+    pids = sorted({pgid, *group_members(pgid)})
+    proc.send_signal(sig)
+    t = time.monotonic()
+    code = proc.wait(timeout=120)
+    trainer_s = time.monotonic() - t
+    while group_members(pgid) and time.monotonic() - t < 120:
+        time.sleep(0.1)
+    return code, pids, trainer_s, time.monotonic() - t
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_killed_trainer_takes_its_server_along(tmp_path, sig):
+    code, pids, trainer_s, gone_s = start_trainer_and_kill(tmp_path, sig)
+    print(json.dumps({"signal": sig.name, "server_pids": pids, "trainer_gone_s": round(trainer_s, 1),
+                      "server_gone_s": round(gone_s, 1), "trainer_exit": code}))
+    assert len(pids) >= 4  # lifeline, API server, engine core, worker
+    assert not [p for p in pids if Path(f"/proc/{p}").exists()
+                and Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()[0] != "Z"]
+    if sig == signal.SIGKILL:  # the lifeline stops the group: SIGTERM, SIGKILL after GRACE_S=10
+        assert gone_s < 15
+    else:  # the trainer's own cleanup stopped its server before it exited, and said why it stopped
+        assert code == 128 + signal.SIGTERM and gone_s - trainer_s < 1

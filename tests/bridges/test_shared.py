@@ -12,7 +12,12 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,10 +27,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from serving.server import server_from_config
 from bridges.names import FUSED, NameMapError, hf_views, name_map
 from bridges.shared import SharedBridge, SharedWeightsError, attach, check_worker, meta_model
-from bridges.shared_memory import segment_name
-from conftest import make_cfg
+from bridges.shared_memory import SHM, remove_stale, segment_name
+from conftest import REPO, make_cfg
 from grpo.policy import Policy, token_logprobs
 from serving.client import VLLMClient
+from test_faults import QUIET, start_trainer_and_kill
 from test_train import SHORT_RUN, assert_learns, read_jsonl
 from train import model_path, train
 
@@ -242,3 +248,104 @@ def test_shared_run_learns(tmp_path):
     assert len(syncs) == 30 and all(s["bytes"] == 0 and s["probe_max_diff"] <= TOL for s in syncs)
     assert all(m["sync_bytes"] == 0 and m["sync_ms"] > 0 for m in history)
     assert max(m["logprob_gap"] for m in history) < 1e-3
+
+
+# -- shared-memory files never outlive the run ----------------------------------------------------
+
+EXPORTER = """
+import multiprocessing, signal, sys, time, torch
+from bridges.shared_memory import export_tensor, register_segments
+
+TENSORS = []  # held for the process's life, as vLLM's worker holds its model
+
+
+def worker(out):  # as vLLM runs its workers: a multiprocessing child; SIGTERM raises SystemExit
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    TENSORS.extend(torch.zeros(1000) for _ in range(3))
+    out.send((multiprocessing.current_process().pid, str(register_segments(map(export_tensor, TENSORS)))))
+    time.sleep(600)
+
+if __name__ == "__main__":
+    ours, theirs = multiprocessing.Pipe()
+    child = multiprocessing.get_context("fork").Process(target=worker, args=(theirs,))
+    child.start()
+    print(*ours.recv(), flush=True)
+    child.join()
+"""
+
+
+def exporter():
+    """A worker process that put three tensors in shared memory: its pid, manifest and files."""
+    proc = subprocess.Popen([sys.executable, "-c", EXPORTER], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    pid, manifest = proc.stdout.readline().split()
+    names = json.loads(Path(manifest).read_text())
+    files = [SHM / n.lstrip("/") for n in names]
+    assert len(files) == 3 and all(f.exists() for f in files)
+    return proc, int(pid), Path(manifest), files
+
+
+def children_named(pid: int, name: str) -> list[int]:
+    """Children of `pid` whose command name is `name` (the kernel keeps its first 15 characters)."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        comm, _, rest = stat.partition("(")[2].rpartition(")")
+        if comm == name and int(rest.split()[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def test_worker_stopped_by_sigterm_removes_its_files():
+    proc, pid, manifest, files = exporter()
+    os.kill(pid, signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    assert not manifest.exists() and not any(f.exists() for f in files)
+
+
+def test_files_of_a_killed_worker_go_at_the_next_start_and_a_live_ones_stay():
+    killed, killed_pid, killed_manifest, killed_files = exporter()
+    live, live_pid, live_manifest, live_files = exporter()
+    try:
+        # Killed with its torch_shm_manager (a killed process group, the OOM killer): nothing of
+        # torch's is left to remove the files, which hold RAM until someone does.
+        for pid in [*children_named(killed_pid, "torch_shm_manag"), killed_pid]:
+            os.kill(pid, signal.SIGKILL)
+        killed.wait(timeout=60)
+        assert all(f.exists() for f in killed_files)
+        assert remove_stale() >= 3
+        assert not killed_manifest.exists() and not any(f.exists() for f in killed_files)
+        assert live_manifest.exists() and all(f.exists() for f in live_files)
+    finally:
+        os.kill(live_pid, signal.SIGTERM)
+        live.wait(timeout=60)
+    assert not any(f.exists() for f in live_files)
+
+
+def run_files(pids) -> list[str]:
+    """/dev/shm entries made by these processes: torch's files and our manifests name the pid."""
+    return [f for f in os.listdir(SHM) if any(f.startswith((f"torch_{p}_", f"grpo-segments-{p}-")) for p in pids)]
+
+
+@pytest.mark.slow
+def test_shared_memory_files_go_when_the_run_ends_however_it_ends(tmp_path, monkeypatch):
+    # A trainer killed with SIGKILL: its server goes (serving/lifeline.py), vLLM's shutdown
+    # SIGKILLs its worker, and the worker's files stay until the next start.
+    code, pids, _, gone_s = start_trainer_and_kill(tmp_path / "killed", signal.SIGKILL, "mode=shared")
+    left = run_files(pids)
+
+    # The next start removes them; the files of its own server go when it ends.
+    bridges = []
+    setup = SharedBridge.setup
+    monkeypatch.setattr(SharedBridge, "setup", lambda self, *a: bridges.append(self) or setup(self, *a))
+    train(make_cfg("mode=shared", *QUIET, "train.steps=2"), tmp_path / "clean")
+    worker = bridges[0].worker
+    names = [segment_name(h) for h in worker["params"].values()]
+    print(json.dumps({"killed_server_pids": pids, "gone_s": round(gone_s, 1), "left_by_killed_run": len(left),
+                      "clean_run_files": len(names)}))
+    assert len(names) >= 10
+    assert not [f for f in left if (SHM / f).exists()]
+    assert not [n for n in names if (SHM / n.lstrip("/")).exists()]
+    assert run_files([*pids, worker["pid"]]) == []
