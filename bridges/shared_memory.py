@@ -16,6 +16,7 @@ them if it exits normally; the trainer removes those of a server it started when
 
 from __future__ import annotations
 
+import atexit
 import base64
 import json
 import multiprocessing.util
@@ -156,11 +157,13 @@ def remove_stale() -> int:
 def owned_dir(prefix: str) -> Path:
     """A new directory in /dev/shm named after this process (`<prefix>-<pid>-<start>-<id>`), for
     files a local vLLM server reads at memory speed; those of owners that are gone are removed
-    first. Its user removes it when done (a killed one leaves it to the next call)."""
+    first. Its user removes it when done, or else this process's exit does (a killed process leaves it
+    to the next call)."""
     for stale in SHM.glob(f"{prefix}-*"):
         pid, start, _ = stale.name[len(prefix) + 1:].split("-")
         if process_start(int(pid)) != start:
             shutil.rmtree(stale, ignore_errors=True)
     out = SHM / f"{prefix}-{os.getpid()}-{process_start(os.getpid())}-{uuid.uuid4().hex[:8]}"
     out.mkdir()
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
     return out

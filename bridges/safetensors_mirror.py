@@ -1,0 +1,71 @@
+"""A checkpoint directory rewritten in place: the reload bridge's weights at memcpy speed.
+
+`save_pretrained` serialises every tensor into new files each sync: ~0.9 s for 343 MB (an 85M
+fp32 model) on this CPU, whether the target is disk or /dev/shm. Between syncs only the values
+change (names, dtypes and shapes are the model's), so after the first full save the mirror maps
+each safetensors file once and copies every tensor's bytes over its old bytes at the offsets
+the file's header gives. vLLM's `reload_weights` reads the same files it would have read after
+a fresh save. Any change of names, dtypes or shapes falls back to a full save.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from pathlib import Path
+
+import torch
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                      "F64": torch.float64, "I64": torch.int64, "I32": torch.int32,
+                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def tensor_slots(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
+    """name -> (dtype, shape, start, end) byte range in the file, from its header."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    base = 8 + header_len
+    return {name: (SAFETENSORS_DTYPES[meta["dtype"]], tuple(meta["shape"]),
+                   base + meta["data_offsets"][0], base + meta["data_offsets"][1])
+            for name, meta in header.items() if name != "__metadata__"}
+
+
+class SafetensorsMirror:
+    """`write(model, state_dict)` leaves `out` holding `state_dict` as an HF checkpoint."""
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        self.layout: dict[str, tuple[Path, torch.dtype, tuple[int, ...], int, int]] = {}
+        self.maps: dict[Path, mmap.mmap] = {}
+
+    def write(self, model, state_dict: dict[str, torch.Tensor]) -> bool:
+        """Returns True when the bytes were copied in place, False after a full save."""
+        if not self.fits(state_dict):
+            self.full_save(model, state_dict)
+            return False
+        for name, tensor in state_dict.items():
+            path, _, _, start, end = self.layout[name]
+            dst = torch.frombuffer(self.maps[path], dtype=torch.uint8, count=end - start, offset=start)
+            dst.copy_(tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8))
+        return True
+
+    def fits(self, state_dict: dict[str, torch.Tensor]) -> bool:
+        return bool(self.layout) and state_dict.keys() == self.layout.keys() and all(
+            (t.dtype, tuple(t.shape)) == self.layout[n][1:3] for n, t in state_dict.items())
+
+    def full_save(self, model, state_dict: dict[str, torch.Tensor]) -> None:
+        self.close()
+        model.save_pretrained(self.out, state_dict=state_dict, safe_serialization=True)
+        self.layout = {name: (path, *slot) for path in sorted(self.out.glob("*.safetensors"))
+                       for name, slot in tensor_slots(path).items()}
+        for path in {entry[0] for entry in self.layout.values()}:
+            with open(path, "r+b") as f:
+                self.maps[path] = mmap.mmap(f.fileno(), 0)
+
+    def close(self) -> None:
+        for m in self.maps.values():
+            m.close()
+        self.maps, self.layout = {}, {}
