@@ -6,12 +6,16 @@ import re
 import traceback
 from pathlib import Path
 
+from hydra.errors import InstantiationException
+
 # A vLLM start error's root cause is the first `XxxError: ...` line of its log (the last lines
 # only say that the engine core failed).
 _CAUSE = re.compile(r"^(?:\(\w+ pid=\d+\) )?(?:ERROR [^\]]*\] )?\s*(\w+(?:Error|Exception): .*)$")
 
 
 def describe(exc: BaseException, run_dir: Path, width: int = 300) -> str:
+    if isinstance(exc, InstantiationException) and exc.__cause__ is not None:
+        exc = exc.__cause__  # Hydra's wrapper; the bridge's own error names the cause
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "error.txt").write_text("".join(traceback.format_exception(exc)))
     log = run_dir / "vllm.log"

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+from hydra.utils import instantiate
+
+from conftest import make_cfg
 from serving.server import VLLMStartError, start_hint
 from experiments.errors import describe
 
@@ -58,3 +62,11 @@ def test_only_the_last_start_counts_and_too_large_says_lower(tmp_path):
                    "startup is less than desired CPU memory utilization (0.9, 11.66 GiB).")
     assert "lower it" in start_hint(log)
     assert start_hint(tmp_path / "missing.log") == "" and start_hint(None) == ""
+
+
+def test_a_point_the_hardware_cannot_run_names_why(tmp_path):
+    """mode=shared in a sweep on separate GPUs: the bridge's own error, not Hydra's wrapper."""
+    with pytest.raises(Exception) as caught:
+        instantiate(make_cfg("mode=shared", "hardware=gpu_split").mode.bridge)
+    assert describe(caught.value, tmp_path).startswith("SharedWeightsError: mode=shared needs the trainer and "
+                                                       "vLLM on the same GPU")
