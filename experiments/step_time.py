@@ -2,6 +2,7 @@
 
     python -m experiments.step_time -m experiment=step_time                  # toy, ~28M, ~85M
     python -m experiments.step_time experiment=step_time bench.size=28m model.dtype=bfloat16
+    python -m experiments.step_time model=qwen2.5-0.5b-instruct hardware=gpu rollout.ignore_eos=true  # a real model
 
 Ours is built and stepped exactly as train.py does (`open_run`, `train_step`); its time split is
 the step's own `time_generate/score/train/sync` metrics. Then our server is stopped (or, when
@@ -56,13 +57,14 @@ class Ours:
 
     def __init__(self):
         self.pids: tuple[int, ...] = ()
-        self.threads = 0
+        self.threads = self.cpus = 0
 
     def __call__(self, cfg: DictConfig, run_dir: Path) -> dict:
         batch = cfg.train.prompts_per_step * cfg.train.group_size
         steps = []
         with open_run(cfg, run_dir) as run:
             self.pids, self.threads = tuple(server_pids(run.server)), torch.get_num_threads()
+            self.cpus = len(os.sched_getaffinity(0))  # the trainer's cores, if the run pins them
             for step in range(1, cfg.train.steps + 1):
                 with CpuMeter(self.pids) as cpu:
                     t = time.perf_counter()
@@ -75,7 +77,7 @@ class Ours:
                               "server_busy": cpu.busy, "others_busy": cpu.others})
             row = weight_columns(run.policy.model)
         timed = steps[cfg.bench.warmup:]
-        return {**row, **medians(steps, cfg.bench.warmup), "threads": self.threads,
+        return {**row, **medians(steps, cfg.bench.warmup), "threads": self.threads, "cpus": self.cpus,
                 "server_busy": statistics.median(s["server_busy"] for s in timed),
                 "others_busy": statistics.median(s["others_busy"] for s in timed)}
 
@@ -93,7 +95,7 @@ def measure_trl(cfg: DictConfig, run_dir: Path, ours: Ours) -> dict:
     finally:
         env.close()
     return {**weight_columns(model), **medians(steps, cfg.bench.warmup), "threads": torch.get_num_threads(),
-            "quiet_wait_s": waited, "server_busy": cpu.busy, "others_busy": cpu.others}
+            "cpus": len(os.sched_getaffinity(0)), "quiet_wait_s": waited, "server_busy": cpu.busy, "others_busy": cpu.others}
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
@@ -103,9 +105,9 @@ def main(cfg: DictConfig) -> list[dict]:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     # Every step of the run is either warm-up or timed (the last step syncs, as in training).
     cfg.train.steps = cfg.bench.warmup + cfg.bench.repeats
-    base = {"size": cfg.bench.size, **config_columns(cfg), "prompts": cfg.train.prompts_per_step,
+    base = {"size": cfg.bench.size if cfg.model.tiny is not None else cfg.model.path, **config_columns(cfg), "prompts": cfg.train.prompts_per_step,
             "group_size": cfg.train.group_size, "max_tokens": cfg.rollout.max_tokens, "dtype": cfg.model.dtype,
-            "mode": cfg.mode.name, "cpus": len(os.sched_getaffinity(0)), "run_dir": str(run_dir)}
+            "mode": cfg.mode.name, "run_dir": str(run_dir)}
     ours = Ours()
     rows = [measure_point(cfg, run_dir, {**base, "side": "ours"}, ours)]
     if cfg.bench.trl:
