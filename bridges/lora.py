@@ -1,4 +1,8 @@
-"""mode=lora: train PEFT adapters, hot-swap them into the running vLLM.
+"""mode=lora mode/lora_sync=adapter: hot-swap the trained PEFT adapter into the running vLLM.
+
+The other LoRA sync, and mode=lora's default, merges the adapter and reloads full weights
+(bridges/lora_merge.py): an adapter moves ~1000x fewer bytes, but vLLM then computes the LoRA
+path on every generated token, which on CPU made each step's generation several times slower.
 
 Each sync saves the adapter (a few MB even for large models) and calls
 `POST /v1/load_lora_adapter {"lora_name", "lora_path", "load_inplace": true}`: the first sync

@@ -1,6 +1,6 @@
-"""mode=lora against the real vLLM server: adapters hot-swap in place, vLLM then serves the
-trainer's PEFT model (max |dlogprob| over the probe <= 1e-3), saved adapters load with plain
-PEFT, and bad LoRA settings fail at start by name."""
+"""mode=lora's adapter sync (mode/lora_sync=adapter) against the real vLLM server: adapters
+hot-swap in place, vLLM then serves the trainer's PEFT model (max |dlogprob| over the probe
+<= 1e-3), saved adapters load with plain PEFT, and bad LoRA settings fail at start by name."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from bridges.lora import LoraBridge
 from conftest import PROBE_TOL as TOL
-from conftest import make_cfg
+from conftest import make_cfg, restore_pristine
 from grpo.config import LoraConfig
 from grpo.policy import Policy
 from serving.client import VLLMClient
@@ -52,6 +52,7 @@ def test_lora_hot_swap_serves_trainer_adapter_and_saves_peft_loadable(vllm_serve
     policy = lora_policy(tiny_model_path)
     bridge = LoraBridge(probe_tolerance=TOL)
     client = VLLMClient(vllm_server, "policy")
+    restore_pristine(vllm_server, tiny_model_path)  # the adapter goes on the base model's own weights
     bridge.setup(policy, vllm_server, client, tmp_path)
     bridge.ensure_synced()
     for step, seed in ((1, 1), (2, 2)):  # first sync loads, the second replaces in place
@@ -71,7 +72,7 @@ def test_lora_hot_swap_serves_trainer_adapter_and_saves_peft_loadable(vllm_serve
 
 
 def test_rank_above_server_max_fails_at_start(tmp_path):
-    cfg = make_cfg("mode=lora", "mode.lora.r=128", "mode.lora.max_lora_rank=64")
+    cfg = make_cfg("mode=lora", "mode/lora_sync=adapter", "mode.lora.r=128", "mode.lora.max_lora_rank=64")
     with pytest.raises(ValueError, match=r"mode.lora.r=128.*max-lora-rank"):
         with open_run(cfg, tmp_path):
             pass
