@@ -2,5 +2,6 @@
 
     python -m experiments.rollout_throughput -m experiment=rollout_throughput
     python -m experiments.sync_latency -m experiment=sync_latency
+    python -m experiments.step_time -m experiment=step_time          # our GRPO step vs TRL's (bench extra)
     python -m experiments.plot multirun/<sweep>/rollout_throughput.csv
 """
