@@ -58,7 +58,7 @@ def test_server_group_dies_with_its_parent(sig):
     parent.wait()
     gone_s = wait_gone(lifeline, timeout_s=15)
     assert not any(alive(p) for p in (lifeline, server, grandchild)), f"still alive after {gone_s:.1f}s"
-    assert gone_s < 3  # the sleeping "server" dies on the group's SIGTERM at once
+    assert gone_s < 5  # the sleeping "server" dies on the group's SIGTERM at once
 
 
 def test_stop_waits_for_the_server_and_returns_its_group(tmp_path):
@@ -67,7 +67,7 @@ def test_stop_waits_for_the_server_and_returns_its_group(tmp_path):
     server.command = lambda: [sys.executable, "-c", SERVER]
     server.wait_healthy = lambda: None
     server.start()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while len(group_members(server.proc.pid)) < 3 and time.monotonic() < deadline:
         time.sleep(0.05)
     members = group_members(server.proc.pid)
