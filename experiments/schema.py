@@ -38,6 +38,17 @@ class SyncBench:
 
 
 @dataclass
+class SyncGenerateBench:
+    """A sync and the generation after it (experiments/sync_generate.py); the workload is the
+    training keys' (train.prompts_per_step, train.group_size, rollout.max_tokens)."""
+
+    name: str = "sync_generate"
+    repeats: int = 5  # timed steps; figures are medians
+    warmup: int = 1  # untimed steps first (the first sync loads an adapter, vLLM warms up)
+    noise: float = 1e-3
+
+
+@dataclass
 class StepTimeBench:
     """One GRPO step, ours against TRL's GRPOTrainer, on one model size (`size`, a key of `sizes`:
     the preset maps it to model.tiny.* and hardware.gpu_memory_utilization)."""
