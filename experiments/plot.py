@@ -75,7 +75,8 @@ def plot_step_time(df: pd.DataFrame):
     workload; TRL/ours in the title (> 1: ours is faster)."""
     good = ok_rows(df).sort_values(["params_m", "max_tokens", "dtype"])
     points = list(dict.fromkeys(zip(good["size"], good["max_tokens"], good["dtype"])))
-    fig, axes = plt.subplots(1, max(len(points), 1), figsize=(3.2 * max(len(points), 1) + 1, 4.2), squeeze=False)
+    width = 3.2 * max(len(points), 1) + 1.8  # inches: the panels, then the legend on the right
+    fig, axes = plt.subplots(1, max(len(points), 1), figsize=(width, 4.4), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (size, tokens, dtype) in zip(axes[0], points):
         sub = good[(good["size"] == size) & (good["max_tokens"] == tokens) & (good["dtype"] == dtype)]
@@ -94,8 +95,8 @@ def plot_step_time(df: pd.DataFrame):
     axes[0][0].set_ylabel("seconds per step (median)")
     legend = dict(zip(*reversed(axes[0][0].get_legend_handles_labels())))  # label -> handle, once each
     fig.legend(legend.values(), legend.keys(), loc="upper right", fontsize=8)
-    fig.suptitle("GRPO step: ours (vLLM) vs TRL GRPOTrainer (HF generate)", fontsize=10, x=0.4)
-    fig.tight_layout(rect=(0, 0, 0.85, 1))
+    fig.suptitle("GRPO step: ours (vLLM) vs TRL (HF generate)", fontsize=10, x=0.02, ha="left")
+    fig.tight_layout(rect=(0, 0, 1 - 1.5 / width, 1))
     return fig
 
 
