@@ -174,17 +174,27 @@ def sync_weights(run: Run, step: int) -> dict:
     return {"sync_ms": stats.ms, "sync_bytes": stats.bytes, "probe_max_diff": stats.probe_max_diff}
 
 
+def score(run: Run, rollout: Rollout) -> None:
+    """The env's rewards [P, G]; one it could not give is NaN, never 0."""
+    rollout.rewards = reward_tensor(run.env.score(rollout.prompts, rollout.texts))
+
+
+def learn(run: Run, rollout: Rollout, step: int) -> tuple[Batch, dict]:
+    """Advantages from the scored rollout, then the GRPO update: the step's train phase."""
+    advantages = group_advantages(rollout.rewards, run.cfg.advantage.scale_rewards)  # [P, G]
+    batch = build_batch(rollout, advantages, run.policy.pad_id)
+    return batch, optimize(run, batch, step)
+
+
 def train_step(run: Run, step: int) -> dict:
     """One GRPO step: sample -> score -> advantages -> loss + optimizer step -> sync; its metrics."""
     cfg, timer = run.cfg, PhaseTimer()
     with timer("time_generate"):  # 1. vLLM samples group_size completions per prompt
         rollout = generate(run, step)
     with timer("time_score"):  # 2. rewards [P, G]; one the env could not give is NaN, never 0
-        rollout.rewards = reward_tensor(run.env.score(rollout.prompts, rollout.texts))
+        score(run, rollout)
     with timer("time_train"):  # 3. advantages [P, G], 4. loss + optimizer step
-        advantages = group_advantages(rollout.rewards, cfg.advantage.scale_rewards)
-        batch = build_batch(rollout, advantages, run.policy.pad_id)
-        loss_metrics = optimize(run, batch, step)
+        batch, loss_metrics = learn(run, rollout, step)
     with timer("time_sync"):  # 5. new weights -> vLLM
         sync = sync_weights(run, step)
     if step % cfg.log.samples_every == 0 or step == 1:

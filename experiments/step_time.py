@@ -12,7 +12,8 @@ group size, completion length, dtype and thread count with our env's reward
 `bench.warmup` untimed steps, then `bench.repeats` timed ones; rows give medians, generated
 tokens per step, the vLLM server's CPU use while each side ran (`server_busy`, cores), the load
 of everything else on the machine (`others_busy`), and `ratio` = TRL step / our step (> 1: ours
-is faster).
+is faster). Our row also re-times the train phase on one more rollout once vLLM is idle
+(`train_alone_s`), so `train_ratio` = in-run train / alone shows what contention still costs.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from experiments.quiet import CpuMeter, server_pids, wait_quiet
 from experiments.schema import StepTimeBench, use_schema
 from experiments.sizes import config_columns, weight_columns
 from experiments.trl_grpo import require_trl, trl_steps
-from train import model_path, open_run, train_step
+from train import generate, learn, model_path, open_run, score, train_step
 
 BENCH = StepTimeBench
 use_schema(BENCH)
@@ -75,11 +76,28 @@ class Ours:
                               "score_s": metrics["time_score"], "train_s": metrics["time_train"],
                               "sync_s": metrics["time_sync"], "tokens": round(metrics["completion_len"] * batch),
                               "server_busy": cpu.busy, "others_busy": cpu.others})
-            row = weight_columns(run.policy.model)
+            row = weight_columns(run.policy.model) | train_alone(run, cfg, self.pids)
         timed = steps[cfg.bench.warmup:]
+        row["train_ratio"] = statistics.median(s["train_s"] for s in timed) / row["train_alone_s"]
         return {**row, **medians(steps, cfg.bench.warmup), "threads": self.threads, "cpus": self.cpus,
                 "server_busy": statistics.median(s["server_busy"] for s in timed),
                 "others_busy": statistics.median(s["others_busy"] for s in timed)}
+
+
+def train_alone(run, cfg: DictConfig, pids: tuple[int, ...]) -> dict:
+    """The train phase re-timed on one more rollout once vLLM is idle: the same work with no
+    server competing for the cores. `train_ratio` = in-run `train_s` / this (target <= 1.2)."""
+    step = cfg.train.steps + 1
+    rollout = generate(run, step)
+    score(run, rollout)
+    wait_quiet(pids, cfg.bench.quiet_threshold, timeout_s=cfg.bench.quiet_timeout_s)
+    times = []
+    with CpuMeter(pids) as cpu:
+        for _ in range(cfg.bench.repeats):
+            t = time.perf_counter()
+            learn(run, rollout, step)
+            times.append(time.perf_counter() - t)
+    return {"train_alone_s": statistics.median(times), "alone_server_busy": cpu.busy}
 
 
 def measure_trl(cfg: DictConfig, run_dir: Path, ours: Ours) -> dict:
