@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from transformers import AutoModelForCausalLM
 
 from bridges.lora import LoraBridge
-from bridges.lora_merge import MergedLoraBridge, merged_state_dict
+from bridges.lora_merge import MergedLora, MergedLoraBridge, merged_state_dict
 from conftest import PROBE_TOL as TOL
 from conftest import make_cfg, restore_pristine
 from grpo.config import LoraConfig
@@ -47,6 +47,17 @@ def test_merged_state_dict_is_peft_merge_and_unload(any_tiny_path):
     for key, value in policy.model.state_dict().items():
         assert torch.equal(value, before[key]), key
     assert policy.probe_logprobs(probe) == adapted
+
+
+def test_kept_buffers_follow_the_adapter(tiny_model_path):
+    policy = Policy(tiny_model_path, lora=LoraConfig())
+    merger = MergedLora(policy.model)
+    for seed in (1, 2):  # the second merge reuses the first one's buffers
+        bump_adapter(policy, seed)
+        merged = merger.state_dict()
+        expected = copy.deepcopy(policy.model).merge_and_unload().state_dict()
+        for key in expected:
+            torch.testing.assert_close(merged[key], expected[key], atol=0, rtol=0, msg=key)
 
 
 def test_merged_weights_compute_the_adapters_logprobs(tiny_model_path):
