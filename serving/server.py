@@ -197,6 +197,9 @@ class VLLMServer:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc = None
             return
+        # Our pooled keep-alive connections would hold vLLM's HTTP server in "Waiting for
+        # connections to close" until the timeout below (measured: 30 s, then SIGKILL).
+        self.session.close()
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(timeout=30)
