@@ -3,7 +3,7 @@
 TRL's way with LoRA: the adapter is merged into the base weights and the full model goes through
 the reload path (ReloadBridge: safetensors -> `reload_weights` -> `/reset_prefix_cache`), so
 vLLM runs without `--enable-lora` and generates at base-model speed. Measured on CPU (tiny model,
-`python -m experiments.sync_generate`), a served adapter made each step's generation 3.5-6.5x
+`python -m experiments.sync_generate`), a served adapter made each step's generation 3.5-18x
 slower, which costs far more than writing the full weights. The trainer's model is never merged
 in place (merging and unmerging in float drifts W): the merged tensors are computed beside it.
 The probe therefore compares vLLM with the trainer's adapter-enabled logprobs; the KL reference
