@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from experiments.errors import record_point
+from experiments.noise import perturb
 from experiments.quiet import server_pids, wait_quiet
 from experiments.schema import SyncGenerateBench, use_schema
 from experiments.sizes import config_columns, weight_columns
@@ -32,13 +32,6 @@ from train import Run, open_run, rollout_seed
 
 BENCH = SyncGenerateBench
 use_schema(BENCH)
-
-
-@torch.no_grad()
-def perturb(run: Run, noise: float) -> None:
-    with run.bridge.step_context():  # bridges that share memory with vLLM pause it here
-        for p in run.policy.trainable_parameters():
-            p.add_(torch.randn_like(p), alpha=noise)
 
 
 def timed_step(run: Run, step: int) -> dict:

@@ -14,24 +14,17 @@ import statistics
 from pathlib import Path
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from experiments.errors import record_point
+from experiments.noise import perturb
 from experiments.schema import SyncBench, use_schema
 from experiments.sizes import config_columns, weight_columns
-from train import Run, open_run
+from train import open_run
 
 BENCH = SyncBench
 use_schema(BENCH)
-
-
-@torch.no_grad()
-def perturb(run: Run, noise: float) -> None:
-    with run.bridge.step_context():  # bridges that share memory with vLLM pause it here
-        for p in run.policy.trainable_parameters():
-            p.add_(torch.randn_like(p), alpha=noise)
 
 
 def measure(cfg: DictConfig, run_dir: Path) -> dict:

@@ -24,17 +24,15 @@ from vllm.engine.arg_utils import EngineArgs
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 
 from bridges.broadcast_nccl import NcclBroadcastBridge, ServerSyncClient, open_engine, trainer_init_info
-from vllm_routes import RecordingEngine, serve_routes
+from vllm_routes import running_routes
 
 BUCKET = 64 * 2**20
 
 
 @pytest.fixture
 def routes():
-    engine = RecordingEngine(world_size=3)
-    server, stop = serve_routes(engine)
-    yield server, engine
-    stop()
+    with running_routes(world_size=3) as served:
+        yield served
 
 
 class FakeCommunicator:

@@ -22,15 +22,13 @@ from vllm.v1.worker.gpu_worker import Worker
 
 from bridges.broadcast_gloo import join_request, receive_request
 from bridges.vllm_worker import WorkerExtension, weight_group_rank
-from vllm_routes import RecordingEngine, serve_routes
+from vllm_routes import running_routes
 
 
 @pytest.fixture
 def routes():
-    engine = RecordingEngine(world_size=4)
-    server, stop = serve_routes(engine)
-    yield server, engine
-    stop()
+    with running_routes(world_size=4) as served:
+        yield served
 
 
 def binds(method, kwargs: dict) -> None:

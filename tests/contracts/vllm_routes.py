@@ -5,6 +5,7 @@ models, so a renamed route or body field fails here, on CPU."""
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -73,3 +74,15 @@ def serve_routes(engine: RecordingEngine):
 
     attached = VLLMServer("contract", args=[], env={}, log_path=Path("/dev/null"), base_url=f"http://127.0.0.1:{port}")
     return attached, stop
+
+
+@contextmanager
+def running_routes(world_size: int):
+    """(attached VLLMServer, RecordingEngine) of vLLM's real routes over an engine with
+    `world_size` workers; stopped on leaving."""
+    engine = RecordingEngine(world_size=world_size)
+    server, stop = serve_routes(engine)
+    try:
+        yield server, engine
+    finally:
+        stop()
