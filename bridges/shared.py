@@ -97,6 +97,7 @@ class SharedBridge(VerifiedBridge):
         self.pause_ms = 0.0
         self.served: dict[str, torch.Tensor] = {}
         self.worker: dict = {}
+        self.files_record = None  # the worker's record of its /dev/shm files, when we own the server
 
     def server_args(self) -> list[str]:
         # vLLM's compiled CPU graph bakes in its packed GEMM kernels: only eager execution
@@ -124,7 +125,9 @@ class SharedBridge(VerifiedBridge):
                       server: VLLMServer) -> torch.nn.Module:
         results = server.post("/collective_rpc", {"method": "export_shared_weights"})["results"]
         self.worker = results[0]
-        self.owns_files = not server.external  # our server: its files end with our run
+        # Our server: its files end with our run. The record is named now, while its worker lives:
+        # its name holds the worker's start time, unknowable once the worker is gone.
+        self.files_record = manifest_path(self.worker["pid"]) if not server.external else None
         check_worker(self.worker, len(results), device)
         local = device.index if device.type == "cuda" else None
         self.served = {name: attach_tensor(h, local) for name, h in self.worker["params"].items()}
@@ -168,5 +171,5 @@ class SharedBridge(VerifiedBridge):
         """The shared-memory files of a server we started go now (both sides keep their mappings
         until they exit): vLLM's shutdown SIGKILLs its workers and torch's shm manager, so nothing
         on its side removes them. An attached server keeps its files for the next trainer."""
-        if self.worker.get("pid") and getattr(self, "owns_files", False):
-            release_segments(manifest_path(self.worker["pid"]))
+        if self.files_record is not None:
+            release_segments(self.files_record)
