@@ -8,7 +8,7 @@ trainer does right after generation, the step's whole train phase, runs on a con
 
 Spinning is what keeps decoding fast: between two decode steps of one request the next message
 arrives within about a millisecond. So the worker still spins for `GRPO_VLLM_SPIN_MS` (default
-20 ms) after a read; past that it polls the same flag with `GRPO_VLLM_NAP_MS` (1 ms) naps until
+20 ms) after a read; past that it polls the same flag with `GRPO_VLLM_NAP_MS` (5 ms) naps until
 vLLM's own idle timeout, then parks on vLLM's notify socket as before. Nothing else changes: the
 flag vLLM's writer sets is the one read, and the notify path is vLLM's. `GRPO_VLLM_QUIET=0`
 turns it off (the A/B switch of experiments/step_time.py).
@@ -25,7 +25,7 @@ import time
 from vllm.distributed.device_communicators import shm_broadcast
 
 SPIN_S = float(os.environ.get("GRPO_VLLM_SPIN_MS", "20")) / 1e3
-NAP_S = float(os.environ.get("GRPO_VLLM_NAP_MS", "1")) / 1e3
+NAP_S = float(os.environ.get("GRPO_VLLM_NAP_MS", "5")) / 1e3
 
 _vllm_wait = shm_broadcast.SpinCondition.wait
 

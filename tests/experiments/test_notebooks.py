@@ -52,9 +52,10 @@ def test_sweep_rows(sweep_dir):
     # Token counts are real: at most prompts x group x max_tokens, and most completions run long.
     assert (tp1["vllm_tokens"] <= 4 * tp1["group_size"] * 16).all() and (tp1["vllm_tokens"] > 4 * tp1["group_size"] * 8).all()
     assert (tp1["speedup"] > 0).all() and (tp1["vllm_latency_ms"] > 0).all()
-    # The HF baseline ran while the server it started was idle (vLLM-CPU spins a core ~1 s after
-    # each request; timed right after one, HF would share the machine with that spin).
-    assert (tp1["hf_server_busy"] < 0.05).all(), tp1["hf_server_busy"].tolist()
+    # The HF baseline ran while the server it started was idle: a spinning vLLM worker reads ~1
+    # core; ours naps in 5 ms steps for up to 1 s after a request (serving/quiet_worker.py), which
+    # reads 0.01-0.15 cores on a loaded 2-core machine.
+    assert (tp1["hf_server_busy"] < 0.25).all(), tp1["hf_server_busy"].tolist()
     sync = pd.read_csv(sweep_dir / "sync_latency.csv")
     assert sync["mode"].tolist() == ["reload"] and sync["error"].isna().all()
     assert 0 < sync["sync_ms_min"][0] <= sync["sync_ms"][0] <= sync["sync_ms_max"][0]

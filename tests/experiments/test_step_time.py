@@ -29,13 +29,14 @@ def test_both_sides_time_the_same_work(attach, tmp_path):
         assert side["step_s"] > 0 and side["generate_s"] > 0 and side["train_s"] > 0 and side["score_s"] >= 0
         assert side["gen_tokens_per_s"] > side["step_tokens_per_s"] > 0
     assert ours["sync_s"] > 0 and trl["sync_s"] == 0  # TRL moves no weights
-    # Our train phase re-timed with vLLM idle: the server used ~no CPU meanwhile.
-    assert ours["train_alone_s"] > 0 and ours["alone_server_busy"] < 0.05
+    # Our train phase re-timed with vLLM idle: the server used no core meanwhile (a spinning worker
+    # reads ~1; a napping one up to ~0.15 on a loaded machine).
+    assert ours["train_alone_s"] > 0 and ours["alone_server_busy"] < 0.25
     assert ours["train_ratio"] == pytest.approx(ours["train_s"] / ours["train_alone_s"])
     assert ours["params_m"] == trl["params_m"] and ours["threads"] == trl["threads"] and trl["dtype"] == "float32"
     assert rows["ratio"].tolist() == pytest.approx([trl["step_s"] / ours["step_s"]] * 2)
     # TRL ran while our vLLM server was idle: it waited for the spin to stop, then the server used ~no CPU.
-    assert trl["server_busy"] < 0.05 and trl["quiet_wait_s"] > 0
+    assert trl["server_busy"] < 0.25 and trl["quiet_wait_s"] > 0
     assert (tmp_path / "step_time.png").stat().st_size > 10_000
 
 
