@@ -93,13 +93,15 @@ def segment_name(handle: dict) -> str | None:
 
 
 def process_start(pid: int) -> str | None:
-    """Start time of `pid` in clock ticks since boot (None: no such process): with the pid it
-    names one process, even after the pid is reused."""
+    """Start time of `pid` in clock ticks since boot (None: no such process, or a dead one not yet
+    reaped: a killed vLLM worker whose parents are gone stays a zombie until init reaps it): with
+    the pid it names one process, even after the pid is reused."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[19]
-    except (OSError, IndexError):
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
         return None
+    return None if len(fields) < 20 or fields[0] in ("Z", "X") else fields[19]
 
 
 def manifest_path(pid: int) -> Path:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 
 from bridges.shared_memory import SHM, owned_dir
 from grpo import REPO_ROOT
@@ -21,3 +23,17 @@ def test_stale_dirs_are_removed_and_a_clean_exit_removes_its_own():
     made = child.stdout.strip()
     assert made.startswith(str(SHM / "grpo-test-")) and not (SHM / made).exists()
     assert mine.is_dir()  # ours: our process is alive
+
+
+def test_an_exited_but_unreaped_owner_counts_as_gone():
+    """A killed vLLM worker stays a zombie until someone reaps it; its files are stale already."""
+    from bridges.shared_memory import process_start
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while open(f"/proc/{child.pid}/stat").read().rpartition(")")[2].split()[0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert process_start(child.pid) is None  # exited, not yet reaped
+    assert process_start(os.getpid()) is not None
+    child.wait()
