@@ -104,8 +104,20 @@ def process_start(pid: int) -> str | None:
     return None if len(fields) < 20 or fields[0] in ("Z", "X") else fields[19]
 
 
+def owner_tag(pid: int) -> str:
+    """`<pid>-<start time>`: names a process's /dev/shm entries so a later start can tell whether
+    their owner is gone (`owner_gone`)."""
+    return f"{pid}-{process_start(pid)}"
+
+
+def owner_gone(tag: str) -> bool:
+    """Whether the process an `owner_tag` (possibly followed by `-<more>`) named has exited."""
+    pid, start = tag.split("-")[:2]
+    return process_start(int(pid)) != start
+
+
 def manifest_path(pid: int) -> Path:
-    return SHM / f"grpo-segments-{pid}-{process_start(pid)}.json"
+    return SHM / f"grpo-segments-{owner_tag(pid)}.json"
 
 
 def remove_files(names: Iterable[str]) -> int:
@@ -150,8 +162,7 @@ def remove_stale() -> int:
     """Remove the files of every manifest whose owner process is gone; returns how many."""
     removed = 0
     for manifest in SHM.glob("grpo-segments-*.json"):
-        _, _, pid, start = manifest.stem.split("-", 3)
-        if process_start(int(pid)) != start:
+        if owner_gone(manifest.stem.removeprefix("grpo-segments-")):
             removed += release_segments(manifest)
     return removed
 
@@ -162,10 +173,9 @@ def owned_dir(prefix: str) -> Path:
     first. Its user removes it when done, or else this process's exit does (a killed process leaves it
     to the next call)."""
     for stale in SHM.glob(f"{prefix}-*"):
-        pid, start, _ = stale.name[len(prefix) + 1:].split("-")
-        if process_start(int(pid)) != start:
+        if owner_gone(stale.name[len(prefix) + 1:]):
             shutil.rmtree(stale, ignore_errors=True)
-    out = SHM / f"{prefix}-{os.getpid()}-{process_start(os.getpid())}-{uuid.uuid4().hex[:8]}"
+    out = SHM / f"{prefix}-{owner_tag(os.getpid())}-{uuid.uuid4().hex[:8]}"
     out.mkdir()
     atexit.register(shutil.rmtree, out, ignore_errors=True)
     return out
