@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from bridges.base import Bridge
 from envs.base import Env
 from grpo import checkpoint
-from grpo.advantages import group_advantages, reward_tensor
+from grpo.advantages import group_advantages
 from grpo.batch import Batch, Rollout, build_batch
 from grpo.config import register_configs, validate
 from grpo.logger import PhaseTimer, RunLogger
@@ -175,8 +175,8 @@ def sync_weights(run: Run, step: int) -> dict:
 
 
 def score(run: Run, rollout: Rollout) -> None:
-    """The env's rewards [P, G]; one it could not give is NaN, never 0."""
-    rollout.rewards = reward_tensor(run.env.score(rollout.prompts, rollout.texts))
+    """The env's reward components and their weighted sum, each [P, G]; one it could not give is NaN, never 0."""
+    rollout.set_scores(run.env.score(rollout.prompts, rollout.texts), run.env.reward_weights)
 
 
 def learn(run: Run, rollout: Rollout, step: int) -> tuple[Batch, dict]:

@@ -1,12 +1,19 @@
-"""The Env protocol: where prompts come from and how completions are scored."""
+"""The Env protocol: where prompts come from, how completions are scored, and what a held-out
+evaluation asks of an env.
+
+A score is a dict of named reward components per completion (GSM8K: `correct`, `format`); the
+reward GRPO trains on is their weighted sum (`RewardWeights`, weights from `env.reward_weights`),
+and every component is logged on its own, so a run shows which part of the reward moves.
+"""
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol, Sequence, TypeVar
+from typing import Iterator, Mapping, Optional, Protocol, Sequence, TypeVar
 
 T = TypeVar("T")
+Scores = list[list[dict[str, Optional[float]]]]  # [P][G] {component: value, None where not given}
 
 
 @dataclass
@@ -16,12 +23,51 @@ class Prompt:
     meta: dict = field(default_factory=dict)
 
 
+class RewardWeights:
+    """An env's reward components and their weights; the reward is the weighted sum.
+
+    `defaults` names every component the env produces with its default weight; `overrides` (the
+    config's `env.reward_weights`) may reweight them but not invent one: a name the env does not
+    produce fails here, at start, naming its key.
+    """
+
+    def __init__(self, defaults: Mapping[str, float], overrides: Optional[Mapping[str, float]] = None):
+        overrides = dict(overrides or {})
+        for name in overrides:
+            if name not in defaults:
+                raise ValueError(f"env.reward_weights.{name}: this env has no reward component {name!r} "
+                                 f"(it produces {sorted(defaults)})")
+        self.weights = {**defaults, **overrides}
+        if not any(self.weights.values()):
+            raise ValueError(f"env.reward_weights={self.weights}: every weight is 0, nothing to train on")
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.weights)
+
+    def total(self, components: Mapping[str, T]) -> T:
+        """Weighted sum of the components (floats or [P, G] tensors); a 0-weight one is left out,
+        so a component the env could not give (NaN) spoils the total only if it counts."""
+        return sum(w * components[name] for name, w in self.weights.items() if w)
+
+
 class Env(Protocol):
+    reward_weights: RewardWeights  # the components score() returns, and their weights
+
     def sample(self, n: int) -> list[Prompt]:
         """The next n prompts; deterministic given the seed; advances the cursor."""
 
-    def score(self, prompts: list[Prompt], completions: list[list[str]]) -> list[list[float]]:
-        """One list of rewards per prompt (its group of completions)."""
+    def eval_prompts(self, split: str, n: int) -> list[Prompt]:
+        """The first n prompts of held-out `split` (fixed, whatever the cursor), none of them a
+        training prompt. An unknown split, or one with fewer than n prompts, fails naming
+        `eval.split` / `eval.num_prompts`."""
+
+    def score(self, prompts: list[Prompt], completions: list[list[str]]) -> Scores:
+        """Per prompt, per completion of its group: {component: value} for every name in
+        `reward_weights` (None where the env cannot give it, never a silent 0)."""
+
+    def success(self, components: Mapping[str, Optional[float]]) -> bool:
+        """Whether one completion solved its prompt (what pass@k counts)."""
 
     def corpus(self) -> Iterator[str]:
         """Text the tiny model's tokenizer is trained on."""
@@ -84,3 +130,10 @@ class PromptListEnv:
 
     def close(self) -> None:
         pass
+
+
+def held_out(prompts: Sequence[Prompt], n: int, split: str) -> list[Prompt]:
+    """The first n prompts of an eval split, or an error naming the key that asked for too many."""
+    if n > len(prompts):
+        raise ValueError(f"eval.num_prompts={n}: eval.split={split!r} has only {len(prompts)} prompts")
+    return list(prompts[:n])

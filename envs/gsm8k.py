@@ -2,21 +2,39 @@
 
 `source` is a local directory holding `{split}.jsonl`, a `.jsonl` file, or a hub dataset id
 (`openai/gsm8k`): the same config serves offline tests and real users.
+
+Reward components: `correct` (math-verify finds the gold answer) and `format` (the completion
+gives its answer in a form a grader can find: ending in the dataset's `#### <number>`, or a
+`\\boxed{...}` answer). `format` is within a tiny model's reach where `correct` is not, so a CPU run
+has something to learn while `correct` is reported as it is. Eval splits are the source's other
+files (`test`); a question that is also a training question is dropped from them.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Mapping, Optional
 
-from envs.base import Prompt, PromptListEnv, PromptSampler
+from envs.base import Prompt, PromptListEnv, PromptSampler, RewardWeights, Scores, held_out
 from envs.verifier import MathVerifier
 from grpo import REPO_ROOT
 
 SYSTEM = (
     "Solve the problem step by step, then give the final answer as a number in \\boxed{}."
 )
+
+
+# Default weights: correctness is the goal; format a small shaping term, small enough that a run
+# never prefers a well-formed wrong answer to a correct one.
+REWARD_WEIGHTS = {"correct": 1.0, "format": 0.1}
+ANSWER_FORM = re.compile(r"####\s*[-+]?[\d,]*\.?\d+\s*$|\\boxed\{\s*[^{}\s][^{}]*\}")
+
+
+def answer_format(completion: str) -> float:
+    """1.0 if the completion ends in `#### <number>` or has a non-empty `\\boxed{...}`, else 0.0."""
+    return float(ANSWER_FORM.search(completion) is not None)
 
 
 class BadDataError(ValueError):
@@ -63,21 +81,23 @@ class GSM8KEnv(PromptListEnv):
         timeout_s: float = 5.0,
         max_examples: Optional[int] = None,
         on_bad_line: str = "skip",
+        reward_weights: Optional[Mapping[str, float]] = None,
     ):
         if on_bad_line not in ("skip", "error"):
             raise ValueError(f"env.on_bad_line={on_bad_line!r} is not one of ['skip', 'error']")
+        self.source, self.split, self.on_bad_line, self.system_prompt = source, split, on_bad_line, system_prompt
+        self.reward_weights = RewardWeights(REWARD_WEIGHTS, reward_weights)
         self.records, self.bad_lines = self._load(source, split, on_bad_line)
         if max_examples is not None:
             self.records = self.records[:max_examples]
-        self.prompts = [
-            Prompt(
-                messages=[{"role": "system", "content": system_prompt}, {"role": "user", "content": r["question"]}],
-                answer=gold_answer(r["answer"]),
-            )
-            for r in self.records
-        ]
+        self.prompts = [self._prompt(r) for r in self.records]
         self.sampler = PromptSampler(self.prompts, seed)
         self.verifier = MathVerifier(num_workers, timeout_s)
+
+    def _prompt(self, record: dict) -> Prompt:
+        return Prompt(messages=[{"role": "system", "content": self.system_prompt},
+                                {"role": "user", "content": record["question"]}],
+                      answer=gold_answer(record["answer"]))
 
     @staticmethod
     def _load(source: str, split: str, on_bad_line: str) -> tuple[list[dict], int]:
@@ -94,13 +114,26 @@ class GSM8KEnv(PromptListEnv):
 
         return [dict(r) for r in load_dataset(source, "main", split=split)], 0
 
-    def score(self, prompts: list[Prompt], completions: list[list[str]]) -> list[list[float]]:
+    def eval_prompts(self, split: str, n: int) -> list[Prompt]:
+        if split == self.split:
+            raise ValueError(f"eval.split={split!r} is the training split (env.split); evaluate on another, e.g. 'test'")
+        try:
+            records, _ = self._load(self.source, split, self.on_bad_line)
+        except (FileNotFoundError, ValueError) as exc:  # ValueError: a hub dataset without that split
+            raise type(exc)(f"eval.split={split!r}: {exc}") from exc
+        trained = {r["question"] for r in self.records}
+        return held_out([self._prompt(r) for r in records if r["question"] not in trained], n, split)
+
+    def score(self, prompts: list[Prompt], completions: list[list[str]]) -> Scores:
         """All completions of all prompts go to the verifier in one call, so they run in parallel."""
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completion groups")
         pairs = [(c, p.answer) for p, group in zip(prompts, completions) for c in group]
         flat = iter(self.verifier.score(pairs))
-        return [[next(flat) for _ in group] for group in completions]
+        return [[{"correct": next(flat), "format": answer_format(c)} for c in group] for group in completions]
+
+    def success(self, components: Mapping[str, Optional[float]]) -> bool:
+        return components["correct"] == 1.0
 
     def corpus(self) -> Iterator[str]:
         for r in self.records:

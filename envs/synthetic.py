@@ -7,17 +7,22 @@ share of digit characters in the tokenizer's vocabulary: 0.08 for the default ti
 exist; the reward is dense (every digit character counts), so group-relative advantages point at
 "more digit tokens" from the first step and GRPO climbs towards 1.0. `answer` (k+1) is kept for the
 samples log only.
+
+One reward component, `digits` (the fraction above). Eval split `test`: prompts whose start number
+k no training prompt has, so a pass counts digits produced for numbers never trained on; a
+completion passes when it is all digits (`digits` == 1).
 """
 
 from __future__ import annotations
 
 import random
-from typing import Iterator
+from typing import Iterator, Mapping, Optional
 
-from envs.base import Prompt, PromptListEnv, PromptSampler
+from envs.base import Prompt, PromptListEnv, PromptSampler, RewardWeights, Scores, held_out
 
 PHRASES = ("Count on from {k}:", "Continue counting from {k}:", "Next numbers after {k}:", "Count up from {k}:")
 SYSTEM = "Answer with digits only."
+NUMBERS = 1000  # start numbers k are drawn from range(NUMBERS); those never drawn are held out
 
 
 def digit_fraction(text: str) -> float:
@@ -26,23 +31,37 @@ def digit_fraction(text: str) -> float:
     return sum(c in "0123456789" for c in chars) / len(chars) if chars else 0.0
 
 
+def _prompt(k: int, rng: random.Random, system_prompt: str) -> Prompt:
+    return Prompt(messages=[{"role": "system", "content": system_prompt},
+                            {"role": "user", "content": rng.choice(PHRASES).format(k=k)}],
+                  answer=str(k + 1), meta={"k": k})
+
+
 class DigitsEnv(PromptListEnv):
-    def __init__(self, seed: int = 0, num_prompts: int = 512, system_prompt: str = SYSTEM):
+    def __init__(self, seed: int = 0, num_prompts: int = 512, system_prompt: str = SYSTEM,
+                 reward_weights: Optional[Mapping[str, float]] = None):
         rng = random.Random(seed)
         self.system_prompt = system_prompt
-        self.prompts = [
-            Prompt(
-                messages=[{"role": "system", "content": system_prompt},
-                          {"role": "user", "content": rng.choice(PHRASES).format(k=k)}],
-                answer=str(k + 1),
-                meta={"k": k},
-            )
-            for k in (rng.randrange(1000) for _ in range(num_prompts))
-        ]
+        self.prompts = [_prompt(k, rng, system_prompt) for k in (rng.randrange(NUMBERS) for _ in range(num_prompts))]
         self.sampler = PromptSampler(self.prompts, seed)
+        trained = {p.meta["k"] for p in self.prompts}
+        unseen = [k for k in range(NUMBERS) if k not in trained]
+        eval_rng = random.Random(f"digits-test-{seed}")
+        eval_rng.shuffle(unseen)
+        self.test_prompts = [_prompt(k, eval_rng, system_prompt) for k in unseen]
+        self.reward_weights = RewardWeights({"digits": 1.0}, reward_weights)
 
-    def score(self, prompts: list[Prompt], completions: list[list[str]]) -> list[list[float]]:
-        return [[digit_fraction(c) for c in group] for group in completions]
+    def eval_prompts(self, split: str, n: int) -> list[Prompt]:
+        if split != "test":
+            raise ValueError(f"eval.split={split!r}: Digits has one held-out split, 'test' "
+                             "(start numbers no training prompt has)")
+        return held_out(self.test_prompts, n, split)
+
+    def score(self, prompts: list[Prompt], completions: list[list[str]]) -> Scores:
+        return [[{"digits": digit_fraction(c)} for c in group] for group in completions]
+
+    def success(self, components: Mapping[str, Optional[float]]) -> bool:
+        return components["digits"] == 1.0
 
     def corpus(self) -> Iterator[str]:
         for p in self.prompts:

@@ -65,7 +65,8 @@ def env_reward(env: Env, prompts: list[Prompt]):
 
     def reward(completions, index, **_) -> list[float]:
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        return [r for (r,) in env.score([prompts[i] for i in index], [[t] for t in texts])]
+        scores = env.score([prompts[i] for i in index], [[t] for t in texts])
+        return [env.reward_weights.total(components) for (components,) in scores]
 
     reward.__name__ = type(env).__name__  # TRL logs each reward under its function's name
     return reward

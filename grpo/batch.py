@@ -7,12 +7,13 @@ logits of every row are the slice [P-1 : P+C-1] and need no per-row gather.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Iterator, Optional
 
 import torch
 
-from envs.base import Prompt
+from envs.base import Prompt, RewardWeights, Scores
+from grpo.advantages import reward_tensor
 from serving.client import Completion
 
 
@@ -24,16 +25,25 @@ class Rollout:
     prompt_ids: list[list[int]]  # [P][prompt tokens]: chat template applied, what vLLM was sent
     groups: list[list[Completion]]  # [P][G]: sampled token ids + vLLM's logprob of each
     rewards: Optional[torch.Tensor] = None  # [P, G] float32 once scored; NaN where the env gave none
+    components: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [P, G], NaN where not given
 
     @property
     def texts(self) -> list[list[str]]:  # [P][G]
         return [[c.text for c in group] for group in self.groups]
 
+    def set_scores(self, scores: Scores, weights: RewardWeights) -> None:
+        """The env's scores as one [P, G] tensor per component, and `rewards` their weighted sum."""
+        self.components = {name: reward_tensor([[s[name] for s in group] for group in scores])
+                           for name in weights.names}
+        self.rewards = weights.total(self.components)
+
     def reward_metrics(self) -> dict:
-        """Mean and std over the rewards the env gave; `reward_nan` counts those it could not."""
+        """Mean and std over the rewards the env gave; `reward_nan` counts those it could not;
+        `reward/<name>` the mean of each component (over the values given)."""
         given = self.rewards[~self.rewards.isnan()]
         return {"reward_mean": given.mean().item(), "reward_std": given.std().item(),
-                "reward_nan": self.rewards.numel() - given.numel()}
+                "reward_nan": self.rewards.numel() - given.numel(),
+                **{f"reward/{name}": values.nanmean().item() for name, values in self.components.items()}}
 
 
 @dataclass

@@ -74,12 +74,14 @@ def test_run_at_temperature_0_7_keeps_trainer_and_vllm_logprobs_together(attach,
 
 def test_a_missing_reward_is_left_out_and_counted_never_a_zero(tmp_path, tiny_model_path):
     run = serverless_run(tmp_path, tiny_model_path, make_cfg(*QUIET))  # 2 prompts x 4 samples
-    run.env.score = lambda prompts, completions: [[1.0, None, 0.0, math.nan], [None] * 4]
+    given = [[1.0, None, 0.0, math.nan], [None] * 4]
+    run.env.score = lambda prompts, completions: [[{"digits": r} for r in g] for g in given]
     metrics = train_step(run, 1)
     run.logger.close()
     assert metrics["reward_nan"] == 6
     assert metrics["reward_mean"] == 0.5  # of the two given, not (1 + 0 + 0 * 6) / 8
     assert metrics["reward_std"] == pytest.approx(math.sqrt(0.5))
+    assert metrics["reward/digits"] == 0.5  # the component's mean, over the values given too
     assert metrics["skipped_updates"] == 0 and math.isfinite(metrics["loss"])
     rewards = [s["reward"] for s in read_jsonl(tmp_path / "samples.jsonl")]
     assert rewards == [1.0, "nan", 0.0, "nan"] + ["nan"] * 4  # samples.jsonl says which were missing

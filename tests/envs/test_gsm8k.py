@@ -48,7 +48,11 @@ def test_score_groups(env):
         ["48 + 24 = 72, so she sold \\boxed{72} clips.", "\\boxed{71}", "The answer is 72", "The answer is 18"],
         ["She earned $\\boxed{10}$.", ""],
     ]
-    assert env.score([p, q], completions) == [[1.0, 0.0, 1.0, 0.0], [1.0, 0.0]]
+    scores = env.score([p, q], completions)
+    assert [[s["correct"] for s in g] for g in scores] == [[1.0, 0.0, 1.0, 0.0], [1.0, 0.0]]
+    assert [[s["format"] for s in g] for g in scores] == [[1.0, 1.0, 0.0, 0.0], [1.0, 0.0]]
+    assert [[env.reward_weights.total(s) for s in g] for g in scores] == [[1.1, 0.1, 1.0, 0.0], [1.1, 0.0]]
+    assert [env.success(s) for s in scores[0]] == [True, False, True, False]
     with pytest.raises(ValueError):
         env.score([p], completions)
 

@@ -16,7 +16,9 @@ def test_digit_fraction(text, reward):
 def test_score_is_per_group():
     env = DigitsEnv(seed=0)
     prompts = env.sample(2)
-    assert env.score(prompts, [["123", "12ab"], ["", " 1 2 ", "x"]]) == [[1.0, 0.5], [0.0, 1.0, 0.0]]
+    scores = env.score(prompts, [["123", "12ab"], ["", " 1 2 ", "x"]])
+    assert scores == [[{"digits": 1.0}, {"digits": 0.5}], [{"digits": 0.0}, {"digits": 1.0}, {"digits": 0.0}]]
+    assert [env.success(s) for g in scores for s in g] == [True, False, False, True, False]
 
 
 def test_prompts_are_chat_messages_with_next_number_as_answer():
