@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 
 from bridges.base import Bridge
 from envs.base import Env
-from grpo import checkpoint
+from grpo import checkpoint, final
 from grpo.advantages import group_advantages
 from grpo.batch import Batch, Rollout, build_batch
 from grpo.config import register_configs, validate
@@ -118,7 +118,7 @@ def rollout_seed(cfg: DictConfig, step: int) -> int:
 def optimize(run: Run, batch: Batch, step: int) -> dict:
     """GRPO update on one batch of rollouts: `train.num_iterations` passes of micro-batched
     gradient accumulation, one optimizer step each, then one scheduler step. Returns averaged
-    loss metrics and the lr the step used."""
+    loss metrics, the policy's mean entropy on the sampled tokens and the lr the step used."""
     policy, loss, size, passes = run.policy, run.loss, run.cfg.train.micro_batch_size, run.cfg.train.num_iterations
     num_items = batch.completion_mask.sum()
     lr = run.optimizer.param_groups[0]["lr"]
@@ -127,16 +127,18 @@ def optimize(run: Run, batch: Batch, step: int) -> dict:
             if loss.needs_reference else None
         # With several passes, the ratio must be taken against the rollout-time policy.
         batch.old_logp = torch.cat([policy.logprobs(m) for m in batch.micro_batches(size)]) if passes > 1 else None
-    totals: dict[str, float] = {}
+    totals: dict[str, float] = {"entropy": 0.0}
     skipped = 0
     for _ in range(passes):
         run.optimizer.zero_grad(set_to_none=True)
         for micro in batch.micro_batches(size):
-            logp = policy.logprobs(micro)
+            logp, entropy = policy.logprobs_and_entropy(micro)  # entropy [b, C]: no grad, same logits
+            # Mean policy entropy over the sampled tokens: a collapsing policy shows here first.
+            mask = micro.completion_mask.to(logp.device)
+            totals["entropy"] += (entropy * mask).sum().item() / max(num_items.item(), 1.0) / passes
             old_logp = micro.old_logp if micro.old_logp is not None else logp.detach()
             out = loss(logp, old_logp, micro.sampling_logp.to(logp.device), micro.ref_logp,
-                       micro.advantages.to(logp.device), micro.completion_mask.to(logp.device),
-                       num_items_in_batch=num_items)
+                       micro.advantages.to(logp.device), mask, num_items_in_batch=num_items)
             (out.loss * loss.micro_weight(micro.size, batch.size)).backward()
             for k, v in {"loss": out.loss.item(), **out.metrics}.items():
                 totals[k] = totals.get(k, 0.0) + v * micro.size / batch.size / passes
@@ -198,11 +200,11 @@ def train_step(run: Run, step: int) -> dict:
     with timer("time_sync"):  # 5. new weights -> vLLM
         sync = sync_weights(run, step)
     if step % cfg.log.samples_every == 0 or step == 1:
-        run.logger.samples(step, rollout)
+        run.logger.samples(step, rollout, batch.advantages)
     generated = int(batch.completion_mask.sum())
     return {
         **rollout.reward_metrics(),
-        "completion_len": generated / batch.size,
+        **rollout.completion_metrics(),
         "tokens_per_s": generated / max(timer.seconds["time_generate"], 1e-9),
         **loss_metrics,
         **sync,
@@ -222,6 +224,9 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> list[dict]:
             history.append(metrics)
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
                 checkpoint.save(run, step)
+        # Inside the run: in mode=shared the weights are vLLM's memory, gone once it stops.
+        out = final.save(run.policy, run_dir, merge_lora=bool(cfg.mode.lora and cfg.mode.lora.merge_on_save))
+        run.logger.event(cfg.train.steps, "final_model", path=str(out))
     return history
 
 

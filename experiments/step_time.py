@@ -74,7 +74,7 @@ class Ours:
                 run.logger.step(step, metrics)
                 steps.append({"step_s": step_s, "generate_s": metrics["time_generate"],
                               "score_s": metrics["time_score"], "train_s": metrics["time_train"],
-                              "sync_s": metrics["time_sync"], "tokens": round(metrics["completion_len"] * batch),
+                              "sync_s": metrics["time_sync"], "tokens": round(metrics["completion_len_mean"] * batch),
                               "server_busy": cpu.busy, "others_busy": cpu.others})
             row = weight_columns(run.policy.model) | train_alone(run, cfg, self.pids)
         timed = steps[cfg.bench.warmup:]

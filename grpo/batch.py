@@ -45,6 +45,20 @@ class Rollout:
                 "reward_nan": self.rewards.numel() - given.numel(),
                 **{f"reward/{name}": values.nanmean().item() for name, values in self.components.items()}}
 
+    def completion_metrics(self) -> dict:
+        """What the completions look like and how much signal the step has: token lengths, the
+        fraction cut at max_tokens (`truncated_frac`), and the fraction of groups whose given
+        rewards all tie (`tied_group_frac`: advantage 0 for every sample, nothing to learn)."""
+        lengths = torch.tensor([len(c.token_ids) for group in self.groups for c in group], dtype=torch.float32)
+        truncated = [c.finish_reason == "length" for group in self.groups for c in group]
+        given = ~self.rewards.isnan()
+        high = self.rewards.masked_fill(~given, -torch.inf).amax(dim=1)
+        low = self.rewards.masked_fill(~given, torch.inf).amin(dim=1)
+        tied = (given.sum(dim=1) < 2) | (high == low)  # [P]; one or no reward is no comparison either
+        return {"completion_len_min": lengths.min().item(), "completion_len_mean": lengths.mean().item(),
+                "completion_len_max": lengths.max().item(), "truncated_frac": sum(truncated) / len(truncated),
+                "tied_group_frac": tied.float().mean().item()}
+
 
 @dataclass
 class Batch:

@@ -14,7 +14,9 @@ import json
 import os
 import random
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -38,34 +40,47 @@ def _fsync_tree(root: Path) -> None:
         _fsync(path)
 
 
-def save(run, step: int) -> Path:
-    """Write the checkpoint of `step` atomically; returns its directory."""
-    final = checkpoint_dir(run.run_dir, step)
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """A temp dir beside `final` to fill; when the block ends it is fsynced and renamed to `final`,
+    so `final` is always a whole save (a crash leaves only a `.tmp-*` dir, removed on an error).
+    A `final` that already exists (a resumed run re-reaching a step) is renamed aside before it
+    is deleted, so it is never a half-deleted dir that still looks complete."""
+    final = Path(final)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    run.policy.save(tmp / "policy")
-    torch.save({
-        "step": step,
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "python_rng": random.getstate(),
-        "env": run.env.state_dict(),
-        "vllm_restarts": run.guard.restarts,
-    }, tmp / "trainer.pt")
-    files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-    _fsync_tree(tmp)
-    (tmp / MARKER).write_text(json.dumps({"step": step, "files": files}))
-    _fsync_tree(tmp)
-    # The same step saved again (a resumed run re-reaching it): the old copy is renamed aside
-    # before it is deleted, so `step-*` is never a half-deleted dir that still has its marker.
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = final.parent / f".old-{final.name}-{os.getpid()}"
     if final.exists():
         os.rename(final, old)
     os.rename(tmp, final)
     _fsync(final.parent)  # the rename itself is durable
     shutil.rmtree(old, ignore_errors=True)
+
+
+def save(run, step: int) -> Path:
+    """Write the checkpoint of `step` atomically; returns its directory."""
+    final = checkpoint_dir(run.run_dir, step)
+    with atomic_dir(final) as tmp:
+        run.policy.save(tmp / "policy")
+        torch.save({
+            "step": step,
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": random.getstate(),
+            "env": run.env.state_dict(),
+            "vllm_restarts": run.guard.restarts,
+        }, tmp / "trainer.pt")
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        _fsync_tree(tmp)
+        (tmp / MARKER).write_text(json.dumps({"step": step, "files": files}))  # last: after the files are durable
     return final
 
 

@@ -84,6 +84,9 @@ class LoraConfig:
     )
     # The server's --max-lora-rank; r above it fails at start.
     max_lora_rank: int = field(default=64, metadata=at_least(1))
+    # At the end of a run, final/merged/ beside the adapter in final/: the adapter merged into
+    # the base weights, a plain model any server loads (grpo/final.py).
+    merge_on_save: bool = True
 
 
 @dataclass

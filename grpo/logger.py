@@ -1,8 +1,10 @@
 """Everything a run records, in its Hydra run dir (what the notebooks read):
 
-- `metrics.jsonl`: one JSON object per step (reward, loss, KL, clip fraction, logprob gap, tokens/s,
-  time split generate/score/train/sync);
-- `samples.jsonl`: prompt, completion and reward of every sample, every `log.samples_every` steps;
+- `metrics.jsonl`: one JSON object per step (reward, loss, KL, policy entropy, clip fraction, logprob
+  gap, completion lengths, truncated and tied-group fractions, tokens/s, time split
+  generate/score/train/sync);
+- `samples.jsonl`: prompt, completion, reward and advantage of every sample, every
+  `log.samples_every` steps (also a wandb table, `samples`);
 - `sync.jsonl`: one line per weight sync (mode, ms, bytes, probe difference);
 - `events.jsonl`: things that happened besides steps (skipped steps, server restarts);
 - wandb (offline by default), a progress bar and one human line per step on the console.
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from omegaconf import OmegaConf
+from torch import Tensor
 from tqdm import tqdm
 
 from grpo.batch import Rollout
@@ -82,18 +85,29 @@ class RunLogger:
     @staticmethod
     def line(step: int, m: dict) -> str:
         sync = f"{m['sync_ms']:.0f} ms" if "sync_ms" in m else "-"
+        entropy = f" | ent {m['entropy']:.2f}" if "entropy" in m else ""
         return (
             f"step {step:4d} | reward {m['reward_mean']:.3f}±{m['reward_std']:.3f} | loss {m['loss']:+.4f} "
-            f"| kl {m['kl']:.4f} | gap {m['logprob_gap']:.1e} | clip {m['clip_frac']:.2f} | sync {sync} "
+            f"| kl {m['kl']:.4f}{entropy} | gap {m['logprob_gap']:.1e} | clip {m['clip_frac']:.2f} | sync {sync} "
             f"| {m['tokens_per_s']:.0f} tok/s | gen {m['time_generate']:.2f}s train {m['time_train']:.2f}s"
         )
 
-    def samples(self, step: int, rollout: Rollout) -> None:
-        """One samples.jsonl row per completion: its prompt's last message, answer, text, reward."""
-        for prompt, group, rewards in zip(rollout.prompts, rollout.groups, rollout.rewards.tolist()):
-            for completion, reward in zip(group, rewards):
-                self._write("samples", {"step": step, "prompt": prompt.messages[-1]["content"],
-                                        "answer": prompt.answer, "completion": completion.text, "reward": reward})
+    def samples(self, step: int, rollout: Rollout, advantages: Tensor) -> None:
+        """One row per completion (its prompt's last message, answer, text, reward, advantage; advantages
+        [P*G] in rollout order) in samples.jsonl, and the same rows as wandb table `samples`."""
+        rows = [{"step": step, "prompt": prompt.messages[-1]["content"], "answer": prompt.answer,
+                 "completion": completion.text, "reward": reward}
+                for prompt, group, rewards in zip(rollout.prompts, rollout.groups, rollout.rewards.tolist())
+                for completion, reward in zip(group, rewards)]
+        for row, advantage in zip(rows, advantages.tolist(), strict=True):
+            row["advantage"] = advantage
+            self._write("samples", row)
+        if self.wandb is not None:
+            import wandb
+
+            columns = list(rows[0])
+            self.wandb.log({"samples": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])},
+                           step=step)
 
     def sync(self, record: dict) -> None:
         self._write("sync", record)

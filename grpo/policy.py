@@ -28,19 +28,52 @@ def torch_dtype(name: str, key: str = "model.dtype") -> torch.dtype:
     return DTYPES[name]
 
 
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
-                   temperature: float = 1.0) -> torch.Tensor:
-    """Logprob of each completion token: [B, C] for input_ids [B, P+C], prompt_len = P.
+def completion_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """Float logits [B, C, V] / temperature of the positions that predict the completion tokens of
+    input_ids [B, P+C], prompt_len = P: position P-1+i predicts token P+i.
 
-    The LM head runs on the C positions that predict completion tokens only (`logits_to_keep`),
-    not on the prompt: with a 152k vocabulary that is most of the head's FLOPs and memory."""
+    The LM head runs on those C positions only (`logits_to_keep`), not on the prompt: with a 152k
+    vocabulary that is most of the head's FLOPs and memory."""
     completion_len = input_ids.shape[1] - prompt_len
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                    logits_to_keep=completion_len + 1).logits
-    logits = logits[:, :-1].float() / temperature  # [B, C, V]: position P-1+i predicts token P+i
-    targets = input_ids[:, prompt_len:]
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    return logits[:, :-1].float() / temperature
+
+
+def gathered_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logprob of each target [B, C], logsumexp of each position [B, C]) from logits [B, C, V]."""
+    lse = logits.logsumexp(-1)
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse, lse
+
+
+# Rows of [*, V] logits the entropy works on at once: 2**24 floats (64 MB) of temporaries at most,
+# whatever the vocabulary, instead of a second [B, C, V] tensor.
+ENTROPY_CHUNK_ELEMENTS = 2 ** 24
+
+
+@torch.no_grad()
+def token_entropy(logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats [B, C] of softmax(logits) [B, C, V], given lse = logits.logsumexp(-1):
+    H = lse - sum_v p_v * logit_v. A logging metric: no gradient, computed in row chunks."""
+    vocab = logits.shape[-1]
+    flat, flat_lse = logits.detach().reshape(-1, vocab), lse.detach().reshape(-1)
+    out = torch.empty_like(flat_lse)
+    rows = max(1, ENTROPY_CHUNK_ELEMENTS // vocab)
+    for start in range(0, flat.shape[0], rows):
+        chunk = flat[start:start + rows]
+        probs = (chunk - flat_lse[start:start + rows, None]).exp()
+        expected = torch.bmm(probs.unsqueeze(1), chunk.unsqueeze(2)).view(-1)  # sum_v p_v * logit_v
+        out[start:start + rows] = flat_lse[start:start + rows] - expected
+    return out.view(lse.shape)
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """Logprob of each completion token: [B, C] for input_ids [B, P+C], prompt_len = P."""
+    logits = completion_logits(model, input_ids, attention_mask, prompt_len, temperature)
+    return gathered_logprobs(logits, input_ids[:, prompt_len:])[0]
 
 
 def autocast_dtype(setting: Optional[str], device: torch.device) -> Optional[torch.dtype]:
@@ -126,6 +159,16 @@ class Policy:
         with self.compute_context():
             return token_logprobs(self.model, batch.input_ids.to(self.device),
                                   batch.attention_mask.to(self.device), batch.prompt_len, self.temperature)
+
+    def logprobs_and_entropy(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """`logprobs(batch)` [B, C] plus the entropy [B, C] (no grad) of the distribution each
+        token was sampled from, at the rollout temperature, from the same forward's logits."""
+        input_ids = batch.input_ids.to(self.device)
+        with self.compute_context():
+            logits = completion_logits(self.model, input_ids, batch.attention_mask.to(self.device),
+                                       batch.prompt_len, self.temperature)
+            logp, lse = gathered_logprobs(logits, input_ids[:, batch.prompt_len:])
+        return logp, token_entropy(logits, lse)  # outside autocast: its matmul stays fp32
 
     def load_reference(self) -> None:
         """A frozen copy of the initial weights for the KL term; with LoRA the base model,

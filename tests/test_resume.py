@@ -31,7 +31,7 @@ def test_resumed_run_repeats_the_straight_one(attach, tmp_path, overrides):
     metrics = read_jsonl(split / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(straight, metrics):
-        assert b["completion_len"] == a["completion_len"]
+        assert b["completion_len_mean"] == a["completion_len_mean"]
         for key in ("reward_mean", "reward_std", "loss", "grad_norm", "kl"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (b["step"], key)
     # Not the trivial "nothing moved": the weights got gradients and the rewards changed.
