@@ -29,9 +29,11 @@ from bridges.names import FUSED, NameMapError, hf_views, name_map
 from bridges.shared import SharedBridge, SharedWeightsError, attach, check_worker, meta_model
 from bridges.shared_memory import SHM, remove_stale, segment_name
 from conftest import REPO, make_cfg
+from grpo import final
 from grpo.policy import Policy, token_logprobs
 from serving.client import VLLMClient
 from test_faults import QUIET, start_trainer_and_kill
+from test_final import HF_TOL, hf_probe, max_diff, probe_ids, spy_final  # noqa: F401 (spy_final: a fixture)
 from test_train import SHORT_RUN, assert_learns, read_jsonl
 from train import model_path, train
 
@@ -110,6 +112,23 @@ def test_views_of_fused_tensors_compute_the_hf_model(tiny_model_path, tied):
     assert (served["model.layers.1.mlp.gate_up_proj.weight"][gate_rows:] == 3.0).all()
     assert (served["model.embed_tokens.weight" if tied else "lm_head.weight"][0] == 5.0).all()
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+
+
+def test_final_model_of_views_of_vllm_tensors_is_an_ordinary_checkpoint(tiny_model_path, tmp_path):
+    """No vLLM: the parameters of mode=shared's trainer are views of vLLM-layout tensors (fused
+    q/k/v and gate/up, padded vocabulary); final/ holds each view's values under HF names, and
+    `from_pretrained` of it gives the trainer's probe logprobs."""
+    config = AutoConfig.from_pretrained(tiny_model_path)
+    torch.manual_seed(0)
+    served = vllm_layout(AutoModelForCausalLM.from_config(config, dtype=torch.float32))
+    model = meta_model(config, "float32", torch.device("cpu"))
+    attach(model, hf_views(served, {n: p.shape for n, p in model.named_parameters()}, name_map(config)))
+    policy = Policy(tiny_model_path, model=model)
+    ids = probe_ids(policy)
+    trainer = policy.probe_logprobs(ids)
+    out = final.save(policy, tmp_path)
+    assert max_diff(hf_probe(out, ids), trainer) <= HF_TOL
+    assert max_diff(hf_probe(tiny_model_path, ids), trainer) > 1e-2  # not the base model's weights
 
 
 class NeverStarted:
@@ -241,9 +260,11 @@ def test_plain_linear_throughput(big_server):
 
 
 @pytest.mark.slow
-def test_shared_run_learns(tmp_path):
+def test_shared_run_learns(tmp_path, spy_final):
     history = train(make_cfg("mode=shared", *SHORT_RUN), tmp_path)
     assert_learns(history)
+    # final/ was written while the weights were still vLLM's memory, and holds what the trainer had.
+    assert max_diff(hf_probe(tmp_path / "final", spy_final["ids"]), spy_final["trainer"]) <= HF_TOL
     syncs = read_jsonl(tmp_path / "sync.jsonl")
     assert len(syncs) == 30 and all(s["bytes"] == 0 and s["probe_max_diff"] <= TOL for s in syncs)
     assert all(m["sync_bytes"] == 0 and m["sync_ms"] > 0 for m in history)
