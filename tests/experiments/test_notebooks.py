@@ -1,5 +1,5 @@
-"""CI executes the analysis notebooks (nbclient) on a real short run and a real small sweep made
-here, and fails if any cell fails or a plot is not written."""
+"""CI executes the analysis notebooks (nbclient) on a real short run, a real small benchmark sweep
+and a real 2-job training sweep made here, and fails if any cell fails or a plot is not written."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from nbclient import NotebookClient
 
 from bench_cli import QUIET, cli
 from conftest import REPO
+from experiments.outputs import read_jsonl
+from grpo.sweep import EVAL_METRIC, read_summary
 
 pytestmark = pytest.mark.slow
 
@@ -78,3 +80,21 @@ def test_sweep_analysis_notebook(sweep_dir, monkeypatch):
     execute("sweep_analysis")
     for png in ("rollout_throughput.png", "sync_latency.png"):
         assert (sweep_dir / png).stat().st_size > 10_000, png
+
+
+def test_train_sweep_summary_and_notebook(attach, tmp_path, monkeypatch):
+    """`python train.py -m` over two seeds on the session server: summary.csv holds both jobs'
+    real figures, and the notebook overlays their curves."""
+    sweep = tmp_path / "sweep"
+    cli("train.py", "-m", "train.seed=0,1", "train.steps=2", *QUIET, attach, f"hydra.sweep.dir={sweep}")
+    summary = read_summary(sweep)
+    assert summary["train.seed"].tolist() == [0, 1] and summary["status"].tolist() == ["completed"] * 2
+    assert summary["steps"].tolist() == [2, 2] and (summary["step_s"] > 0).all() and (summary["sync_ms"] > 0).all()
+    for _, job in summary.iterrows():  # the figures are the job's own files' (eval: NaN without eval.jsonl)
+        metrics, evals = read_jsonl(job["run_dir"] / "metrics.jsonl"), read_jsonl(job["run_dir"] / "eval.jsonl")
+        assert 0 <= job["final_reward"] <= 1 and job["final_reward"] == pytest.approx(metrics["reward_mean"].mean())
+        final_eval = job[f"final_{EVAL_METRIC}"]
+        assert final_eval == pytest.approx(evals[EVAL_METRIC].iloc[-1]) if len(evals) else pd.isna(final_eval)
+    monkeypatch.setenv("SWEEP_DIR", str(sweep))
+    execute("sweep_analysis")
+    assert (sweep / "sweep_curves.png").stat().st_size > 10_000
