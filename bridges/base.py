@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from serving.server import VLLMServer
+from grpo import distributed
 from grpo.policy import Policy
 from serving.client import VLLMClient
 
@@ -78,6 +79,12 @@ class Bridge:
         """Environment variables the vLLM server needs for this mode."""
         return {}
 
+    def check_trainer_procs(self, n: int) -> None:
+        """At start: refuse `n` trainer processes (torchrun) if this mode cannot serve them."""
+        if n > 1:
+            raise ValueError(f"mode={self.mode} runs with one trainer process, not {n}; mode=reload and mode=lora "
+                             "run under torchrun")
+
     def build_model(self, path: str, dtype: str, device: str, server: VLLMServer) -> Optional[torch.nn.Module]:
         """The trainer's model if this mode must build it (mode=shared: views of vLLM's weights, so
         it starts `server` first); None: the trainer loads it from `path`."""
@@ -124,9 +131,13 @@ class VerifiedBridge(Bridge):
         raise NotImplementedError
 
     def probe_diff(self) -> float:
-        served = self.client.prompt_logprobs(self.probe_ids)
+        """Rank 0's comparison, on every rank (a sharded model's forward is a collective, and all
+        ranks must take the same retry-or-stop branch)."""
         mine = self.policy.probe_logprobs(self.probe_ids)
-        return max(abs(a - b) for a, b in zip(served, mine))
+        distributed.reshard(self.policy.model)  # a no-grad forward: see grpo/distributed.py
+        diff = max(abs(a - b) for a, b in zip(self.client.prompt_logprobs(self.probe_ids), mine)) \
+            if distributed.is_main() else None
+        return distributed.broadcast_object(diff)
 
     def initial_sync(self, resumed_step: Optional[int]) -> None:
         # A resumed run always pushes: a LoRA adapter close to identity would pass the probe unloaded.

@@ -17,6 +17,7 @@ from __future__ import annotations
 import shutil
 
 from bridges.base import VerifiedBridge, dir_bytes
+from grpo import distributed
 
 
 class LoraBridge(VerifiedBridge):
@@ -34,7 +35,12 @@ class LoraBridge(VerifiedBridge):
     def server_env(self) -> dict[str, str]:
         return {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}  # /v1/load_lora_adapter at run time
 
+    def check_trainer_procs(self, n: int) -> None:
+        """Any number: the adapter is replicated on every rank, rank 0 pushes it."""
+
     def push(self, step: int) -> int:
+        if not distributed.is_main():
+            return 0
         out = self.run_dir / "adapters" / f"step-{step:06d}"
         self.policy.model.save_pretrained(out)
         self.server.post("/v1/load_lora_adapter",

@@ -18,14 +18,16 @@ from urllib.parse import urlparse
 import torch
 
 from bridges.base import VerifiedBridge, dir_bytes
-from bridges.safetensors_mirror import SafetensorsMirror
+from bridges.safetensors_mirror import SafetensorsMirror, write_sharded
 from bridges.shared_memory import SHM, owned_dir
+from grpo import distributed
 from serving.server import is_loopback
 
 
 class ReloadBridge(VerifiedBridge):
     mode = "reload"
-    mirror = None  # the weights_dir() files, rewritten in place after the first full save
+    mirror = None  # the weights_dir() files, rewritten in place after the first full save (rank 0's)
+    bucket_bytes = 256 << 20  # a sharded model is gathered this much at a time (grpo/distributed.py)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The weights vLLM serves, under the HF checkpoint's names (LoRA merged: lora_merge.py)."""
@@ -40,10 +42,20 @@ class ReloadBridge(VerifiedBridge):
             return owned_dir("grpo-sync")
         return self.run_dir / "sync_weights"
 
+    def check_trainer_procs(self, n: int) -> None:
+        """Any number: a sharded model is gathered bucket by bucket, rank 0 pushes."""
+
     def push(self, step: int) -> int:
-        if self.mirror is None:
+        """Rank 0 writes and posts; with several trainer processes every rank takes part in
+        gathering a sharded model, the others return 0 bytes."""
+        if self.mirror is None and distributed.is_main():
             self.mirror = SafetensorsMirror(self.weights_dir())
-        self.mirror.write(self.policy.base_model, self.state_dict())
+        if distributed.is_sharded(self.policy.model):
+            write_sharded(self.mirror, self.policy.base_model.config, self.state_dict(), self.bucket_bytes)
+        elif self.mirror is not None:
+            self.mirror.write(self.policy.base_model, self.state_dict())
+        if self.mirror is None:
+            return 0
         out = self.mirror.out
         self.server.post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(out)}})
         self.server.post("/collective_rpc", {"method": "refresh_cpu_weights"})

@@ -6,20 +6,29 @@ change (names, dtypes and shapes are the model's), so after the first full save 
 each safetensors file once and copies every tensor's bytes over its old bytes at the offsets
 the file's header gives. vLLM's `reload_weights` reads the same files it would have read after
 a fresh save. Any change of names, dtypes or shapes falls back to a full save.
+
+A model sharded over trainer processes (grpo/distributed.py) never exists whole on one rank:
+`allocate` lays the file out from the tensors' names, dtypes and global shapes alone, and
+`write_part` copies each gathered bucket into it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import struct
 from pathlib import Path
+from typing import Optional
 
 import torch
+
+from grpo import distributed
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
                       "F64": torch.float64, "I64": torch.int64, "I32": torch.int32,
                       "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+SAFETENSORS_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 
 
 def tensor_slots(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
@@ -46,11 +55,15 @@ class SafetensorsMirror:
         if not self.fits(state_dict):
             self.full_save(model, state_dict)
             return False
-        for name, tensor in state_dict.items():
+        self.write_part(state_dict)
+        return True
+
+    def write_part(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy these tensors over their old bytes (names, dtypes and shapes as laid out)."""
+        for name, tensor in tensors.items():
             path, _, _, start, end = self.layout[name]
             dst = torch.frombuffer(self.maps[path], dtype=torch.uint8, count=end - start, offset=start)
             dst.copy_(tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8))
-        return True
 
     def fits(self, state_dict: dict[str, torch.Tensor]) -> bool:
         return bool(self.layout) and state_dict.keys() == self.layout.keys() and all(
@@ -59,6 +72,27 @@ class SafetensorsMirror:
     def full_save(self, model, state_dict: dict[str, torch.Tensor]) -> None:
         self.close()
         model.save_pretrained(self.out, state_dict=state_dict, safe_serialization=True)
+        self.map_files()
+
+    def allocate(self, config, tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> None:
+        """`out` as an HF checkpoint (config.json + one model.safetensors) holding `tensors`
+        (name -> dtype, shape), zero until `write_part` fills them."""
+        self.close()
+        self.out.mkdir(parents=True, exist_ok=True)
+        config.save_pretrained(self.out)
+        header, offset = {}, 0
+        for name, (dtype, shape) in tensors.items():
+            size = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": SAFETENSORS_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        blob = json.dumps({**header, "__metadata__": {"format": "pt"}}).encode()
+        blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+        with open(self.out / "model.safetensors", "wb") as f:
+            f.write(struct.pack("<Q", len(blob)) + blob)
+            f.truncate(8 + len(blob) + offset)
+        self.map_files()
+
+    def map_files(self) -> None:
         self.layout = {name: (path, *slot) for path in sorted(self.out.glob("*.safetensors"))
                        for name, slot in tensor_slots(path).items()}
         for path in {entry[0] for entry in self.layout.values()}:
@@ -69,3 +103,15 @@ class SafetensorsMirror:
         for m in self.maps.values():
             m.close()
         self.maps, self.layout = {}, {}
+
+
+def write_sharded(mirror: Optional[SafetensorsMirror], config, state_dict: dict[str, torch.Tensor],
+                  bucket_bytes: int) -> None:
+    """A model sharded over trainer processes into rank 0's `mirror` (None on the other ranks),
+    one gathered bucket at a time: every rank calls it, since each bucket's gather is a collective.
+    The file is laid out from the global shapes on the first call (and if they ever change)."""
+    if mirror is not None and not mirror.fits(state_dict):
+        mirror.allocate(config, {name: (t.dtype, tuple(t.shape)) for name, t in state_dict.items()})
+    for bucket in distributed.full_buckets(state_dict, bucket_bytes):
+        if mirror is not None:
+            mirror.write_part(bucket)

@@ -99,6 +99,12 @@ class SharedBridge(VerifiedBridge):
         self.worker: dict = {}
         self.files_record = None  # the worker's record of its /dev/shm files, when we own the server
 
+    def check_trainer_procs(self, n: int) -> None:
+        if n > 1:
+            raise ValueError(f"mode=shared trains vLLM's single copy of the weights and cannot shard it over {n} "
+                             "trainer processes (a copy sharded like vLLM's TP is not built): run it with one "
+                             "process, or use mode=reload or mode=lora under torchrun")
+
     def server_args(self) -> list[str]:
         # vLLM's compiled CPU graph bakes in its packed GEMM kernels: only eager execution
         # computes from the shared tensors (bridges/vllm_worker.py SharedWeightsMixin). On GPU

@@ -75,17 +75,14 @@ class Batch:
     def size(self) -> int:
         return self.input_ids.shape[0]
 
+    def rows(self, sl: slice) -> "Batch":
+        """These rows of every tensor (a micro-batch, or a trainer process's share of the step)."""
+        return replace(self, **{f.name: getattr(self, f.name)[sl] for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
+
     def micro_batches(self, size: int) -> Iterator["Batch"]:
         for start in range(0, self.size, size):
-            sl = slice(start, start + size)
-            yield replace(
-                self,
-                **{
-                    f.name: getattr(self, f.name)[sl]
-                    for f in fields(self)
-                    if isinstance(getattr(self, f.name), torch.Tensor)
-                },
-            )
+            yield self.rows(slice(start, start + size))
 
 
 def build_batch(rollout: Rollout, advantages: torch.Tensor, pad_id: int) -> Batch:

@@ -99,7 +99,11 @@ class ModeConfig:
 
 @dataclass
 class HardwareConfig:
-    device: str = "cpu"  # trainer device
+    device: str = "cpu"  # trainer device; with several trainer processes `cuda` means cuda:<local rank>
+    # Trainer processes per node (torchrun --nproc_per_node, SLURM tasks per node); None: as many
+    # as were started. With vllm_devices, a node needs trainer_procs + vllm_tp * vllm_dp GPUs.
+    trainer_procs: Optional[int] = field(default=None, metadata=at_least(1))
+    nodes: int = field(default=1, metadata=at_least(1))  # SLURM nodes (conf/hydra/launcher/)
     torch_threads: Optional[int] = None  # trainer intra-op threads (None: torch's default)
     # Forward/backward under torch.autocast to this dtype, fp32 master weights: "bfloat16", or
     # "auto" (bf16 where it is native: CUDA, CPUs with AVX512-BF16/AMX), or null (off).

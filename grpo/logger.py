@@ -122,3 +122,10 @@ class RunLogger:
             f.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+class SilentLogger:
+    """The logger of every rank but 0 under torchrun: rank 0 alone writes the run's record."""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
