@@ -13,6 +13,7 @@ overlays the jobs' curves grouped by any override (`group_curves`).
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -77,7 +78,9 @@ class SweepSummary(Callback):
         self.task, self.metric, self.last = task, metric, last
 
     def _ours(self, config: DictConfig) -> bool:
-        return config.hydra.mode == RunMode.MULTIRUN and config.hydra.job.name == self.task
+        # A job run as several processes (torchrun, SLURM tasks) ends in each: rank 0 writes its row.
+        rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+        return config.hydra.mode == RunMode.MULTIRUN and config.hydra.job.name == self.task and rank == 0
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         # A summary holds one sweep's jobs: a sweep dir reused on purpose gets a new one (its

@@ -52,11 +52,11 @@ hydra:
 """
 
 
-def app(tmp_path, *args: str) -> subprocess.CompletedProcess:
+def app(tmp_path, *args: str, **env: str) -> subprocess.CompletedProcess:
     (tmp_path / "app.py").write_text(APP)
     (tmp_path / "app.yaml").write_text(CONFIG)
     return subprocess.run([sys.executable, "app.py", *args], cwd=tmp_path, capture_output=True, text=True,
-                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, timeout=300)
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", **env}, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_curves_mean_and_spread_over_jobs(sweep):
         group_curves(summary, "metrics.jsonl", "reward_mean", spread="iqr")
 
 
-def test_a_new_sweep_into_the_same_dir_replaces_the_summary_and_a_single_run_writes_none(sweep):
+def test_only_a_multirun_of_the_task_on_rank_0_writes_a_summary_and_a_new_one_replaces_it(sweep):
     folder = sweep.parent
     assert app(folder, "-m", "seed=1", "hydra.sweep.dir=sweep").returncode == 0
     assert pd.read_csv(sweep / SUMMARY)["seed"].tolist() == [1]
@@ -114,6 +114,9 @@ def test_a_new_sweep_into_the_same_dir_replaces_the_summary_and_a_single_run_wri
     # Another task's multirun (the experiments' sweeps) is not summarised.
     assert app(folder, "-m", "seed=1", "hydra.sweep.dir=other", "hydra.callbacks.summary.task=train").returncode == 0
     assert (folder / "other" / "0" / "metrics.jsonl").exists() and not (folder / "other" / SUMMARY).exists()
+    # A job run as several processes: only rank 0 writes its row.
+    assert app(folder, "-m", "seed=1", "hydra.sweep.dir=rank1", RANK="1").returncode == 0
+    assert (folder / "rank1" / "0" / "metrics.jsonl").exists() and not (folder / "rank1" / SUMMARY).exists()
 
 
 def test_override_columns_parse_as_hydra_does():
