@@ -33,8 +33,11 @@ def test_reload_run_learns_and_records_everything(attach, tmp_path):
     metrics = read_jsonl(tmp_path / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(1, 31))
     for key in ("reward_mean", "reward_std", "loss", "kl", "clip_frac", "logprob_gap", "tokens_per_s",
-                "time_generate", "time_score", "time_train", "time_sync", "sync_ms"):
+                "time_generate", "time_score", "time_train", "time_sync", "sync_ms", "entropy", "truncated_frac",
+                "tied_group_frac", "completion_len_min", "completion_len_mean", "completion_len_max"):
         assert key in metrics[-1], key
+    # Digits learns to fill max_tokens with digits: the policy sharpens and completions run to the cap.
+    assert metrics[-1]["entropy"] < metrics[0]["entropy"]
     # vLLM's sampled logprobs and the trainer's agree (fp32 both sides): the IS correction is ~1.
     assert max(m["logprob_gap"] for m in metrics) < 1e-3
     syncs = read_jsonl(tmp_path / "sync.jsonl")
