@@ -168,6 +168,9 @@ class OptimizerConfig:
     _target_: str = "torch.optim.AdamW"
     lr: float = field(default=2e-4, metadata=above(0))
     weight_decay: float = field(default=0.0, metadata=at_least(0))
+    # One kernel for the whole update instead of per-op loops over tensors (HF Trainer's default
+    # since torch 2.8, so TRL's too): AdamW's step 2.8x faster at ~28M on this CPU, same numbers.
+    fused: bool = True
 
 
 @dataclass
