@@ -29,6 +29,7 @@ from grpo import checkpoint, final
 from grpo.advantages import group_advantages
 from grpo.batch import Batch, Rollout, build_batch
 from grpo.config import register_configs, validate
+from grpo.evaluate import Evaluator
 from grpo.logger import PhaseTimer, RunLogger
 from grpo.loss import GRPOLoss
 from grpo.policy import Policy
@@ -57,6 +58,7 @@ class Run:
     logger: RunLogger
     start_step: int = 0  # the step a resumed run's checkpoint ended with
     guard: Optional[RestartGuard] = None  # restarts our vLLM if it dies; set by build()
+    evaluator: Optional[Evaluator] = None  # held-out eval (eval.enabled); set by build()
 
 
 def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
@@ -70,6 +72,8 @@ def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
         torch.set_num_threads(cfg.hardware.torch_threads)
     env = instantiate(cfg.env)  # a missing data file fails here, before vLLM starts
     cleanup.callback(env.close)
+    # Its held-out prompts are read now: a missing split or eval.n < eval.k fails before vLLM starts.
+    evaluator = Evaluator.from_config(cfg, env) if cfg.eval.enabled else None
     path = model_path(cfg)
     bridge: Bridge = instantiate(cfg.mode.bridge)  # a setup the bridge cannot serve fails before vLLM starts
     server = server_from_config(cfg, path, run_dir, extra_args=bridge.server_args(), extra_env=bridge.server_env())
@@ -89,7 +93,7 @@ def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
     bridge.initial_sync(checkpoint.saved_step(ckpt) if ckpt else None)
     optimizer = instantiate(cfg.optimizer, policy.trainable_parameters())
     scheduler = instantiate(cfg.scheduler, optimizer, total_steps=cfg.train.steps)
-    run = Run(cfg, run_dir, env, policy, server, client, bridge, loss, optimizer, scheduler, None)
+    run = Run(cfg, run_dir, env, policy, server, client, bridge, loss, optimizer, scheduler, None, evaluator=evaluator)
     run.guard = RestartGuard(server, path, resync=bridge.sync,
                              on_restart=lambda step, **info: run.logger.event(step, "vllm_restart", **info))
     if ckpt:  # last: the RNG states must be the saved ones, whatever building drew from them
@@ -213,15 +217,27 @@ def train_step(run: Run, step: int) -> dict:
     }
 
 
+def evaluate(run: Run, step: int) -> None:
+    """Held-out eval of the weights vLLM serves after `step` (0: before training), when due:
+    eval.jsonl, eval_samples.jsonl, wandb `eval/...` and a console line."""
+    if run.evaluator is None or not run.evaluator.due(step, run.cfg.train.steps):
+        return
+    metrics, rows = run.guard.call(step, lambda: run.evaluator(run.client, run.policy.encode_chat))
+    run.logger.eval(step, metrics, rows)
+
+
 def train(cfg: DictConfig, run_dir: Path | None = None) -> list[dict]:
     """Run GRPO as configured; returns the per-step metrics (also in metrics.jsonl)."""
     run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
     history = []
     with open_run(cfg, run_dir) as run:
+        if run.start_step == 0:
+            evaluate(run, 0)
         for step in range(run.start_step + 1, cfg.train.steps + 1):
             metrics = train_step(run, step)
             run.logger.step(step, metrics)
             history.append(metrics)
+            evaluate(run, step)
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
                 checkpoint.save(run, step)
         # Inside the run: in mode=shared the weights are vLLM's memory, gone once it stops.

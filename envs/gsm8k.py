@@ -29,7 +29,7 @@ SYSTEM = (
 # Default weights: correctness is the goal; format a small shaping term, small enough that a run
 # never prefers a well-formed wrong answer to a correct one.
 REWARD_WEIGHTS = {"correct": 1.0, "format": 0.1}
-ANSWER_FORM = re.compile(r"####\s*[-+]?[\d,]*\.?\d+\s*$|\\boxed\{\s*[^{}\s][^{}]*\}")
+ANSWER_FORM = re.compile(r"####\s*[-+]?[\d,]*\.?\d+\s*$|\\boxed\{\s*[^}\s]")
 
 
 def answer_format(completion: str) -> float:

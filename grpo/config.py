@@ -198,6 +198,22 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out evaluation through the vLLM server (grpo/evaluate.py): at the start, every `every`
+    steps and after the last; greedy pass@1 and sampled pass@k. `eval.n` < `eval.k` and a split
+    the env does not have fail at start."""
+
+    enabled: bool = True
+    every: int = field(default=10, metadata=at_least(0))  # steps between evals; 0: only at start and end
+    split: str = "test"  # the env's held-out split (Digits: start numbers never trained on)
+    num_prompts: int = field(default=16, metadata=at_least(1))
+    n: int = field(default=4, metadata=at_least(1))  # sampled completions per prompt, for pass@k
+    k: int = field(default=4, metadata=at_least(2))  # pass@1 is the greedy completion's
+    max_tokens: Optional[int] = field(default=None, metadata=at_least(1))  # None: rollout.max_tokens
+    temperature: float = field(default=1.0, metadata=above(0))  # of the n samples
+
+
+@dataclass
 class WandbConfig:
     mode: str = "offline"  # online | offline | disabled
     project: str = "grpo-lab"
@@ -225,6 +241,7 @@ class Config:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     resume: Optional[str] = None  # a run dir (its newest complete checkpoint) or a checkpoint dir
 
 

@@ -7,6 +7,8 @@
   `log.samples_every` steps (also a wandb table, `samples`);
 - `sync.jsonl`: one line per weight sync (mode, ms, bytes, probe difference);
 - `events.jsonl`: things that happened besides steps (skipped steps, server restarts);
+- `eval.jsonl`: one line per held-out eval (step, `eval/pass@1`, `eval/pass@<k>`, `eval/reward`,
+  `eval/reward/<component>`), `eval_samples.jsonl` one row per eval prompt (grpo/evaluate.py);
 - wandb (offline by default), a progress bar and one human line per step on the console.
 """
 
@@ -51,7 +53,8 @@ class RunLogger:
     def __init__(self, run_dir: Path, cfg, total_steps: int, start_step: int = 0):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.files = {name: open(self.run_dir / f"{name}.jsonl", "a") for name in ("metrics", "samples", "sync", "events")}
+        self.files = {name: open(self.run_dir / f"{name}.jsonl", "a")
+                      for name in ("metrics", "samples", "sync", "events", "eval", "eval_samples")}
         self.bar = tqdm(total=total_steps, initial=start_step, desc="grpo", unit="step",
                         disable=not cfg.log.progress, dynamic_ncols=True)
         self.wandb = self._init_wandb(cfg)
@@ -108,6 +111,22 @@ class RunLogger:
             columns = list(rows[0])
             self.wandb.log({"samples": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])},
                            step=step)
+
+    def eval(self, step: int, metrics: dict, rows: list[dict]) -> None:
+        """A held-out eval after `step`: eval.jsonl, its per-prompt rows, wandb, a console line."""
+        self._write("eval", {"step": step, **metrics})
+        for row in rows:
+            self._write("eval_samples", {"step": step, **row})
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        self.bar.write(self.eval_line(step, metrics))
+
+    @staticmethod
+    def eval_line(step: int, m: dict) -> str:
+        """e.g. `eval 10 | pass@1 0.250 | pass@4 0.531 | reward 0.812 | digits 0.812 | 1.4s`."""
+        figures = [f"{name[5:]} {value:.3f}" for name, value in m.items()
+                   if name.startswith("eval/pass@") or name.startswith("eval/reward")]
+        return " | ".join([f"eval {step:4d}", *figures, f"{m['eval/time_s']:.1f}s"]).replace("reward/", "")
 
     def sync(self, record: dict) -> None:
         self._write("sync", record)

@@ -92,6 +92,12 @@ def autocast_dtype(setting: Optional[str], device: torch.device) -> Optional[tor
     return torch.bfloat16 if fast else None
 
 
+def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
+    """Prompt token ids of chat `messages`: the tokenizer's chat template, generation prompt added."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
 def wrap_lora(model, lora):
     """PEFT LoRA on `lora.target_modules`; only the adapter trains. Checked first so a typo in a
     module name or a rank the server cannot hold fails at start, by name."""
@@ -137,8 +143,7 @@ class Policy:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer(text, add_special_tokens=False).input_ids
+        return encode_chat(self.tokenizer, messages)
 
     @property
     def base_model(self) -> torch.nn.Module:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from envs.gsm8k import REPO_ROOT, BadDataError, GSM8KEnv, _is_hub_id, gold_answer
+from envs.gsm8k import REPO_ROOT, BadDataError, GSM8KEnv, _is_hub_id, answer_format, gold_answer
 
 SOURCE = "../shared/data/gsm8k"  # the default config's env.source, relative to the repository root
 DATA = REPO_ROOT / SOURCE
@@ -116,3 +116,29 @@ def test_hub_ids_go_to_datasets(monkeypatch):
     e = GSM8KEnv("openai/gsm8k", split="test")
     assert calls == [(("openai/gsm8k", "main"), {"split": "test"})]
     assert e.prompts[0].answer == "4"
+
+
+@pytest.mark.parametrize("completion, form", [
+    ("so 5 + 3 = 8\n#### 8", 1.0), ("#### 1,000.5  \n", 1.0), ("#### -3", 1.0), ("The answer is \\boxed{72}.", 1.0),
+    ("$\\boxed{\\frac{1}{2}}$", 1.0), ("#### 8 apples", 0.0), ("\\boxed{ }", 0.0), ("\\boxed{}", 0.0), ("72", 0.0), ("####", 0.0), ("", 0.0),
+])
+def test_format_component(completion, form):
+    assert answer_format(completion) == form
+
+
+def test_eval_split_is_the_test_file_with_no_training_question(env):
+    held = env.eval_prompts("test", 5)
+    assert [p.answer for p in held] == ["18", "3", "70000", "540", "20"]
+    trained = {p.messages[1]["content"] for p in env.prompts}
+    assert not trained & {p.messages[1]["content"] for p in env.eval_prompts("test", 1319)}
+
+
+def test_bad_eval_split_names_the_key(env, tmp_path):
+    with pytest.raises(FileNotFoundError, match="eval.split='validation': GSM8K data not found: .*validation.jsonl"):
+        env.eval_prompts("validation", 4)
+    with pytest.raises(ValueError, match="eval.split='train' is the training split"):
+        env.eval_prompts("train", 4)
+    with pytest.raises(ValueError, match="eval.num_prompts=2000: eval.split='test' has only 1319 prompts"):
+        env.eval_prompts("test", 2000)
+    with pytest.raises(ValueError, match="env.reward_weights.correctness"):
+        GSM8KEnv(SOURCE, max_examples=1, reward_weights={"correctness": 1.0})

@@ -60,3 +60,31 @@ def test_corpus_has_prompt_text_and_digit_runs():
     assert any("digits only" in t for t in texts)
     runs = [t for t in texts if t.replace(" ", "").isdigit()]
     assert len(runs) == 4 and all(len(r.split()) == 8 for r in runs)
+
+
+@pytest.mark.parametrize("seed, num_prompts", [(0, 512), (1, 512), (3, 64), (0, 900)])
+def test_eval_start_numbers_are_never_training_ones(seed, num_prompts):
+    env = DigitsEnv(seed=seed, num_prompts=num_prompts)
+    trained = {p.meta["k"] for p in env.prompts}
+    held = env.eval_prompts("test", len(env.test_prompts))
+    ks = [p.meta["k"] for p in held]
+    assert not trained & set(ks) and len(set(ks)) == len(ks)
+    assert trained | set(ks) == set(range(1000))  # every number not trained on is held out
+    assert all(str(p.meta["k"]) in p.messages[1]["content"] for p in held)
+
+
+def test_eval_prompts_are_fixed_whatever_the_cursor_and_training_prompts_unchanged():
+    env = DigitsEnv(seed=0)
+    first = env.eval_prompts("test", 8)
+    env.sample(100)
+    assert env.eval_prompts("test", 8) == first == DigitsEnv(seed=0).eval_prompts("test", 8)
+    # The training prompts are drawn as before eval splits existed (same draws, same default run).
+    assert [p.meta["k"] for p in env.prompts[:5]] == [864, 776, 41, 988, 414]
+
+
+def test_bad_eval_split_or_size_names_the_key():
+    env = DigitsEnv(seed=0, num_prompts=990)
+    with pytest.raises(ValueError, match="eval.split='validation': Digits has one held-out split, 'test'"):
+        env.eval_prompts("validation", 4)
+    with pytest.raises(ValueError, match=r"eval.num_prompts=500: eval.split='test' has only \d+ prompts"):
+        env.eval_prompts("test", 500)
