@@ -34,11 +34,12 @@ def completion_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     input_ids [B, P+C], prompt_len = P: position P-1+i predicts token P+i.
 
     The LM head runs on those C positions only (`logits_to_keep`), not on the prompt: with a 152k
-    vocabulary that is most of the head's FLOPs and memory."""
+    vocabulary that is most of the head's FLOPs and memory. `use_cache=False`: a scoring forward
+    has no next token to decode, and the config's default would build a KV cache every call."""
     completion_len = input_ids.shape[1] - prompt_len
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   logits_to_keep=completion_len + 1).logits
+                   logits_to_keep=completion_len + 1, use_cache=False).logits
     return logits[:, :-1].float() / temperature
 
 
