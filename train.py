@@ -25,16 +25,16 @@ from omegaconf import DictConfig
 
 from bridges.base import Bridge
 from envs.base import Env
-from grpo import checkpoint, final
+from grpo import checkpoint, distributed, final
 from grpo.advantages import group_advantages
 from grpo.batch import Batch, Rollout, build_batch
 from grpo.config import register_configs, validate
 from grpo.evaluate import Evaluator
-from grpo.logger import PhaseTimer, RunLogger
+from grpo.logger import PhaseTimer, RunLogger, SilentLogger
 from grpo.loss import GRPOLoss
 from grpo.policy import Policy
 from serving.client import VLLMClient
-from serving.guard import RestartGuard
+from serving.guard import RestartGuard, Unguarded
 from serving.lifeline import exit_on_sigterm
 from serving.server import VLLMServer, model_path, server_from_config
 
@@ -73,32 +73,42 @@ def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
     env = instantiate(cfg.env)  # a missing data file fails here, before vLLM starts
     cleanup.callback(env.close)
     # Its held-out prompts are read now: a missing split or eval.n < eval.k fails before vLLM starts.
-    evaluator = Evaluator.from_config(cfg, env) if cfg.eval.enabled else None
-    path = model_path(cfg)
+    evaluator = Evaluator.from_config(cfg, env) if cfg.eval.enabled and distributed.is_main() else None  # rank 0 asks vLLM
+    procs = distributed.world_size()  # torchrun's trainer processes (grpo/distributed.py)
+    distributed.check_rows(cfg.train.prompts_per_step * cfg.train.group_size)
+    distributed.check_devices(cfg.hardware, torch.cuda.device_count())
+    device = distributed.device(cfg.hardware.device)
+    path = distributed.broadcast_object(model_path(cfg) if distributed.is_main() else None)  # rank 0 builds it
     bridge: Bridge = instantiate(cfg.mode.bridge)  # a setup the bridge cannot serve fails before vLLM starts
+    bridge.check_trainer_procs(procs)
     server = server_from_config(cfg, path, run_dir, extra_args=bridge.server_args(), extra_env=bridge.server_env())
     cleanup.callback(server.stop)
     cleanup.callback(bridge.close)
-    policy = Policy(path, cfg.model.dtype, cfg.hardware.device, cfg.model.gradient_checkpointing,
+    policy = Policy(path, cfg.model.dtype, device, cfg.model.gradient_checkpointing,
                     temperature=cfg.rollout.temperature, lora=cfg.mode.lora, autocast=cfg.hardware.autocast,
-                    model=bridge.build_model(path, cfg.model.dtype, cfg.hardware.device, server))
+                    model=bridge.build_model(path, cfg.model.dtype, device, server))
     if loss.needs_reference:
         policy.load_reference()
+    if procs > 1 and policy.lora is None:
+        distributed.shard_model(policy.model)  # FSDP2; LoRA's adapters stay replicated
     ckpt = checkpoint.newest_complete(cfg.resume) if cfg.resume else None
     if ckpt:
         checkpoint.load_policy_weights(policy, ckpt)
-    server.start()  # a no-op if the bridge started it to build the model on vLLM's weights
+    if distributed.is_main():  # rank 0 alone talks to vLLM; the other ranks' server is never started
+        server.start()  # a no-op if the bridge started it to build the model on vLLM's weights
     client = instantiate(cfg.rollout, server=server, model=cfg.model.served_name)
     bridge.setup(policy, server, client, run_dir)
     bridge.initial_sync(checkpoint.saved_step(ckpt) if ckpt else None)
     optimizer = instantiate(cfg.optimizer, policy.trainable_parameters())
     scheduler = instantiate(cfg.scheduler, optimizer, total_steps=cfg.train.steps)
     run = Run(cfg, run_dir, env, policy, server, client, bridge, loss, optimizer, scheduler, None, evaluator=evaluator)
-    run.guard = RestartGuard(server, path, resync=bridge.sync,
-                             on_restart=lambda step, **info: run.logger.event(step, "vllm_restart", **info))
+    run.guard = Unguarded() if procs > 1 else \
+        RestartGuard(server, path, resync=bridge.sync,
+                     on_restart=lambda step, **info: run.logger.event(step, "vllm_restart", **info))
     if ckpt:  # last: the RNG states must be the saved ones, whatever building drew from them
         run.start_step = checkpoint.load_trainer_state(run, ckpt)
-    run.logger = RunLogger(run_dir, cfg, total_steps=cfg.train.steps, start_step=run.start_step)
+    run.logger = RunLogger(run_dir, cfg, total_steps=cfg.train.steps, start_step=run.start_step) \
+        if distributed.is_main() else SilentLogger()
     cleanup.callback(run.logger.close)
     if ckpt:
         run.logger.event(run.start_step, "resumed", checkpoint=str(ckpt))
@@ -110,7 +120,9 @@ def open_run(cfg: DictConfig, run_dir: Path) -> Iterator[Run]:
     """The built run; on leaving, everything it started is stopped (vLLM, pools, files), on
     SIGTERM too (it exits like Ctrl-C; a vLLM we started dies with us even on SIGKILL)."""
     with exit_on_sigterm(), ExitStack() as cleanup:
-        yield build(cfg, run_dir, cleanup)
+        distributed.init(cfg.hardware.device)  # several trainer processes: join their group
+        cleanup.callback(distributed.close)
+        yield build(cfg, distributed.agree_run_dir(run_dir), cleanup)
 
 
 def rollout_seed(cfg: DictConfig, step: int) -> int:
@@ -124,13 +136,17 @@ def optimize(run: Run, batch: Batch, step: int) -> dict:
     gradient accumulation, one optimizer step each, then one scheduler step. Returns averaged
     loss metrics, the policy's mean entropy on the sampled tokens and the lr the step used."""
     policy, loss, size, passes = run.policy, run.loss, run.cfg.train.micro_batch_size, run.cfg.train.num_iterations
-    num_items = batch.completion_mask.sum()
+    # Normalisers are the whole step's; each trainer process then trains its share of the rows,
+    # and the summed gradients are the one-process gradient (grpo/distributed.py).
+    num_items, rows = batch.completion_mask.sum(), batch.size
+    batch = batch.rows(distributed.shard_rows(rows))
     lr = run.optimizer.param_groups[0]["lr"]
     with torch.no_grad():
         batch.ref_logp = torch.cat([policy.reference_logprobs(m) for m in batch.micro_batches(size)]) \
             if loss.needs_reference else None
         # With several passes, the ratio must be taken against the rollout-time policy.
         batch.old_logp = torch.cat([policy.logprobs(m) for m in batch.micro_batches(size)]) if passes > 1 else None
+    distributed.reshard(policy.model)  # after no-grad forwards of a sharded model (grpo/distributed.py)
     totals: dict[str, float] = {"entropy": 0.0}
     skipped = 0
     for _ in range(passes):
@@ -143,10 +159,11 @@ def optimize(run: Run, batch: Batch, step: int) -> dict:
             old_logp = micro.old_logp if micro.old_logp is not None else logp.detach()
             out = loss(logp, old_logp, micro.sampling_logp.to(logp.device), micro.ref_logp,
                        micro.advantages.to(logp.device), mask, num_items_in_batch=num_items)
-            (out.loss * loss.micro_weight(micro.size, batch.size)).backward()
+            (out.loss * loss.micro_weight(micro.size, rows)).backward()
             for k, v in {"loss": out.loss.item(), **out.metrics}.items():
-                totals[k] = totals.get(k, 0.0) + v * micro.size / batch.size / passes
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), run.cfg.train.max_grad_norm)
+                totals[k] = totals.get(k, 0.0) + v * micro.size / rows / passes
+        distributed.sum_replicated_grads(policy.trainable_parameters())  # LoRA's; FSDP sums its own
+        grad_norm = distributed.clip_grad_norm(policy.trainable_parameters(), run.cfg.train.max_grad_norm)
         if not torch.isfinite(grad_norm):
             # A NaN/inf gradient would poison the weights for good: drop this update, keep the run.
             skipped += 1
@@ -155,6 +172,7 @@ def optimize(run: Run, batch: Batch, step: int) -> dict:
         with run.bridge.step_context():
             run.optimizer.step()
     run.scheduler.step()
+    totals = distributed.sum_over_ranks(totals)
     if skipped:
         run.logger.event(step, "skipped_update", reason="non-finite gradient norm", loss=totals.get("loss"),
                          updates=skipped)
@@ -194,11 +212,13 @@ def learn(run: Run, rollout: Rollout, step: int) -> tuple[Batch, dict]:
 
 def train_step(run: Run, step: int) -> dict:
     """One GRPO step: sample -> score -> advantages -> loss + optimizer step -> sync; its metrics."""
-    cfg, timer = run.cfg, PhaseTimer()
-    with timer("time_generate"):  # 1. vLLM samples group_size completions per prompt
-        rollout = generate(run, step)
+    cfg, timer, main = run.cfg, PhaseTimer(), distributed.is_main()
+    with timer("time_generate"):  # 1. vLLM samples group_size completions per prompt (rank 0)
+        rollout = generate(run, step) if main else None
     with timer("time_score"):  # 2. rewards [P, G]; one the env could not give is NaN, never 0
-        score(run, rollout)
+        if main:
+            score(run, rollout)
+        rollout = distributed.broadcast_object(rollout)  # every trainer process gets the whole step
     with timer("time_train"):  # 3. advantages [P, G], 4. loss + optimizer step
         batch, loss_metrics = learn(run, rollout, step)
     with timer("time_sync"):  # 5. new weights -> vLLM
@@ -241,7 +261,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> list[dict]:
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
                 checkpoint.save(run, step)
         # Inside the run: in mode=shared the weights are vLLM's memory, gone once it stops.
-        out = final.save(run.policy, run_dir, merge_lora=bool(cfg.mode.lora and cfg.mode.lora.merge_on_save))
+        out = final.save(run.policy, run.run_dir, merge_lora=bool(cfg.mode.lora and cfg.mode.lora.merge_on_save))
         run.logger.event(cfg.train.steps, "final_model", path=str(out))
     return history
 

@@ -6,6 +6,11 @@ and, written last, `COMPLETE` (a JSON manifest). It is built in a `.tmp-*` direc
 then renamed into place, so a crash mid-save leaves only a temp dir that is never picked.
 Nothing else writes under `checkpoints/` (mode=legacy serves its copies from `<run_dir>/served/`),
 so every complete checkpoint stays until the user removes it.
+
+With several trainer processes (torchrun), the policy (trainable parameters) and the optimizer
+are a `torch.distributed.checkpoint` in `dcp/` instead: every rank writes its own shards, no rank
+gathers the model, and a run may resume on another number of processes. Rank 0 writes
+`trainer.pt` (without the optimizer) and the marker, after every rank's shards are written.
 """
 
 from __future__ import annotations
@@ -14,13 +19,23 @@ import json
 import os
 import random
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
+
+from grpo import distributed
 
 MARKER = "COMPLETE"
+SHARDED = "dcp"  # the torch.distributed.checkpoint of a run with several trainer processes
+# What a sharded checkpoint holds of the model: what trains (LoRA: the adapter, not the frozen base).
+TRAINED = StateDictOptions(ignore_frozen_params=True)
+# Loading it leaves the frozen parameters as built; dcp.load already fails on a trained one missing.
+LOAD_TRAINED = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -64,23 +79,52 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _trainer_state(run, step: int) -> dict:
+    return {
+        "step": step,
+        "scheduler": run.scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": random.getstate(),
+        "env": run.env.state_dict(),
+        "vllm_restarts": run.guard.restarts,
+    }
+
+
+def _mark_complete(tmp: Path, step: int) -> None:
+    files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+    _fsync_tree(tmp)
+    (tmp / MARKER).write_text(json.dumps({"step": step, "files": files}))  # last: after the files are durable
+
+
 def save(run, step: int) -> Path:
     """Write the checkpoint of `step` atomically; returns its directory."""
     final = checkpoint_dir(run.run_dir, step)
+    if distributed.world_size() > 1:
+        return save_sharded(run, step, final)
     with atomic_dir(final) as tmp:
         run.policy.save(tmp / "policy")
-        torch.save({
-            "step": step,
-            "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "python_rng": random.getstate(),
-            "env": run.env.state_dict(),
-            "vllm_restarts": run.guard.restarts,
-        }, tmp / "trainer.pt")
-        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-        _fsync_tree(tmp)
-        (tmp / MARKER).write_text(json.dumps({"step": step, "files": files}))  # last: after the files are durable
+        torch.save({**_trainer_state(run, step), "optimizer": run.optimizer.state_dict()}, tmp / "trainer.pt")
+        _mark_complete(tmp, step)
+    return final
+
+
+def _sharded_state(run) -> dict:
+    model, optimizer = get_state_dict(run.policy.model, run.optimizer, options=TRAINED)
+    return {"model": model, "optimizer": optimizer}
+
+
+def save_sharded(run, step: int, final: Path) -> Path:
+    """Every rank writes its shards into rank 0's temp dir (a filesystem all ranks see); rank 0
+    marks it complete once `dcp.save` has returned, i.e. once every rank's files are written, and
+    renames it into place. A rank dying mid-save leaves a `.tmp-*` dir without a marker."""
+    main = distributed.is_main()
+    with atomic_dir(final) if main else nullcontext() as tmp:
+        tmp = Path(distributed.broadcast_object(str(tmp) if main else None))
+        dcp.save(_sharded_state(run), checkpoint_id=tmp / SHARDED)
+        if main:
+            torch.save(_trainer_state(run, step), tmp / "trainer.pt")
+            _mark_complete(tmp, step)
+    distributed.barrier()  # no rank goes on before the checkpoint is in place
     return final
 
 
@@ -107,6 +151,11 @@ def saved_step(ckpt: Path) -> int:
 
 def load_policy_weights(policy, ckpt: Path) -> None:
     """Copy the saved weights into the live model in place (optimizer and bridge keep their tensors)."""
+    if (Path(ckpt) / SHARDED).is_dir():
+        state = {"model": get_model_state_dict(policy.model, options=TRAINED)}
+        dcp.load(state, checkpoint_id=Path(ckpt) / SHARDED)
+        set_model_state_dict(policy.model, state["model"], options=LOAD_TRAINED)
+        return
     src = Path(ckpt) / "policy"
     if policy.lora is not None:
         from peft import set_peft_model_state_dict
@@ -123,7 +172,13 @@ def load_policy_weights(policy, ckpt: Path) -> None:
 def load_trainer_state(run, ckpt: Path) -> int:
     """Restore optimizer, scheduler, env cursor and RNGs; returns the checkpoint's step."""
     state = torch.load(Path(ckpt) / "trainer.pt", weights_only=False)
-    run.optimizer.load_state_dict(state["optimizer"])
+    if (Path(ckpt) / SHARDED).is_dir():
+        sharded = _sharded_state(run)
+        dcp.load(sharded, checkpoint_id=Path(ckpt) / SHARDED)
+        set_state_dict(run.policy.model, run.optimizer, model_state_dict=sharded["model"],
+                       optim_state_dict=sharded["optimizer"], options=LOAD_TRAINED)
+    else:
+        run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.env.load_state_dict(state["env"])
     run.guard.restarts = state["vllm_restarts"]
