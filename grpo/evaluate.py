@@ -40,6 +40,7 @@ from serving.client import VLLMClient
 # Sampled eval requests draw seeds from here on (prompt i, sample j: + i*n + j): the same at every
 # eval, and apart from training rollouts' seeds ((seed << 40) + (step << 20), steps < 2**19).
 EVAL_SEED_OFFSET = 1 << 39
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -142,8 +143,9 @@ def served_model(model_dir: Path) -> tuple[Path, list[str], Optional[str]]:
         return model_dir / "merged", [], None
     spec = json.loads(adapter.read_text())
     name = "eval-adapter"
+    rank = next(r for r in LORA_RANKS if r >= spec["r"])
     return Path(spec["base_model_name_or_path"]), [
-        "--enable-lora", "--max-lora-rank", str(max(spec["r"], 8)), "--max-loras", "1",
+        "--enable-lora", "--max-lora-rank", str(rank), "--max-loras", "1",
         "--lora-modules", f"{name}={model_dir}"], name
 
 

@@ -8,12 +8,13 @@ import math
 import subprocess
 import sys
 from math import comb
+from pathlib import Path
 
 import pytest
 
 from conftest import REPO, make_cfg
 from envs.synthetic import DigitsEnv
-from grpo.evaluate import Evaluator, find_model, pass_at_k
+from grpo.evaluate import Evaluator, find_model, pass_at_k, served_model
 from grpo.logger import RunLogger
 from train import train
 
@@ -74,8 +75,6 @@ def test_bad_eval_or_reward_config_fails_at_start_before_vllm(tmp_path, override
 
 
 def test_find_model_in_run_checkpoint_and_model_dirs(tmp_path, tiny_model_path):
-    from pathlib import Path
-
     assert find_model(Path(tiny_model_path)) == (Path(tiny_model_path).resolve(), None, None)
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)
@@ -89,6 +88,17 @@ def test_find_model_in_run_checkpoint_and_model_dirs(tmp_path, tiny_model_path):
     assert find_model(run) == (run / "final", run, None) == find_model(run / "final")
     with pytest.raises(FileNotFoundError, match="not a run dir"):
         find_model(tmp_path)
+
+
+def test_a_lora_adapter_is_served_merged_or_as_a_lora_module(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/models/base", "r": 12}))
+    path, args, name = served_model(tmp_path)
+    assert path == Path("/models/base") and name == "eval-adapter"
+    assert args == ["--enable-lora", "--max-lora-rank", "16", "--max-loras", "1", "--lora-modules", f"eval-adapter={tmp_path}"]
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "config.json").write_text("{}")
+    assert served_model(tmp_path) == (tmp_path / "merged", [], None)
+    assert served_model(tmp_path / "merged") == (tmp_path / "merged", [], None)
 
 
 @pytest.mark.slow
