@@ -69,6 +69,19 @@ def job_row(run_dir: Path, metric: str = EVAL_METRIC, last: int = 5) -> dict[str
     }
 
 
+def _rank() -> int:
+    """This process's rank in a job run as several (each ends the job; rank 0 writes its row):
+    torchrun's RANK, else submitit's task rank (SLURM or local; train.py exports RANK from it only
+    once the process group forms, so a job failing before that still has one row)."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    if "SUBMITIT_EXECUTOR" in os.environ:
+        import submitit
+
+        return submitit.JobEnvironment().global_rank
+    return 0
+
+
 class SweepSummary(Callback):
     """Hydra callback (conf/config.yaml `hydra.callbacks.summary`): in a multirun of `task`
     (Hydra's job name: `train` for train.py; the experiments' sweeps write their own CSVs), every
@@ -78,9 +91,7 @@ class SweepSummary(Callback):
         self.task, self.metric, self.last = task, metric, last
 
     def _ours(self, config: DictConfig) -> bool:
-        # A job run as several processes (torchrun, SLURM tasks) ends in each: rank 0 writes its row.
-        rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-        return config.hydra.mode == RunMode.MULTIRUN and config.hydra.job.name == self.task and rank == 0
+        return config.hydra.mode == RunMode.MULTIRUN and config.hydra.job.name == self.task and _rank() == 0
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         # A summary holds one sweep's jobs: a sweep dir reused on purpose gets a new one (its

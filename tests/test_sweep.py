@@ -64,6 +64,7 @@ def sweep(tmp_path_factory):
     folder = tmp_path_factory.mktemp("app")
     proc = app(folder, "-m", "seed=0,1,2", "lr=0.5", "hydra.sweep.dir=sweep")
     assert proc.returncode != 0 and "diverged at step 0" in proc.stderr  # Hydra re-raises after the batch
+    assert "Callback" not in proc.stderr  # Hydra turns a callback's exception into a warning
     return folder / "sweep"
 
 
@@ -114,9 +115,13 @@ def test_only_a_multirun_of_the_task_on_rank_0_writes_a_summary_and_a_new_one_re
     # Another task's multirun (the experiments' sweeps) is not summarised.
     assert app(folder, "-m", "seed=1", "hydra.sweep.dir=other", "hydra.callbacks.summary.task=train").returncode == 0
     assert (folder / "other" / "0" / "metrics.jsonl").exists() and not (folder / "other" / SUMMARY).exists()
-    # A job run as several processes: only rank 0 writes its row.
+    # A job run as several processes: only rank 0 writes its row (torchrun's RANK, or submitit's
+    # task rank in a job that failed before train.py exported RANK).
     assert app(folder, "-m", "seed=1", "hydra.sweep.dir=rank1", RANK="1").returncode == 0
     assert (folder / "rank1" / "0" / "metrics.jsonl").exists() and not (folder / "rank1" / SUMMARY).exists()
+    task1 = app(folder, "-m", "seed=2", "hydra.sweep.dir=task1", SUBMITIT_EXECUTOR="local", SUBMITIT_LOCAL_GLOBALID="1")
+    assert task1.returncode != 0 and "Callback" not in task1.stderr
+    assert (folder / "task1" / "0").is_dir() and not (folder / "task1" / SUMMARY).exists()
 
 
 def test_override_columns_parse_as_hydra_does():
