@@ -82,7 +82,7 @@ class Bridge:
     def check_trainer_procs(self, n: int) -> None:
         """At start: refuse `n` trainer processes (torchrun) if this mode cannot serve them."""
         if n > 1:
-            raise ValueError(f"mode={self.mode} runs with one trainer process, not {n}; mode=reload and mode=lora "
+            raise ValueError(f"mode={self.mode} runs with one trainer process, not {n}; mode=reload, lora and legacy "
                              "run under torchrun")
 
     def build_model(self, path: str, dtype: str, device: str, server: VLLMServer) -> Optional[torch.nn.Module]:
