@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import random
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 from bridges.base import Bridge
 from envs.base import Env
 from grpo import checkpoint, distributed, final
+from grpo.async_rollout import RolloutPipeline, Schedule, check_mode
 from grpo.advantages import group_advantages
 from grpo.batch import Batch, Rollout, build_batch
 from grpo.config import register_configs, validate
@@ -59,12 +60,14 @@ class Run:
     start_step: int = 0  # the step a resumed run's checkpoint ended with
     guard: Optional[RestartGuard] = None  # restarts our vLLM if it dies; set by build()
     evaluator: Optional[Evaluator] = None  # held-out eval (eval.enabled); set by build()
+    rollouts: Optional[RolloutPipeline] = None  # the producer thread (train.max_staleness > 0, rank 0)
 
 
 def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
     """Build every part; each one that holds a resource (vLLM, worker pools, files) is registered
     with `cleanup` as soon as it exists, so a failure half-way through leaves nothing running."""
     validate(cfg)  # every range and choice, by its key, before anything starts
+    check_mode(cfg.mode.name, cfg.train.max_staleness)  # shared/legacy cannot keep weights fixed during a request
     loss = instantiate(cfg.loss, max_completion_length=cfg.rollout.max_tokens)  # checks its options
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
@@ -112,6 +115,14 @@ def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
     cleanup.callback(run.logger.close)
     if ckpt:
         run.logger.event(run.start_step, "resumed", checkpoint=str(ckpt))
+    if cfg.train.max_staleness and distributed.is_main():  # last: it samples the env and talks to vLLM
+        run.rollouts = RolloutPipeline(lambda step: produce(run, step),
+                                       Schedule(cfg.train.max_staleness, cfg.mode.sync_every), cfg.train.steps,
+                                       run.start_step, ready=checkpoint.saved_rollouts(ckpt) if ckpt else None)
+        if isinstance(run.guard, RestartGuard):
+            run.guard.resync = run.rollouts.resync(run.guard.resync)
+        cleanup.callback(run.rollouts.stop)
+        run.rollouts.start()
     return run
 
 
@@ -193,6 +204,8 @@ def sync_weights(run: Run, step: int) -> dict:
     """Every `mode.sync_every` steps and at the last: push the weights into vLLM, verified."""
     if step % run.cfg.mode.sync_every and step != run.cfg.train.steps:
         return {}
+    if run.rollouts:  # never during a request: wait for those due on older weights
+        run.rollouts.before_sync(step)
     stats = run.guard.call(step, lambda: run.bridge.sync(step))
     run.logger.sync(stats.to_dict())
     return {"sync_ms": stats.ms, "sync_bytes": stats.bytes, "probe_max_diff": stats.probe_max_diff}
@@ -201,6 +214,16 @@ def sync_weights(run: Run, step: int) -> dict:
 def score(run: Run, rollout: Rollout) -> None:
     """The env's reward components and their weighted sum, each [P, G]; one it could not give is NaN, never 0."""
     rollout.set_scores(run.env.score(rollout.prompts, rollout.texts), run.env.reward_weights)
+
+
+def produce(run: Run, step: int) -> tuple[Rollout, dict]:
+    """Steps 1-2 of a step (rank 0): its rollout, generated and scored, and the phases' seconds."""
+    timer = PhaseTimer()
+    with timer("time_generate"):  # 1. vLLM samples group_size completions per prompt
+        rollout = generate(run, step)
+    with timer("time_score"):  # 2. rewards [P, G]; one the env could not give is NaN, never 0
+        score(run, rollout)
+    return rollout, timer.seconds
 
 
 def learn(run: Run, rollout: Rollout, step: int) -> tuple[Batch, dict]:
@@ -213,14 +236,13 @@ def learn(run: Run, rollout: Rollout, step: int) -> tuple[Batch, dict]:
 def train_step(run: Run, step: int) -> dict:
     """One GRPO step: sample -> score -> advantages -> loss + optimizer step -> sync; its metrics."""
     cfg, timer, main = run.cfg, PhaseTimer(), distributed.is_main()
-    with timer("time_generate"):  # 1. vLLM samples group_size completions per prompt (rank 0)
-        rollout = generate(run, step) if main else None
-    with timer("time_score"):  # 2. rewards [P, G]; one the env could not give is NaN, never 0
-        if main:
-            score(run, rollout)
-        rollout = distributed.broadcast_object(rollout)  # every trainer process gets the whole step
-    with timer("time_train"):  # 3. advantages [P, G], 4. loss + optimizer step
-        batch, loss_metrics = learn(run, rollout, step)
+    if main:  # 1-2. generated and scored now, or taken from the producer thread that ran ahead
+        rollout, timer.seconds = run.rollouts.take(step) if run.rollouts else produce(run, step)
+    else:
+        rollout, timer.seconds = None, {"time_generate": 0.0, "time_score": 0.0}
+    rollout = distributed.broadcast_object(rollout)  # every trainer process gets the whole step
+    with timer("time_train"), run.rollouts.update(step) if run.rollouts else nullcontext():
+        batch, loss_metrics = learn(run, rollout, step)  # 3. advantages [P, G], 4. loss + optimizer step
     with timer("time_sync"):  # 5. new weights -> vLLM
         sync = sync_weights(run, step)
     if step % cfg.log.samples_every == 0 or step == 1:
@@ -253,6 +275,8 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> list[dict]:
     with open_run(cfg, run_dir) as run:
         if run.start_step == 0:
             evaluate(run, 0)
+        if run.rollouts:  # the producer starts on the weights vLLM serves now
+            run.rollouts.publish(run.start_step)
         for step in range(run.start_step + 1, cfg.train.steps + 1):
             metrics = train_step(run, step)
             run.logger.step(step, metrics)
@@ -260,6 +284,8 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> list[dict]:
             evaluate(run, step)
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
                 checkpoint.save(run, step)
+            if run.rollouts:  # after eval and checkpoint: the producer may now generate on this step's weights
+                run.rollouts.publish(step)
         # Inside the run: in mode=shared the weights are vLLM's memory, gone once it stops.
         out = final.save(run.policy, run.run_dir, merge_lora=bool(cfg.mode.lora and cfg.mode.lora.merge_on_save))
         run.logger.event(cfg.train.steps, "final_model", path=str(out))

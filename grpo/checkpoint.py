@@ -87,6 +87,8 @@ def _trainer_state(run, step: int) -> dict:
         "python_rng": random.getstate(),
         "env": run.env.state_dict(),
         "vllm_restarts": run.guard.restarts,
+        # train.max_staleness > 0: the rollouts generated ahead, not yet trained on (grpo/async_rollout.py)
+        "rollouts": run.rollouts.in_flight() if run.rollouts else {},
     }
 
 
@@ -167,6 +169,11 @@ def load_policy_weights(policy, ckpt: Path) -> None:
 
     saved = AutoModelForCausalLM.from_pretrained(src, dtype=policy.model.dtype)
     policy.model.load_state_dict(saved.state_dict())
+
+
+def saved_rollouts(ckpt: Path) -> dict:
+    """The rollouts a run with train.max_staleness > 0 had generated ahead at the checkpoint."""
+    return torch.load(Path(ckpt) / "trainer.pt", weights_only=False).get("rollouts", {})
 
 
 def load_trainer_state(run, ckpt: Path) -> int:

@@ -195,6 +195,9 @@ class TrainConfig:
     seed: int = field(default=0, metadata=at_least(0))  # also seeds each step's rollouts (exact resume)
     # Steps between checkpoints in <run_dir>/checkpoints (0: none).
     checkpoint_every: int = field(default=0, metadata=at_least(0))
+    # Asynchronous GRPO (grpo/async_rollout.py): rollouts of the next k steps are generated while
+    # the trainer trains, on weights at most k versions old. 0: the synchronous loop.
+    max_staleness: int = field(default=0, metadata=at_least(0))
 
 
 @dataclass

@@ -170,6 +170,7 @@ def grpo_loss(
     ratio = torch.exp(logp - old_logp.detach())
     clipped = ratio.clamp(1.0 - epsilon_low, 1.0 + epsilon_high)
     weights = importance_weights(old_logp, sampling_logp, mask, is_level, is_mode, is_cap)
+    raw = importance_weights(old_logp, sampling_logp, mask, is_level, is_mode, torch.inf)  # before the cap
     per_token = -torch.min(ratio * adv, clipped * adv) * weights
     kl = None if ref_logp is None else kl_k3(logp, ref_logp)
     if beta > 0:
@@ -182,6 +183,9 @@ def grpo_loss(
         "clip_frac": _masked_mean(clip_active.to(mask.dtype), mask),
         "kl": 0.0 if kl is None else _masked_mean(kl, mask),
         "is_weight_mean": _masked_mean(weights, mask),
+        # Largest uncapped weight of this micro-batch (optimize averages it over micro-batches).
+        "is_weight_max": torch.where(mask.bool(), raw, torch.zeros_like(raw)).max().item(),
+        "is_cut_frac": _masked_mean((raw > is_cap).to(mask.dtype), mask),  # tokens truncated/masked by is_cap
         "logprob_gap": _masked_mean((old_logp - sampling_logp).abs(), mask),
         "ratio_mean": _masked_mean(ratio, mask),
     }

@@ -1,0 +1,173 @@
+"""Asynchronous GRPO (`train.max_staleness=k > 0`): a producer thread generates and scores the
+rollouts of the next k steps while the trainer trains, each tagged with the policy version that
+generated it (the step whose weights vLLM served; 0 = the initial weights).
+
+The schedule is fixed, so a seeded run repeats itself: step s's rollout is generated on version
+`max(0, s-1-k)` (rounded down to the last sync step with `mode.sync_every`). The producer waits
+until that version is served; the sync installing version v first waits until every rollout due
+on an older version (steps <= v + k) is generated, so the weights never change during a request.
+The trainer publishes v only after its step's eval and checkpoint, so at a checkpoint the
+producer is idle and the finished rollouts it holds are exactly the run's in-flight state.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+# Modes whose weights cannot stay fixed while the trainer updates them, and why.
+REFUSED = {
+    "shared": "vLLM reads the trainer's weights in place, so they change while rollouts are generated",
+    "legacy": "every sync restarts the vLLM server, which would kill the rollouts in flight",
+}
+
+
+def check_mode(mode: str, max_staleness: int) -> None:
+    """At start: refuse a mode whose weights cannot stay fixed during a request."""
+    if max_staleness > 0 and mode in REFUSED:
+        raise ValueError(f"train.max_staleness={max_staleness} does not work with mode={mode}: {REFUSED[mode]}; "
+                         f"use mode=reload, lora or broadcast, or train.max_staleness=0")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Which policy version generates each step's rollout, and what a sync must wait for."""
+
+    max_staleness: int
+    sync_every: int = 1
+
+    def version_for(self, step: int) -> int:
+        """The version (a sync step, or 0) whose weights generate step `step`'s rollout."""
+        version = max(0, step - 1 - self.max_staleness)
+        return version - version % self.sync_every
+
+    def last_before(self, version: int) -> int:
+        """The last step whose rollout is generated on a version older than `version` (a sync
+        step): installing `version` waits until it is generated."""
+        return version + self.max_staleness
+
+
+@dataclass
+class Produced:
+    """A generated, scored rollout with its bookkeeping."""
+
+    rollout: object  # grpo.batch.Rollout
+    version: int  # the policy version (step) whose weights vLLM served while generating it
+    seconds: dict  # time_generate, time_score, time_wait_weights of the producer
+
+
+class RolloutPipeline:
+    """The producer thread and its version-tagged buffer. `produce(step) -> (rollout, seconds)`
+    is the synchronous loop's generate + score of that step (seeded by the step)."""
+
+    def __init__(self, produce: Callable[[int], tuple], schedule: Schedule, steps: int, start_step: int = 0,
+                 ready: Optional[dict[int, Produced]] = None):
+        self.produce, self.schedule, self.steps = produce, schedule, steps
+        self.published = -1  # the newest step the trainer published (none yet: the producer waits)
+        self.trainer_version = start_step  # the step the trainer's weights are
+        self.resynced = -1  # the version a vLLM restart pushed (the trainer's weights then)
+        self.ready: dict[int, Produced] = dict(ready or {})  # step -> finished rollout, not yet taken
+        self.next_step = max(self.ready, default=start_step) + 1  # the next step to generate
+        self.idle = False  # the producer waits for a version (nothing in flight)
+        self.error: Optional[BaseException] = None
+        self.stopping = False
+        self.cond = threading.Condition()
+        self.updating = threading.Lock()  # held while the trainer changes its weights
+        self.thread = threading.Thread(target=self._loop, name="rollout-producer", daemon=True)
+
+    def start(self) -> "RolloutPipeline":
+        self.thread.start()
+        return self
+
+    def _loop(self) -> None:
+        try:
+            while self.next_step <= self.steps:
+                step, start = self.next_step, time.perf_counter()
+                with self.cond:
+                    self.idle = True
+                    self.cond.notify_all()
+                    self.cond.wait_for(lambda: self.stopping or self.published >= self.schedule.version_for(step))
+                    self.idle = False
+                    if self.stopping:
+                        return
+                waited = time.perf_counter() - start
+                rollout, seconds = self.produce(step)
+                with self.cond:
+                    version = max(self.schedule.version_for(step), self.resynced)  # a restart pushed newer
+                    self.ready[step] = Produced(rollout, version,
+                                                {**seconds, "time_wait_weights": waited})
+                    self.next_step = step + 1
+                    self.cond.notify_all()
+        except BaseException as exc:  # reaches the trainer at its next take/sync
+            with self.cond:
+                self.error = exc
+                self.cond.notify_all()
+        finally:
+            with self.cond:
+                self.idle = True
+                self.cond.notify_all()
+
+    def _wait(self, ready: Callable[[], bool]) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: ready() or self.error is not None)
+            if self.error is not None and not ready():
+                raise RuntimeError("the rollout producer failed") from self.error
+
+    def take(self, step: int) -> tuple[object, dict]:
+        """Step `step`'s rollout (waiting for it) and its metrics: staleness (versions behind
+        the weights it trains), the producer's phase times, and the trainer's wait."""
+        start = time.perf_counter()
+        self._wait(lambda: step in self.ready)
+        with self.cond:
+            item = self.ready.pop(step)
+        return item.rollout, {**item.seconds, "time_wait_rollout": time.perf_counter() - start,
+                              "staleness": step - 1 - item.version, "policy_version": item.version}
+
+    def before_sync(self, version: int) -> None:
+        """Block until no request due on an older version is left (weights never change during one)."""
+        last = min(self.schedule.last_before(version), self.steps)
+        self._wait(lambda: self.next_step > last)
+
+    @contextmanager
+    def update(self, step: int) -> Iterator[None]:
+        """Around the trainer's optimizer step: a vLLM restart in the producer re-syncs only whole weights."""
+        with self.updating:
+            yield
+            self.trainer_version = step
+
+    def resync(self, push: Callable[[int], object]) -> Callable[[int], object]:
+        """`push` (the guard's re-sync after a vLLM restart) run between optimizer steps, recording
+        the version vLLM then serves: a restart's regenerated rollout is tagged with it."""
+
+        def locked(step: int):
+            with self.updating:
+                out = push(step)
+                with self.cond:
+                    self.resynced = self.trainer_version
+                return out
+
+        return locked
+
+    def publish(self, step: int) -> None:
+        """The trainer is done with `step` (its sync, eval and checkpoint): the producer may
+        generate the rollouts due on its weights (or, between syncs, on the last synced ones)."""
+        with self.cond:
+            self.published = step
+            self.cond.notify_all()
+
+    def in_flight(self) -> dict[int, Produced]:
+        """The finished rollouts not yet trained on, once the producer is idle (for a checkpoint)."""
+        self._wait(lambda: self.idle)
+        with self.cond:
+            return dict(self.ready)
+
+    def stop(self) -> None:
+        """Stop the producer; a request it is inside finishes (or fails) on its own: it is a daemon."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        if self.thread.is_alive():
+            self.thread.join(timeout=5.0)
