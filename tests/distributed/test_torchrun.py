@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -67,3 +69,39 @@ def test_two_gpu_processes_train_as_one(attach, vllm_server, tiny_model_path, tm
     one, two = run_both(attach, vllm_server, tiny_model_path, tmp_path, "mode=reload",
                         hardware=("hardware=gpu", "hardware.autocast=null"))
     assert_same_run(one, read_jsonl(two / "metrics.jsonl"))
+
+
+@pytest.mark.slow
+def test_a_killed_rank_stops_the_job_and_leaves_no_checkpoint_marked_complete(attach, tmp_path):
+    """SIGKILL rank 1 after step 2 of a run that checkpoints every step: torchrun stops rank 0 within
+    seconds and names rank 1; every step-* checkpoint is whole, a save cut short has no marker."""
+    import psutil
+
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "train.py",
+                            "mode=reload", attach, *RUN, "train.steps=40", "train.checkpoint_every=1",
+                            f"hydra.run.dir={run_dir}"],
+                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not ((run_dir / "metrics.jsonl").is_file() and
+                   len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 2):
+            assert job.poll() is None and time.monotonic() < deadline, "the run did not reach step 2"
+            time.sleep(0.1)
+        rank1 = next(p for p in psutil.Process(job.pid).children(recursive=True)
+                     if p.environ().get("RANK") == "1" and "train.py" in " ".join(p.cmdline()))
+        killed = time.monotonic()
+        rank1.kill()
+        out, _ = job.communicate(timeout=120)
+        stopped_s = time.monotonic() - killed
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode != 0
+    assert stopped_s < 60, stopped_s  # measured ~1.1 s on 2 loaded cores
+    assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s+exitcode\s*: -9", out), out[-3000:]
+    saved = [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step-")]
+    cut = [p for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith("step-")]  # .tmp-*, if any
+    assert saved and all((p / "COMPLETE").is_file() and (p / "dcp" / ".metadata").is_file() for p in saved)
+    assert not any((p / "COMPLETE").exists() for p in cut)
