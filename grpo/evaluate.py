@@ -202,7 +202,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("target", help="run dir, checkpoint dir (step-*), or HF model dir")
     parser.add_argument("overrides", nargs="*", help="config overrides, as for train.py (env=gsm8k eval.n=8 ...)")
     parser.add_argument("--out", help="output dir (default outputs/eval/<date>/<time>)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # --out may come between the target and the overrides
     print(json.dumps(evaluate_saved(args.target, args.overrides, args.out), indent=1))
 
 
