@@ -3,10 +3,12 @@
 `source` is a local directory holding `{split}.jsonl`, a `.jsonl` file, or a hub dataset id
 (`openai/gsm8k`): the same config serves offline tests and real users.
 
-Reward components: `correct` (math-verify finds the gold answer) and `format` (the completion
-gives its answer in a form a grader can find: ending in the dataset's `#### <number>`, or a
-`\\boxed{...}` answer). `format` is within a tiny model's reach where `correct` is not, so a CPU run
-has something to learn while `correct` is reported as it is. Eval splits are the source's other
+Reward components: `correct` (math-verify finds the gold answer) and `format`: 1.0 when the
+completion gives its answer in a form a grader can find (ending in the dataset's `#### <number>`,
+or a `\\boxed{...}` answer), 0.5 when it has the marker (`####`, `\\boxed{`) but no such answer.
+The half step is what makes `format` reachable for a tiny random model, where `correct` is not:
+measured on its GSM8K completions, 15 % hold `####`, 1 % `#### <number>`, none end in it. So a CPU
+run has something to learn while `correct` is reported as it is. Eval splits are the source's other
 files (`test`); a question that is also a training question is dropped from them.
 """
 
@@ -30,11 +32,15 @@ SYSTEM = (
 # never prefers a well-formed wrong answer to a correct one.
 REWARD_WEIGHTS = {"correct": 1.0, "format": 0.1}
 ANSWER_FORM = re.compile(r"####\s*[-+]?[\d,]*\.?\d+\s*$|\\boxed\{\s*[^}\s]")
+ANSWER_MARKER = re.compile(r"####|\\boxed\{")
 
 
 def answer_format(completion: str) -> float:
-    """1.0 if the completion ends in `#### <number>` or has a non-empty `\\boxed{...}`, else 0.0."""
-    return float(ANSWER_FORM.search(completion) is not None)
+    """1.0 if the completion ends in `#### <number>` or has a non-empty `\\boxed{...}`; 0.5 if it
+    has only the marker; else 0.0."""
+    if ANSWER_FORM.search(completion):
+        return 1.0
+    return 0.5 if ANSWER_MARKER.search(completion) else 0.0
 
 
 class BadDataError(ValueError):

@@ -120,7 +120,8 @@ def test_hub_ids_go_to_datasets(monkeypatch):
 
 @pytest.mark.parametrize("completion, form", [
     ("so 5 + 3 = 8\n#### 8", 1.0), ("#### 1,000.5  \n", 1.0), ("#### -3", 1.0), ("The answer is \\boxed{72}.", 1.0),
-    ("$\\boxed{\\frac{1}{2}}$", 1.0), ("#### 8 apples", 0.0), ("\\boxed{ }", 0.0), ("\\boxed{}", 0.0), ("72", 0.0), ("####", 0.0), ("", 0.0),
+    ("$\\boxed{\\frac{1}{2}}$", 1.0), ("72", 0.0), ("", 0.0), ("# 5", 0.0), ("boxed{5}", 0.0),
+    ("#### 8 apples", 0.5), ("\\boxed{ }", 0.5), ("\\boxed{}", 0.5), ("x ####", 0.5),  # the marker alone: half
 ])
 def test_format_component(completion, form):
     assert answer_format(completion) == form
