@@ -98,7 +98,8 @@ def sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
     if world_size() == 1 or not values:
         return values
     keys = sorted(values)
-    total = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"  # NCCL: GPU only
+    total = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=on)
     dist.all_reduce(total)
     return dict(zip(keys, total.tolist()))
 
