@@ -142,9 +142,9 @@ class RolloutPipeline:
         """`push` (the guard's re-sync after a vLLM restart) run between optimizer steps, recording
         the version vLLM then serves: a restart's regenerated rollout is tagged with it."""
 
-        def locked(step: int):
+        def locked(step: int):  # the producer's step; the weights pushed are the trainer's version
             with self.updating:
-                out = push(step)
+                out = push(self.trainer_version)
                 with self.cond:
                     self.resynced = self.trainer_version
                 return out
