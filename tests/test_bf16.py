@@ -46,7 +46,8 @@ def bf16_server(tiny_model_path, tmp_path_factory):
     server.stop()
 
 
-@pytest.mark.parametrize("mode", CASES)
+# CI trains bf16 with reload; the other modes repeat it on their own bridges (pytest -m heavy).
+@pytest.mark.parametrize("mode", [m if m == "reload" else pytest.param(m, marks=pytest.mark.heavy) for m in CASES])
 def test_a_bf16_run_trains(mode, request, tiny_model_path, tmp_path):
     overrides, steps, attached = CASES[mode]
     if attached:

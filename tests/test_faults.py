@@ -231,7 +231,8 @@ def kill_server_after(run_dir: Path, servers: list, step: int, killed: list) -> 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides", [("mode=reload",), ("mode=lora", "optimizer.lr=1e-2")], ids=["reload", "lora"])
+@pytest.mark.parametrize("overrides", [("mode=reload",), pytest.param(("mode=lora", "optimizer.lr=1e-2"), marks=pytest.mark.heavy)],
+                         ids=["reload", "lora"])
 def test_killed_vllm_is_restarted_and_the_run_continues(tmp_path, monkeypatch, overrides):
     servers, killed = [], []
     start = VLLMServer.start
@@ -320,7 +321,7 @@ def start_trainer_and_kill(run_dir: Path, sig: int, *overrides: str) -> tuple[in
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, pytest.param(signal.SIGTERM, marks=pytest.mark.heavy)], ids=["SIGKILL", "SIGTERM"])
 def test_killed_trainer_takes_its_server_along(tmp_path, sig):
     code, pids, trainer_s, gone_s = start_trainer_and_kill(tmp_path, sig)
     print(json.dumps({"signal": sig.name, "server_pids": pids, "trainer_gone_s": round(trainer_s, 1),

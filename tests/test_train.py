@@ -60,6 +60,7 @@ def test_lora_run_learns_as_typed(attach, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_broadcast_run_learns(attach, tmp_path):
     history = train(make_cfg("mode=broadcast", attach, *SHORT_RUN), tmp_path)
     assert_learns(history)

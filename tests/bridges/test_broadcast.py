@@ -73,6 +73,7 @@ def test_broadcast_sync_serves_trainer_weights(vllm_server, tiny_model_path, tmp
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_a_restarted_server_joins_a_new_group(vllm_server, tiny_model_path, tmp_path):
     """vLLM restarted (what the trainer does when its server died): the old group's workers are
     gone, so the next sync forms a new group instead of broadcasting into the old one."""

@@ -250,6 +250,7 @@ def test_optimizer_step_is_the_sync(big_server, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_plain_linear_throughput(big_server):
     """vLLM computes from the shared tensors with F.linear instead of its packed kernels: the cost."""
     server, _ = big_server

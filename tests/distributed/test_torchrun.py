@@ -60,7 +60,7 @@ def run_both(attach, vllm_server, tiny_model_path, tmp_path, *overrides, hardwar
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["reload", "lora"])
+@pytest.mark.parametrize("mode", ["reload", pytest.param("lora", marks=pytest.mark.heavy)])
 def test_two_processes_train_as_one(attach, vllm_server, tiny_model_path, tmp_path, mode):
     one, two = run_both(attach, vllm_server, tiny_model_path, tmp_path, f"mode={mode}")
     assert_same_run(one, read_jsonl(two / "metrics.jsonl"))
@@ -80,6 +80,7 @@ def test_two_gpu_processes_train_as_one(attach, vllm_server, tiny_model_path, tm
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_a_killed_rank_stops_the_job_and_leaves_no_checkpoint_marked_complete(attach, tmp_path):
     """SIGKILL rank 1 after step 2 of a run that checkpoints every step: torchrun stops rank 0 within
     seconds and names rank 1; every step-* checkpoint is whole, a save cut short has no marker."""

@@ -87,6 +87,7 @@ def test_bench_typo_fails_at_start(bench_schema):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.parametrize("name", NAMES)
 def test_every_preset_runs_briefly(name, attach, tmp_path):
     """The first grid point, one repeat, on the session's vLLM server: good rows and a plot."""
