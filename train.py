@@ -275,8 +275,6 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> list[dict]:
     with open_run(cfg, run_dir) as run:
         if run.start_step == 0:
             evaluate(run, 0)
-        if run.rollouts:  # the producer starts on the weights vLLM serves now
-            run.rollouts.publish(run.start_step)
         for step in range(run.start_step + 1, cfg.train.steps + 1):
             metrics = train_step(run, step)
             run.logger.step(step, metrics)
@@ -284,8 +282,6 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> list[dict]:
             evaluate(run, step)
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
                 checkpoint.save(run, step)
-            if run.rollouts:  # after eval and checkpoint: the producer may now generate on this step's weights
-                run.rollouts.publish(step)
         # Inside the run: in mode=shared the weights are vLLM's memory, gone once it stops.
         out = final.save(run.policy, run.run_dir, merge_lora=bool(cfg.mode.lora and cfg.mode.lora.merge_on_save))
         run.logger.event(cfg.train.steps, "final_model", path=str(out))

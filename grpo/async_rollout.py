@@ -6,8 +6,9 @@ The schedule is fixed, so a seeded run repeats itself: step s's rollout is gener
 `max(0, s-1-k)` (rounded down to the last sync step with `mode.sync_every`). The producer waits
 until that version is served; the sync installing version v first waits until every rollout due
 on an older version (steps <= v + k) is generated, so the weights never change during a request.
-The trainer publishes v only after its step's eval and checkpoint, so at a checkpoint the
-producer is idle and the finished rollouts it holds are exactly the run's in-flight state.
+The producer may use version v once the trainer asks for step v+1's rollout, i.e. after step v's
+eval and checkpoint: so no rollout request runs beside an eval, and at a checkpoint the producer
+is idle and the finished rollouts it holds are exactly the run's in-flight state.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class RolloutPipeline:
     def __init__(self, produce: Callable[[int], tuple], schedule: Schedule, steps: int, start_step: int = 0,
                  ready: Optional[dict[int, Produced]] = None):
         self.produce, self.schedule, self.steps = produce, schedule, steps
-        self.published = -1  # the newest step the trainer published (none yet: the producer waits)
+        self.published = -1  # the newest step the trainer is done with (none yet: the producer waits)
         self.trainer_version = start_step  # the step the trainer's weights are
         self.resynced = -1  # the version a vLLM restart pushed (the trainer's weights then)
         self.ready: dict[int, Produced] = dict(ready or {})  # step -> finished rollout, not yet taken
@@ -120,6 +121,7 @@ class RolloutPipeline:
         """Step `step`'s rollout (waiting for it) and its metrics: staleness (versions behind
         the weights it trains), the producer's phase times, and the trainer's wait."""
         start = time.perf_counter()
+        self.publish(step - 1)  # asking for `step`, the trainer is done with the one before
         self._wait(lambda: step in self.ready)
         with self.cond:
             item = self.ready.pop(step)
@@ -155,7 +157,7 @@ class RolloutPipeline:
         """The trainer is done with `step` (its sync, eval and checkpoint): the producer may
         generate the rollouts due on its weights (or, between syncs, on the last synced ones)."""
         with self.cond:
-            self.published = step
+            self.published = max(self.published, step)
             self.cond.notify_all()
 
     def in_flight(self) -> dict[int, Produced]:

@@ -57,7 +57,6 @@ class FakeLoop:
 
     def run(self, pipeline: RolloutPipeline, first: int = 1, last: int | None = None, checkpoint_at=None):
         trained, saved = [], None
-        pipeline.publish(first - 1)
         for step in range(first, (last or self.steps) + 1):
             rollout, metrics = pipeline.take(step)
             with pipeline.update(step):
@@ -69,7 +68,6 @@ class FakeLoop:
                 self.served = step
             if step == checkpoint_at:
                 saved = pipeline.in_flight()
-            pipeline.publish(step)
         return trained, saved
 
 
@@ -110,7 +108,6 @@ def test_a_producer_failure_reaches_the_trainer():
         raise ConnectionError("vLLM is gone")
 
     pipeline = RolloutPipeline(produce, Schedule(1), steps=3).start()
-    pipeline.publish(0)
     with pytest.raises(RuntimeError, match="producer failed") as info:
         pipeline.take(1)
     assert isinstance(info.value.__cause__, ConnectionError)
