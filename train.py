@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import random
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from bridges.base import Bridge
 from envs.base import Env
 from grpo import checkpoint, distributed, final
-from grpo.async_rollout import RolloutPipeline, Schedule, check_mode
+from grpo.async_rollout import InlineRollouts, RolloutPipeline, Rollouts, Schedule, check_mode
 from grpo.advantages import group_advantages
 from grpo.batch import Batch, Rollout, build_batch
 from grpo.config import register_configs, validate
@@ -60,7 +60,11 @@ class Run:
     start_step: int = 0  # the step a resumed run's checkpoint ended with
     guard: Optional[RestartGuard] = None  # restarts our vLLM if it dies; set by build()
     evaluator: Optional[Evaluator] = None  # held-out eval (eval.enabled); set by build()
-    rollouts: Optional[RolloutPipeline] = None  # the producer thread (train.max_staleness > 0, rank 0)
+    rollouts: Optional[Rollouts] = None  # the producer thread (train.max_staleness > 0, rank 0); else inline
+
+    def __post_init__(self):
+        if self.rollouts is None:  # k = 0: each step's rollout is generated when train_step asks
+            self.rollouts = InlineRollouts(lambda step: produce(self, step))
 
 
 def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
@@ -204,8 +208,7 @@ def sync_weights(run: Run, step: int) -> dict:
     """Every `mode.sync_every` steps and at the last: push the weights into vLLM, verified."""
     if step % run.cfg.mode.sync_every and step != run.cfg.train.steps:
         return {}
-    if run.rollouts:  # never during a request: wait for those due on older weights
-        run.rollouts.before_sync(step)
+    run.rollouts.before_sync(step)  # never during a request: wait for those due on older weights
     stats = run.guard.call(step, lambda: run.bridge.sync(step))
     run.logger.sync(stats.to_dict())
     return {"sync_ms": stats.ms, "sync_bytes": stats.bytes, "probe_max_diff": stats.probe_max_diff}
@@ -237,11 +240,11 @@ def train_step(run: Run, step: int) -> dict:
     """One GRPO step: sample -> score -> advantages -> loss + optimizer step -> sync; its metrics."""
     cfg, timer, main = run.cfg, PhaseTimer(), distributed.is_main()
     if main:  # 1-2. generated and scored now, or taken from the producer thread that ran ahead
-        rollout, timer.seconds = run.rollouts.take(step) if run.rollouts else produce(run, step)
+        rollout, timer.seconds = run.rollouts.take(step)
     else:
         rollout, timer.seconds = None, {"time_generate": 0.0, "time_score": 0.0}
     rollout = distributed.broadcast_object(rollout)  # every trainer process gets the whole step
-    with timer("time_train"), run.rollouts.update(step) if run.rollouts else nullcontext():
+    with timer("time_train"), run.rollouts.update(step):
         batch, loss_metrics = learn(run, rollout, step)  # 3. advantages [P, G], 4. loss + optimizer step
     with timer("time_sync"):  # 5. new weights -> vLLM
         sync = sync_weights(run, step)

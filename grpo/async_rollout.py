@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, ContextManager, Iterator, Optional, Protocol
 
 # Modes whose weights cannot stay fixed while the trainer updates them, and why.
 REFUSED = {
@@ -31,6 +31,43 @@ def check_mode(mode: str, max_staleness: int) -> None:
     if max_staleness > 0 and mode in REFUSED:
         raise ValueError(f"train.max_staleness={max_staleness} does not work with mode={mode}: {REFUSED[mode]}; "
                          f"use mode=reload, lora or broadcast, or train.max_staleness=0")
+
+
+class Rollouts(Protocol):
+    """Where train_step gets each step's rollout: produced on the spot (k = 0) or by the producer."""
+
+    def take(self, step: int) -> tuple[object, dict]:
+        """Step `step`'s scored rollout and its metrics (phase seconds, staleness)."""
+
+    def before_sync(self, version: int) -> None:
+        """Return once the weights may change (no request is due on older ones)."""
+
+    def update(self, step: int) -> ContextManager[None]:
+        """Around the trainer's optimizer step."""
+
+    def in_flight(self) -> dict:
+        """Rollouts generated ahead and not yet trained on (saved in checkpoints)."""
+
+    def stop(self) -> None: ...
+
+
+class InlineRollouts:
+    """k = 0, the synchronous loop: a step's rollout is generated and scored when the trainer asks."""
+
+    def __init__(self, produce: Callable[[int], tuple]):
+        self.take = produce
+
+    def before_sync(self, version: int) -> None:
+        pass
+
+    def update(self, step: int) -> ContextManager[None]:
+        return nullcontext()
+
+    def in_flight(self) -> dict:
+        return {}
+
+    def stop(self) -> None:
+        pass
 
 
 @dataclass(frozen=True)

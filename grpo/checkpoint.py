@@ -88,7 +88,7 @@ def _trainer_state(run, step: int) -> dict:
         "env": run.env.state_dict(),
         "vllm_restarts": run.guard.restarts,
         # train.max_staleness > 0: the rollouts generated ahead, not yet trained on (grpo/async_rollout.py)
-        "rollouts": run.rollouts.in_flight() if run.rollouts else {},
+        "rollouts": run.rollouts.in_flight(),
     }
 
 
