@@ -82,8 +82,8 @@ class Bridge:
     def check_trainer_procs(self, n: int) -> None:
         """At start: refuse `n` trainer processes (torchrun) if this mode cannot serve them."""
         if n > 1:
-            raise ValueError(f"mode={self.mode} runs with one trainer process, not {n}; mode=reload, lora and legacy "
-                             "run under torchrun")
+            raise ValueError(f"mode={self.mode} runs with one trainer process, not {n}; mode=reload, lora, legacy "
+                             "and broadcast run under torchrun")
 
     def build_model(self, path: str, dtype: str, device: str, server: VLLMServer) -> Optional[torch.nn.Module]:
         """The trainer's model if this mode must build it (mode=shared: views of vLLM's weights, so

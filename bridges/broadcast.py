@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from bridges.base import VerifiedBridge, WeightSyncError
+from grpo import distributed
 from serving.server import free_port
 
 
@@ -45,9 +46,13 @@ class BroadcastBridge(VerifiedBridge):
         """Changes when our server restarts (new process, new port)."""
         return self.server.base_url, getattr(self.server.proc, "pid", None)
 
+    def check_trainer_procs(self, n: int) -> None:
+        """Any number: a sharded model is gathered bucket by bucket on every rank, rank 0 sends."""
+
     def setup(self, policy, server, client, run_dir) -> None:
         super().setup(policy, server, client, run_dir)
-        self.connect()
+        if distributed.is_main():  # rank 0 alone is in the group with vLLM's workers
+            self.connect()
 
     def connect(self) -> None:
         """Form the trainer (rank 0) + vLLM workers (ranks 1..) group, leaving any earlier one."""
@@ -58,10 +63,18 @@ class BroadcastBridge(VerifiedBridge):
         self.joined_server = self.server_identity()
 
     def push(self, step: int) -> int:
-        if self.joined_server != self.server_identity():
+        """Rank 0 sends; with several trainer processes every rank takes part in gathering each
+        bucket of a sharded model (`full_tensor()` is a collective), so no rank holds it whole."""
+        main = distributed.is_main()
+        if main and self.joined_server != self.server_identity():
             self.connect()  # vLLM restarted: its new workers are in no group
-        named = [(n, p.detach()) for n, p in self.policy.model.named_parameters()]
-        sent = self.send(step, named)
+        params = {n: p.detach() for n, p in self.policy.model.named_parameters()}
+        sent = 0
+        for bucket in distributed.full_buckets(params, self.bucket_bytes):
+            if main:
+                sent += self.send(step, list(bucket.items()))
+        if not main:
+            return 0
         if not self.server.post("/reset_prefix_cache").get("success", False):
             raise WeightSyncError(f"vLLM at {self.server.base_url} could not reset its prefix cache after the "
                                   f"update at step {step}: cached KV blocks of the old weights would be reused")

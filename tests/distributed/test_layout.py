@@ -43,7 +43,7 @@ def test_rows_must_split_evenly_over_trainer_processes(monkeypatch):
     assert distributed.shard_rows(12) == slice(8, 12)
 
 
-@pytest.mark.parametrize("mode", ["shared", "broadcast"])
+@pytest.mark.parametrize("mode", ["shared"])
 def test_modes_that_cannot_run_on_several_processes_say_so_at_start(mode):
     from hydra.utils import instantiate
 
@@ -53,8 +53,8 @@ def test_modes_that_cannot_run_on_several_processes_say_so_at_start(mode):
         bridge.check_trainer_procs(2)
 
 
-@pytest.mark.parametrize("mode", ["reload", "lora", "legacy"])
-def test_reload_lora_and_legacy_run_on_several_processes(mode):
+@pytest.mark.parametrize("mode", ["reload", "lora", "legacy", "broadcast"])
+def test_reload_lora_legacy_and_broadcast_run_on_several_processes(mode):
     from hydra.utils import instantiate
 
     instantiate(make_cfg(f"mode={mode}").mode.bridge).check_trainer_procs(4)

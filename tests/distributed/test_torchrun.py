@@ -60,7 +60,8 @@ def run_both(attach, vllm_server, tiny_model_path, tmp_path, *overrides, hardwar
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["reload", pytest.param("lora", marks=pytest.mark.heavy)])
+@pytest.mark.parametrize("mode", ["reload", pytest.param("lora", marks=pytest.mark.heavy),
+                                  pytest.param("broadcast", marks=pytest.mark.heavy)])
 def test_two_processes_train_as_one(attach, vllm_server, tiny_model_path, tmp_path, mode):
     one, two = run_both(attach, vllm_server, tiny_model_path, tmp_path, f"mode={mode}")
     assert_same_run(one, read_jsonl(two / "metrics.jsonl"))
