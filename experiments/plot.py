@@ -1,5 +1,6 @@
 """Charts of a sweep CSV, saved as PNG next to it: rollout throughput by TP x DP, sync latency
-by mode and model size, GRPO step time (ours vs TRL) by phase. Runs at the end of a preset's
+by mode and model size, GRPO step time (ours vs TRL, and ours by trainer processes x vLLM TP x
+DP) by phase. Runs at the end of a preset's
 sweep (the `PlotSweep` callback) or alone:
 
     python -m experiments.plot multirun/rollout_throughput/<time>        # every CSV in the dir
@@ -24,6 +25,10 @@ def ok_rows(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["error"].isna() | (df["error"].astype(str) == "")] if "error" in df else df
 
 
+def mark_failed(ax, x: float) -> None:
+    ax.text(x, 0, "failed\n(see error)", ha="center", va="bottom", fontsize=8)
+
+
 def plot_rollout(df: pd.DataFrame):
     """Generated tokens/s (median) and speedup over HF generate, per TP x DP and workload."""
     df = df.assign(grid=[f"tp{t}×dp{d}" for t, d in zip(df["tp"], df["dp"])],
@@ -43,7 +48,7 @@ def plot_rollout(df: pd.DataFrame):
             ax.bar([x + i * width for x in range(len(grids))], values, width, label=workload)
         for x, grid in enumerate(grids):
             if grid not in set(good["grid"]):
-                ax.text(x + 0.4 - width / 2, 0, "failed\n(see error)", ha="center", va="bottom", fontsize=8)
+                mark_failed(ax, x + 0.4 - width / 2)
         ax.set_xticks([x + 0.4 - width / 2 for x in range(len(grids))], grids)
         ax.set_title(title)
         if column == "speedup":
@@ -68,34 +73,48 @@ def plot_sync(df: pd.DataFrame):
 
 
 STEP_PHASES = {"generate_s": "generate", "score_s": "score", "train_s": "train", "sync_s": "sync"}
+LAYOUT = ["trainer_procs", "tp", "dp"]  # absent from CSVs written before the trainer-processes axis: 1 each
 
 
 def plot_step_time(df: pd.DataFrame):
-    """Median step time split by phase, ours vs TRL, one panel (own scale) per model size and
-    workload; TRL/ours in the title (> 1: ours is faster)."""
-    good = ok_rows(df).sort_values(["params_m", "max_tokens", "dtype"])
-    points = list(dict.fromkeys(zip(good["size"], good["max_tokens"], good["dtype"])))
-    width = 3.2 * max(len(points), 1) + 1.8  # inches: the panels, then the legend on the right
-    fig, axes = plt.subplots(1, max(len(points), 1), figsize=(width, 4.4), squeeze=False)
+    """Median step time split by phase, one bar per side (ours, TRL) and per layout of ours
+    (trainer processes x vLLM TP x DP); one panel (own scale) per model size and workload; a
+    point that failed says so in place of its bar; TRL/ours in the title (> 1: ours is faster)."""
+    layout = df.reindex(columns=LAYOUT).fillna(1).astype(int).set_axis(["procs_", "tp_", "dp_"], axis=1)
+    several = len(layout[df["side"] == "ours"].drop_duplicates()) > 1
+    df = pd.concat([df, layout], axis=1)
+    df["bar"] = [f"ours\n{p}p tp{t} dp{d}" if side == "ours" and LAYOUT[0] in df else side
+                 for side, p, t, d in zip(df["side"], df["procs_"], df["tp_"], df["dp_"])]
+    order = df.sort_values([c for c in ("params_m", "max_tokens", "dtype") if c in df], na_position="last")
+    points = list(dict.fromkeys(zip(order["size"], order["max_tokens"], order["dtype"])))
+    panels = [df[(df["size"] == s) & (df["max_tokens"] == t) & (df["dtype"] == d)]
+              .sort_values(["side", "procs_", "tp_", "dp_"]) for s, t, d in points]
+    widths = [max(3.2, 0.8 * sub["bar"].nunique() + 1) for sub in panels] or [3.2]
+    width = sum(widths) + 1.8  # inches: the panels, then the legend on the right
+    fig, axes = plt.subplots(1, len(widths), figsize=(width, 4.4), squeeze=False, width_ratios=widths)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (size, tokens, dtype) in zip(axes[0], points):
-        sub = good[(good["size"] == size) & (good["max_tokens"] == tokens) & (good["dtype"] == dtype)]
-        sides = [side for side in ("ours", "trl") if side in set(sub["side"])]
-        for x, side in enumerate(sides):
-            row, bottom = sub[sub["side"] == side].iloc[-1], 0.0
+    for ax, (size, tokens, dtype), sub in zip(axes[0], points, panels):
+        bars, good = list(dict.fromkeys(sub["bar"])), ok_rows(sub)
+        for x, bar in enumerate(bars):
+            done = good[good["bar"] == bar]
+            if done.empty:
+                mark_failed(ax, x)
+                continue
+            row, bottom = done.iloc[-1], 0.0
             for i, (column, label) in enumerate(STEP_PHASES.items()):
                 ax.bar(x, row[column], 0.6, bottom=bottom, color=colors[i], label=label)
                 bottom += row[column]
             # Phases are medians one by one; the whole step's median is the black line.
             ax.plot([x - 0.35, x + 0.35], [row["step_s"]] * 2, color="black", lw=1.5, label="step")
-        ax.set_xticks(range(len(sides)), sides)
-        ratio = sub["ratio"].dropna() if "ratio" in sub else pd.Series(dtype=float)
+        ax.set_xticks(range(len(bars)), bars, fontsize=8)
+        ratio = good["ratio"].dropna() if "ratio" in good else pd.Series(dtype=float)
         ax.set_title(f"{size}, {tokens} tok, {dtype}" + (f"\nTRL/ours {ratio.iloc[-1]:.2f}×" if len(ratio) else ""),
                      fontsize=9)
     axes[0][0].set_ylabel("seconds per step (median)")
     legend = dict(zip(*reversed(axes[0][0].get_legend_handles_labels())))  # label -> handle, once each
     fig.legend(legend.values(), legend.keys(), loc="upper right", fontsize=8)
-    fig.suptitle("GRPO step: ours (vLLM) vs TRL (HF generate)", fontsize=10, x=0.02, ha="left")
+    title = "GRPO step: ours (vLLM) vs TRL (HF generate)" if "trl" in set(df["side"]) else "GRPO step (ours)"
+    fig.suptitle(title + (" by trainer processes × vLLM TP × DP" if several else ""), fontsize=10, x=0.02, ha="left")
     fig.tight_layout(rect=(0, 0, 1 - 1.5 / width, 1))
     return fig
 
@@ -104,7 +123,7 @@ def plot_csv(path: str | Path) -> Path:
     """Plot one sweep CSV (kind told by its columns); return the PNG written next to it."""
     path = Path(path)
     df = pd.read_csv(path)
-    fig = plot_rollout(df) if "tp" in df else plot_step_time(df) if "side" in df else plot_sync(df)
+    fig = plot_step_time(df) if "side" in df else plot_rollout(df) if "tp" in df else plot_sync(df)
     out = path.with_suffix(".png")
     fig.savefig(out, dpi=120)
     plt.close(fig)

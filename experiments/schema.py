@@ -58,7 +58,7 @@ class StepTimeBench:
     sizes: dict[str, Any] = field(default_factory=dict)
     warmup: int = 2  # untimed steps first, on both sides (allocation, first-call costs)
     repeats: int = 3  # timed steps per side; figures are medians
-    trl: bool = True  # also run TRL (the `bench` extra); false: our step alone
+    trl: bool = True  # also run TRL (the `bench` extra) beside a one-process step; false: our step alone
     quiet_threshold: float = 0.05  # cores the vLLM server may still use when TRL starts
     quiet_timeout_s: float = 60.0
 

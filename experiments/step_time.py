@@ -3,6 +3,8 @@
     python -m experiments.step_time -m experiment=step_time                  # toy, ~28M, ~85M
     python -m experiments.step_time experiment=step_time bench.size=28m model.dtype=bfloat16
     python -m experiments.step_time model=qwen2.5-0.5b-instruct hardware=gpu rollout.ignore_eos=true  # a real model
+    python -m experiments.step_time -m experiment=step_scaling   # ours over trainer procs x vLLM TP x DP
+    torchrun --nproc_per_node=2 -m experiments.step_time experiment=step_time bench.trl=false   # one point, 2 procs
 
 Ours is built and stepped exactly as train.py does (`open_run`, `train_step`); its time split is
 the step's own `time_generate/score/train/sync` metrics. Then our server is stopped (or, when
@@ -14,12 +16,25 @@ tokens per step, the vLLM server's CPU use while each side ran (`server_busy`, c
 of everything else on the machine (`others_busy`), and `ratio` = TRL step / our step (> 1: ours
 is faster). Our row also re-times the train phase on one more rollout once vLLM is idle
 (`train_alone_s`), so `train_ratio` = in-run train / alone shows what contention still costs.
+
+Our side runs on `hardware.trainer_procs` trainer processes (grpo/distributed.py), or on as many
+as torchrun started. A job started as one process that asks for N > 1 runs the point as
+`torchrun --nproc_per_node=N -m experiments.step_time <its overrides>` in `<job dir>/torchrun/`
+and appends the rows that rank 0 wrote there to the sweep's CSV (a torchrun that dies without
+rows becomes an error row), so one Hydra sweep can vary the processes per point. Rows carry
+`trainer_procs`, `tp` and `dp`; times are rank 0's, whose train phase waits for every rank.
+TRL runs only beside a one-process step: its own multi-process path is accelerate, which this
+benchmark does not drive, and one TRL process against N of ours compares unequal resources.
 """
 
 from __future__ import annotations
 
+import csv
+import logging
 import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -30,17 +45,19 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from experiments.csvlog import append_row, sweep_csv
-from experiments.errors import measure_point
+from experiments.errors import describe, measure_point
 from experiments.quiet import CpuMeter, server_pids, wait_quiet
 from experiments.schema import StepTimeBench, use_schema
 from experiments.sizes import config_columns, weight_columns
 from experiments.trl_grpo import require_trl, trl_steps
-from train import generate, learn, model_path, open_run, score, train_step
+from grpo import REPO_ROOT, distributed
+from train import learn, model_path, open_run, produce, train_step
 
 BENCH = StepTimeBench
 use_schema(BENCH)
 
 PHASES = ("generate_s", "score_s", "train_s", "sync_s")
+log = logging.getLogger(__name__)
 
 
 def medians(steps: list[dict], warmup: int) -> dict:
@@ -64,7 +81,8 @@ class Ours:
         batch = cfg.train.prompts_per_step * cfg.train.group_size
         steps = []
         with open_run(cfg, run_dir) as run:
-            self.pids, self.threads = tuple(server_pids(run.server)), torch.get_num_threads()
+            main = distributed.is_main()  # the others train their share; rank 0 talks to vLLM and times
+            self.pids, self.threads = tuple(server_pids(run.server)) if main else (), torch.get_num_threads()
             self.cpus = len(os.sched_getaffinity(0))  # the trainer's cores, if the run pins them
             for step in range(1, cfg.train.steps + 1):
                 with CpuMeter(self.pids) as cpu:
@@ -77,6 +95,8 @@ class Ours:
                               "sync_s": metrics["time_sync"], "tokens": round(metrics["completion_len_mean"] * batch),
                               "server_busy": cpu.busy, "others_busy": cpu.others})
             row = weight_columns(run.policy.model) | train_alone(run, cfg, self.pids)
+        if not main:
+            return {}
         timed = steps[cfg.bench.warmup:]
         row["train_ratio"] = statistics.median(s["train_s"] for s in timed) / row["train_alone_s"]
         return {**row, **medians(steps, cfg.bench.warmup), "threads": self.threads, "cpus": self.cpus,
@@ -86,11 +106,14 @@ class Ours:
 
 def train_alone(run, cfg: DictConfig, pids: tuple[int, ...]) -> dict:
     """The train phase re-timed on one more rollout once vLLM is idle: the same work with no
-    server competing for the cores. `train_ratio` = in-run `train_s` / this (target <= 1.2)."""
+    server competing for the cores. `train_ratio` = in-run `train_s` / this (target <= 1.2).
+    As in a step, rank 0 draws the rollout and every trainer process trains its share."""
     step = cfg.train.steps + 1
-    rollout = generate(run, step)
-    score(run, rollout)
-    wait_quiet(pids, cfg.bench.quiet_threshold, timeout_s=cfg.bench.quiet_timeout_s)
+    rollout = None
+    if distributed.is_main():
+        rollout, _ = produce(run, step)
+        wait_quiet(pids, cfg.bench.quiet_threshold, timeout_s=cfg.bench.quiet_timeout_s)
+    rollout = distributed.broadcast_object(rollout)
     times = []
     with CpuMeter(pids) as cpu:
         for _ in range(cfg.bench.repeats):
@@ -116,27 +139,84 @@ def measure_trl(cfg: DictConfig, run_dir: Path, ours: Ours) -> dict:
             "cpus": len(os.sched_getaffinity(0)), "quiet_wait_s": waited, "server_busy": cpu.busy, "others_busy": cpu.others}
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> list[dict]:
-    if cfg.bench.trl:
-        require_trl()  # before a minute is spent on our side
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    # Every step of the run is either warm-up or timed (the last step syncs, as in training).
-    cfg.train.steps = cfg.bench.warmup + cfg.bench.repeats
-    base = {"size": cfg.bench.size if cfg.model.tiny is not None else cfg.model.path, **config_columns(cfg), "prompts": cfg.train.prompts_per_step,
-            "group_size": cfg.train.group_size, "max_tokens": cfg.rollout.max_tokens, "dtype": cfg.model.dtype,
-            "mode": cfg.mode.name, "run_dir": str(run_dir)}
+def started() -> int:
+    """How many processes torchrun started, this one included (1: started alone)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def trainer_procs(cfg: DictConfig) -> int:
+    """Trainer processes of this point: `hardware.trainer_procs`, else as many as were started."""
+    procs = cfg.hardware.trainer_procs or started()
+    if started() > 1 and procs != started():
+        raise ValueError(f"hardware.trainer_procs={procs}, but torchrun started {started()} processes")
+    return procs
+
+
+def torchrun_command(procs: int, overrides: list[str], run_dir: Path) -> list[str]:
+    """This benchmark as `procs` trainer processes on this node, with a Hydra job's overrides."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
+            "-m", "experiments.step_time", *overrides, f"hydra.run.dir={run_dir}"]
+
+
+def launch(cfg: DictConfig, run_dir: Path, base: dict, procs: int) -> list[dict]:
+    """Run this job's point under torchrun in `run_dir`; the rows its rank 0 wrote there, or one
+    error row naming the cause when torchrun ended without rows (a rank died)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    output = run_dir / "torchrun.log"
+    command = torchrun_command(procs, list(HydraConfig.get().overrides.task), run_dir)
+    log.info("%d trainer processes: %s (output: %s)", procs, " ".join(command), output)
+    with open(output, "w") as out, subprocess.Popen(command, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT) as job:
+        try:
+            code = job.wait()
+        except BaseException:
+            job.terminate()  # torchrun stops its workers on SIGTERM; a SIGKILL would orphan them
+            job.wait()
+            raise
+    written = run_dir / f"{cfg.bench.name}.csv"
+    if written.exists():
+        with open(written, newline="") as f:
+            return list(csv.DictReader(f))
+    tail = output.read_text(errors="replace").splitlines()[-60:]
+    failure = RuntimeError("\n".join([f"torchrun --nproc_per_node={procs} exited {code} without a row", *tail]))
+    return [{**base, "side": "ours", "run_dir": str(run_dir), "error": describe(failure, run_dir)}]
+
+
+def measure(cfg: DictConfig, run_dir: Path, base: dict, procs: int) -> list[dict]:
+    """Both sides in this process (one of `procs` trainer processes): ours, then TRL alone."""
     ours = Ours()
     rows = [measure_point(cfg, run_dir, {**base, "side": "ours"}, ours)]
-    if cfg.bench.trl:
+    if cfg.bench.trl and procs > 1:
+        log.warning("TRL's side not run: ours ran on %d trainer processes, TRL would on one "
+                    "(its multi-process path, accelerate, is not driven here)", procs)
+    elif cfg.bench.trl:
         trl = measure_point(cfg, run_dir, {**base, "side": "trl", "mode": "trl"},
                             lambda c, d: measure_trl(c, d, ours))
         rows.append(trl)
         if not rows[0]["error"] and not trl["error"]:
             for row in rows:
                 row["ratio"] = trl["step_s"] / rows[0]["step_s"]
-    for row in rows:
-        append_row(sweep_csv(cfg.bench.name), row)
+    return rows
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> list[dict]:
+    procs = trainer_procs(cfg)
+    if cfg.bench.trl and procs == 1:
+        require_trl()  # before a minute is spent on our side
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    # Every step of the run is either warm-up or timed (the last step syncs, as in training).
+    cfg.train.steps = cfg.bench.warmup + cfg.bench.repeats
+    base = {"size": cfg.bench.size if cfg.model.tiny is not None else cfg.model.path, **config_columns(cfg), "prompts": cfg.train.prompts_per_step,
+            "group_size": cfg.train.group_size, "max_tokens": cfg.rollout.max_tokens, "dtype": cfg.model.dtype,
+            "mode": cfg.mode.name, "trainer_procs": procs, "tp": cfg.hardware.vllm_tp, "dp": cfg.hardware.vllm_dp,
+            "run_dir": str(run_dir)}
+    if procs > started():  # started alone, asked for several: the point runs under torchrun
+        rows = launch(cfg, run_dir / "torchrun", base, procs)
+    else:
+        rows = measure(cfg, run_dir, base, procs)
+    if os.environ.get("RANK", "0") == "0":  # one row per side, from rank 0 (the group is closed by now)
+        for row in rows:
+            append_row(sweep_csv(cfg.bench.name), row)
     return rows
 
 

@@ -1,17 +1,19 @@
 """Every experiment preset composes at every grid point, and runs briefly end to end
 (lightning-hydra-template style). A preset `conf/experiment/<name>.yaml` is run by the entry
-point `experiments/<name>.py`, whose command its header gives."""
+point its header's command gives (`python -m experiments.<entry> -m experiment=<name>`)."""
 
 from __future__ import annotations
 
 import importlib
 import itertools
+import re
 
 import pandas as pd
 import pytest
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import make_cfg
+from conftest import REPO, make_cfg
 from experiments.schema import use_schema
 from grpo.config import register_configs
 from bench_cli import PRESETS, QUIET, cli
@@ -19,8 +21,19 @@ from bench_cli import PRESETS, QUIET, cli
 NAMES = [p.stem for p in PRESETS]
 
 
+def entry(name: str) -> str:
+    """The module that runs a preset, from its header's command."""
+    command = PRESETS[NAMES.index(name)].read_text().splitlines()[1]
+    found = re.match(rf"# python -m experiments\.(\w+) -m experiment={name}\b", command)
+    assert found, command
+    return found.group(1)
+
+
 def grid(name: str) -> list[list[str]]:
-    params = OmegaConf.load(PRESETS[NAMES.index(name)]).hydra.sweeper.params
+    """The sweep's points, from the composed preset (a preset may build on another's params)."""
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        params = compose(config_name="config", overrides=[f"experiment={name}"],
+                         return_hydra_config=True).hydra.sweeper.params
     return [[f"{k}={v}" for k, v in zip(params, values)]
             for values in itertools.product(*(str(v).split(",") for v in params.values()))]
 
@@ -28,19 +41,19 @@ def grid(name: str) -> list[list[str]]:
 @pytest.fixture
 def bench_schema():
     """Compose as the preset's entry point does; give the training schema back afterwards."""
-    yield lambda name: use_schema(importlib.import_module(f"experiments.{name}").BENCH)
+    yield lambda name: use_schema(importlib.import_module(f"experiments.{entry(name)}").BENCH)
     register_configs()
 
 
 def test_there_are_presets():
-    assert {"rollout_throughput", "sync_latency", "step_time"} <= set(NAMES)
+    assert {"rollout_throughput", "sync_latency", "step_time", "step_scaling"} <= set(NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_header_gives_the_command(name):
     lines = PRESETS[NAMES.index(name)].read_text().splitlines()
     assert lines[0] == "# @package _global_"
-    assert lines[1].startswith(f"# python -m experiments.{name} -m experiment={name}")
+    assert (REPO / "experiments" / f"{entry(name)}.py").is_file()
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -80,6 +93,22 @@ def test_step_time_sizes(bench_schema):
         .hardware.gpu_memory_utilization == 0.3
 
 
+def test_step_scaling_points_are_trainer_procs_by_tp_by_dp(bench_schema):
+    """Every layout once, on the step_time preset's toy model and workload, ours alone."""
+    bench_schema("step_scaling")
+    points = grid("step_scaling")
+    layouts = []
+    for overrides in points:
+        cfg = make_cfg("experiment=step_scaling", *overrides)
+        hw = cfg.hardware
+        layouts.append((hw.trainer_procs, hw.vllm_tp, hw.vllm_dp))
+        assert (cfg.bench.name, cfg.bench.trl, cfg.bench.size, cfg.model.tiny.hidden_size) == ("step_scaling", False, "toy", 128)
+        assert (cfg.train.prompts_per_step, cfg.train.group_size, cfg.rollout.max_tokens) == (8, 8, 64)
+    assert sorted(layouts) == list(itertools.product([1, 2], [1, 2], [1, 2]))
+    # The other sizes compose too (a sweep's bench.size=28m on the command line replaces the preset's).
+    assert make_cfg("experiment=step_scaling", "bench.size=28m").model.tiny.hidden_size == 512
+
+
 def test_bench_typo_fails_at_start(bench_schema):
     bench_schema("rollout_throughput")
     with pytest.raises(Exception, match="repeatz"):
@@ -91,11 +120,12 @@ def test_bench_typo_fails_at_start(bench_schema):
 @pytest.mark.parametrize("name", NAMES)
 def test_every_preset_runs_briefly(name, attach, tmp_path):
     """The first grid point, one repeat, on the session's vLLM server: good rows and a plot."""
-    cli("-m", f"experiments.{name}", "-m", f"experiment={name}", *grid(name)[0], attach, *QUIET,
+    cli("-m", f"experiments.{entry(name)}", "-m", f"experiment={name}", *grid(name)[0], attach, *QUIET,
         "bench.repeats=1", "train.prompts_per_step=2", f"hydra.sweep.dir={tmp_path}")
     rows = pd.read_csv(tmp_path / f"{name}.csv")
     # One row per grid point; the step-time benchmark writes one per side (ours, TRL).
     assert len(rows) == (2 if name == "step_time" else 1) and rows["error"].isna().all(), rows.to_dict("records")
-    metric = {"rollout_throughput": "vllm_tokens_per_s", "sync_latency": "sync_ms", "step_time": "step_s"}[name]
+    metric = {"rollout_throughput": "vllm_tokens_per_s", "sync_latency": "sync_ms", "step_time": "step_s",
+              "step_scaling": "step_s"}[name]
     assert (rows[metric] > 0).all()
     assert (tmp_path / f"{name}.png").stat().st_size > 10_000

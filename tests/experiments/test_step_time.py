@@ -1,16 +1,24 @@
 """The step-time benchmark: a real toy run of both sides (ours on the session's vLLM server, TRL's
-GRPOTrainer), and the message when TRL is not installed."""
+GRPOTrainer), ours on two trainer processes, the plot of a trainer-processes x TP x DP sweep, and
+the message when TRL is not installed."""
 
 from __future__ import annotations
 
+import importlib
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from bench_cli import QUIET, cli
-from conftest import REPO
+from conftest import REPO, make_cfg, restore_pristine
+from experiments.csvlog import append_row
+from experiments.plot import plot_step_time
+from grpo.config import register_configs
 
 P, G, T = 2, 4, 8  # prompts per step, group size, tokens per completion
 
@@ -49,3 +57,61 @@ def test_missing_trl_fails_at_start_naming_the_extra(tmp_path):
     assert proc.returncode != 0
     assert 'pip install -e ".[bench]"' in proc.stderr + proc.stdout
     assert not (tmp_path / "vllm.log").exists()  # failed before starting anything
+
+
+@pytest.fixture
+def step_time():
+    """The entry module (importing it makes its bench schema the root); the training schema after."""
+    yield importlib.import_module("experiments.step_time")
+    register_configs()
+
+
+def test_trainer_procs_from_config_or_torchrun(step_time, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert step_time.trainer_procs(make_cfg()) == 1
+    assert step_time.trainer_procs(make_cfg("hardware.trainer_procs=2")) == 2  # more than started: launched
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun --nproc_per_node=2
+    assert step_time.trainer_procs(make_cfg()) == 2
+    assert step_time.trainer_procs(make_cfg("hardware.trainer_procs=2")) == 2
+    with pytest.raises(ValueError, match="hardware.trainer_procs=4, but torchrun started 2 processes"):
+        step_time.trainer_procs(make_cfg("hardware.trainer_procs=4"))
+
+
+def test_scaling_plot_has_a_bar_per_layout_and_marks_the_failed_one(tmp_path):
+    path = tmp_path / "step_scaling.csv"
+    base = {"size": "toy", "max_tokens": 64, "dtype": "float32", "side": "ours"}
+    for procs, tp, step in [(2, 1, 1.5), (1, 1, 1.0)]:
+        append_row(path, {**base, "trainer_procs": procs, "tp": tp, "dp": 1, "params_m": 0.46, "step_s": step,
+                          "generate_s": 0.4, "score_s": 0.01, "train_s": step - 0.5, "sync_s": 0.09, "error": ""})
+    append_row(path, {**base, "trainer_procs": 1, "tp": 2, "dp": 1, "error": "VLLMStartError: no NUMA node"})
+    fig = plot_step_time(pd.read_csv(path))
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["ours\n1p tp1 dp1", "ours\n1p tp2 dp1", "ours\n2p tp1 dp1"]
+    assert [t.get_text() for t in ax.texts] == ["failed\n(see error)"]
+    tops = sorted({round(line.get_ydata()[0], 6) for line in ax.lines})  # the black step-time lines
+    assert tops == [1.0, 1.5]
+
+
+@pytest.mark.slow
+@pytest.mark.heavy
+def test_ours_on_two_trainer_processes(attach, vllm_server, tiny_model_path, tmp_path):
+    """experiment=step_scaling at 2 trainer processes: the job runs the point under torchrun and
+    appends the row rank 0 wrote; 1 warm-up + 1 timed step, attached to the session server."""
+    cli("-m", "experiments.step_time", "-m", "experiment=step_scaling", "hardware.trainer_procs=2",
+        "hardware.vllm_tp=1", "hardware.vllm_dp=1", attach, *QUIET, "bench.warmup=1", "bench.repeats=1",
+        f"train.prompts_per_step={P}", f"train.group_size={G}", f"rollout.max_tokens={T}", f"hydra.sweep.dir={tmp_path}")
+    restore_pristine(vllm_server, tiny_model_path)
+    rows = pd.read_csv(tmp_path / "step_scaling.csv")
+    assert len(rows) == 1 and rows["error"].isna().all(), rows.to_dict("records")
+    row = rows.iloc[0]
+    assert (row["side"], row["trainer_procs"], row["tp"], row["dp"], row["timed_steps"]) == ("ours", 2, 1, 1, 1)
+    assert row["tokens"] == P * G * T and "ratio" not in rows  # every completion ran to max_tokens; no TRL
+    assert row["step_s"] > row["train_s"] > 0 and row["generate_s"] > 0 and row["sync_s"] > 0 and row["train_alone_s"] > 0
+    assert row["threads"] == int(os.environ.get("OMP_NUM_THREADS", "1"))  # torchrun's default per process
+    run_dir = Path(row["run_dir"])
+    assert run_dir.name == "torchrun" and run_dir.parent.parent == tmp_path
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]  # written once, by rank 0
+    syncs = [json.loads(line) for line in (run_dir / "sync.jsonl").read_text().splitlines()]
+    assert len(syncs) >= 2 and all(s["probe_max_diff"] <= 1e-3 for s in syncs)
+    assert (tmp_path / "step_scaling.png").stat().st_size > 10_000
