@@ -169,7 +169,7 @@ class OptimizerConfig:
     lr: float = field(default=2e-4, metadata=above(0))
     weight_decay: float = field(default=0.0, metadata=at_least(0))
     # One kernel for the whole update instead of per-op loops over tensors (HF Trainer's default
-    # since torch 2.8, so TRL's too): AdamW's step 2.8x faster at ~28M on this CPU, same numbers.
+    # since torch 2.8, so TRL's too): at ~28M on this 2-core CPU a step takes 56 ms instead of 862.
     fused: bool = True
 
 
