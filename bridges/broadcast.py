@@ -46,9 +46,6 @@ class BroadcastBridge(VerifiedBridge):
         """Changes when our server restarts (new process, new port)."""
         return self.server.base_url, getattr(self.server.proc, "pid", None)
 
-    def check_trainer_procs(self, n: int) -> None:
-        """Any number: a sharded model is gathered bucket by bucket on every rank, rank 0 sends."""
-
     def setup(self, policy, server, client, run_dir) -> None:
         super().setup(policy, server, client, run_dir)
         if distributed.is_main():  # rank 0 alone is in the group with vLLM's workers
@@ -63,18 +60,15 @@ class BroadcastBridge(VerifiedBridge):
         self.joined_server = self.server_identity()
 
     def push(self, step: int) -> int:
-        """Rank 0 sends; with several trainer processes every rank takes part in gathering each
-        bucket of a sharded model (`full_tensor()` is a collective), so no rank holds it whole."""
-        main = distributed.is_main()
-        if main and self.joined_server != self.server_identity():
-            self.connect()  # vLLM restarted: its new workers are in no group
-        params = {n: p.detach() for n, p in self.policy.model.named_parameters()}
-        sent = 0
-        for bucket in distributed.full_buckets(params, self.bucket_bytes):
-            if main:
-                sent += self.send(step, list(bucket.items()))
-        if not main:
+        """Rank 0 sends; with several trainer processes (a sharded model) the other ranks take
+        part in gathering each tensor as rank 0 reaches it (`full_tensor()` is a collective)."""
+        named = [(n, p.detach()) for n, p in self.policy.model.named_parameters()]
+        if not distributed.is_main():
+            self.gather_along(named)
             return 0
+        if self.joined_server != self.server_identity():
+            self.connect()  # vLLM restarted: its new workers are in no group
+        sent = self.send(step, named)
         if not self.server.post("/reset_prefix_cache").get("success", False):
             raise WeightSyncError(f"vLLM at {self.server.base_url} could not reset its prefix cache after the "
                                   f"update at step {step}: cached KV blocks of the old weights would be reused")
@@ -88,7 +82,12 @@ class BroadcastBridge(VerifiedBridge):
         raise NotImplementedError
 
     def send(self, step: int, named: list[tuple[str, torch.Tensor]]) -> int:
-        """Send every (HF name, tensor) to all workers; return the bytes sent."""
+        """Send every (HF name, tensor) to all workers; return the bytes sent. A tensor may be a
+        shard (DTensor): it is gathered when its bucket is sent, never the whole model at once."""
+        raise NotImplementedError
+
+    def gather_along(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        """On a rank other than 0: take part in each gather of `send`, in its order."""
         raise NotImplementedError
 
     def disconnect(self) -> None:

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from bridges.base import WeightSyncError
 from bridges.broadcast import BroadcastBridge
+from grpo import distributed
 
 GROUP_PREFIX = "grpo-weights"  # the key prefix both sides use in the rendezvous store
 
@@ -81,13 +82,22 @@ class GlooBroadcastBridge(BroadcastBridge):
         sent = 0
         try:
             for bucket in plan:
-                flat = torch.cat([t.reshape(-1) for _, t in bucket]).cpu()  # a GPU trainer's copy to host
+                # A GPU trainer's copy to host; a shard gathered here, one bucket at a time.
+                flat = torch.cat([distributed.full(t).reshape(-1) for _, t in bucket]).cpu()
                 self.group.broadcast([flat], opts).wait()
                 sent += flat.numel() * flat.element_size()
         except RuntimeError as exc:
             raise WeightSyncError(f"broadcast over the {self.where()} failed mid-sync at step {step}: {exc}") from exc
         self._join(pending, "receive")
         return sent
+
+    def check_trainer_procs(self, n: int) -> None:
+        """Any number: rank 0 sends, every rank gathers each tensor of a sharded model with it."""
+
+    def gather_along(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        for bucket in buckets(named, self.bucket_bytes):  # rank 0's plan: the same shapes, the same order
+            for _, t in bucket:
+                distributed.full(t)
 
     def disconnect(self) -> None:
         self.group = self.store = None

@@ -185,6 +185,11 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.T
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a shard (a collective: every rank must call it, in the same order)."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 def full_buckets(state_dict: dict[str, torch.Tensor], bucket_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
     """`state_dict` as full tensors, about `bucket_bytes` at a time: each DTensor shard is
     all-gathered (`full_tensor()`, a collective: every rank iterates in step), so no rank holds
@@ -192,9 +197,9 @@ def full_buckets(state_dict: dict[str, torch.Tensor], bucket_bytes: int) -> Iter
     bucket: dict[str, torch.Tensor] = {}
     size = 0
     for name, tensor in state_dict.items():
-        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-        bucket[name] = full.detach()
-        size += full.numel() * full.element_size()
+        whole = full(tensor)
+        bucket[name] = whole.detach()
+        size += whole.numel() * whole.element_size()
         if size >= bucket_bytes:
             yield bucket
             bucket, size = {}, 0
