@@ -321,7 +321,8 @@ def start_trainer_and_kill(run_dir: Path, sig: int, *overrides: str) -> tuple[in
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGKILL, pytest.param(signal.SIGTERM, marks=pytest.mark.heavy)], ids=["SIGKILL", "SIGTERM"])
+@pytest.mark.heavy  # a server of its own each; CI checks the lifeline itself in tests/serving/test_lifeline.py
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_killed_trainer_takes_its_server_along(tmp_path, sig):
     code, pids, trainer_s, gone_s = start_trainer_and_kill(tmp_path, sig)
     print(json.dumps({"signal": sig.name, "server_pids": pids, "trainer_gone_s": round(trainer_s, 1),

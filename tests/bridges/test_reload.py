@@ -39,6 +39,7 @@ def test_reload_bridge_serves_new_weights(vllm_server, tiny_model_path, tmp_path
         restore_pristine(vllm_server, tiny_model_path)
 
 
+@pytest.mark.heavy  # two server starts; CI restarts legacy in tests/bridges/test_legacy.py
 def test_legacy_bridge_restarts_on_checkpoint(tiny_model_path, tmp_path):
     server = server_from_config(make_cfg("mode=legacy"), tiny_model_path, tmp_path).start()
     try:

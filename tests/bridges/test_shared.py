@@ -352,6 +352,7 @@ def run_files(pids) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # a clean and a killed run, each with its own server
 def test_shared_memory_files_go_when_the_run_ends_however_it_ends(tmp_path, monkeypatch):
     # A trainer killed with SIGKILL: its server goes (serving/lifeline.py), vLLM's shutdown
     # SIGKILLs its worker, and the worker's files stay until the next start.

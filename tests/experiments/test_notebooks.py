@@ -45,6 +45,7 @@ def sweep_dir(vllm_server, tmp_path_factory):
     return folder
 
 
+@pytest.mark.heavy  # the benchmark sweep starts 2 servers; CI runs the notebook on a train.py sweep
 def test_sweep_rows(sweep_dir):
     roll = pd.read_csv(sweep_dir / "rollout_throughput.csv")
     assert list(zip(roll["tp"], roll["group_size"])) == [(1, 2), (1, 4), (2, 2), (2, 4)]
@@ -73,6 +74,7 @@ def test_run_analysis_notebook(run_dir, monkeypatch):
         assert (run_dir / png).stat().st_size > 10_000, png
 
 
+@pytest.mark.heavy
 def test_sweep_analysis_notebook(sweep_dir, monkeypatch):
     for png in sweep_dir.glob("*.png"):
         png.unlink()

@@ -65,8 +65,12 @@ def test_serve_guards_every_route_and_a_trainer_attaches_with_the_key(served, tm
             assert resp.status_code == 401, (method, path, headers, resp.status_code, resp.text[:200])
     ok = requests.post(f"{url}/reset_prefix_cache", headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
     assert ok.status_code == 200  # the route is there: the 401s were the key's doing
-    attach_line = (tmp_path / "serve.log").read_text()
-    assert f"server.base_url=http://127.0.0.1:{url.rsplit(':', 1)[1]}" in attach_line
+    # serve prints the line once its own health poll sees the server: a moment after ours may.
+    expected, log, deadline = f"server.base_url=http://127.0.0.1:{url.rsplit(':', 1)[1]}", "", time.monotonic() + 60
+    while expected not in log and time.monotonic() < deadline:
+        time.sleep(0.5)
+        log = (tmp_path / "serve.log").read_text()
+    assert expected in log, log[-2000:]
 
     # A trainer attached with the key: reload syncs (dev routes) verified at every step.
     history = train(make_cfg(*QUIET, "train.steps=2", f"server.base_url={url}", f"server.api_key={KEY}"),
