@@ -12,13 +12,12 @@ from __future__ import annotations
 import shutil
 
 from bridges.base import VerifiedBridge, dir_bytes
-from bridges.safetensors_mirror import SafetensorsMirror, write_sharded
+from bridges.safetensors_mirror import save_gathered
 from grpo import distributed
 
 
 class LegacyBridge(VerifiedBridge):
     mode = "legacy"
-    bucket_bytes = 256 << 20  # a sharded model is gathered this much at a time (grpo/distributed.py)
 
     def check_trainer_procs(self, n: int) -> None:
         """Any number: a sharded model is gathered bucket by bucket, rank 0 saves and restarts."""
@@ -26,10 +25,8 @@ class LegacyBridge(VerifiedBridge):
     def push(self, step: int) -> int:
         out = self.run_dir / "served" / f"step-{step:06d}"
         if distributed.is_sharded(self.policy.model):
-            mirror = SafetensorsMirror(out) if distributed.is_main() else None
-            write_sharded(mirror, self.policy.model.config, self.policy.model.state_dict(), self.bucket_bytes)
-            if mirror is not None:
-                mirror.close()
+            save_gathered(out if distributed.is_main() else None, self.policy.model.config,
+                          self.policy.model.state_dict())
         elif distributed.is_main():
             self.policy.model.save_pretrained(out, safe_serialization=True)
         if not distributed.is_main():

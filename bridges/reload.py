@@ -27,7 +27,6 @@ from serving.server import is_loopback
 class ReloadBridge(VerifiedBridge):
     mode = "reload"
     mirror = None  # the weights_dir() files, rewritten in place after the first full save (rank 0's)
-    bucket_bytes = 256 << 20  # a sharded model is gathered this much at a time (grpo/distributed.py)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The weights vLLM serves, under the HF checkpoint's names (LoRA merged: lora_merge.py)."""
@@ -51,7 +50,7 @@ class ReloadBridge(VerifiedBridge):
         if self.mirror is None and distributed.is_main():
             self.mirror = SafetensorsMirror(self.weights_dir())
         if distributed.is_sharded(self.policy.model):
-            write_sharded(self.mirror, self.policy.base_model.config, self.state_dict(), self.bucket_bytes)
+            write_sharded(self.mirror, self.policy.base_model.config, self.state_dict())
         elif self.mirror is not None:
             self.mirror.write(self.policy.base_model, self.state_dict())
         if self.mirror is None:

@@ -106,7 +106,7 @@ class SafetensorsMirror:
 
 
 def write_sharded(mirror: Optional[SafetensorsMirror], config, state_dict: dict[str, torch.Tensor],
-                  bucket_bytes: int) -> None:
+                  bucket_bytes: int = distributed.GATHER_BUCKET_BYTES) -> None:
     """A model sharded over trainer processes into rank 0's `mirror` (None on the other ranks),
     one gathered bucket at a time: every rank calls it, since each bucket's gather is a collective.
     The file is laid out from the global shapes on the first call (and if they ever change)."""
@@ -115,3 +115,12 @@ def write_sharded(mirror: Optional[SafetensorsMirror], config, state_dict: dict[
     for bucket in distributed.full_buckets(state_dict, bucket_bytes):
         if mirror is not None:
             mirror.write_part(bucket)
+
+
+def save_gathered(out: Optional[Path], config, state_dict: dict[str, torch.Tensor]) -> None:
+    """A sharded model saved once into `out` (rank 0; None on the others, which gather along) as
+    an HF checkpoint: config.json + one model.safetensors."""
+    mirror = SafetensorsMirror(out) if out is not None else None
+    write_sharded(mirror, config, state_dict)
+    if mirror is not None:
+        mirror.close()

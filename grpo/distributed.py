@@ -190,6 +190,10 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
+# How much of a sharded model a weight sync or final save gathers at a time.
+GATHER_BUCKET_BYTES = 256 << 20
+
+
 def full_buckets(state_dict: dict[str, torch.Tensor], bucket_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
     """`state_dict` as full tensors, about `bucket_bytes` at a time: each DTensor shard is
     all-gathered (`full_tensor()`, a collective: every rank iterates in step), so no rank holds

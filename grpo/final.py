@@ -12,12 +12,11 @@ Written like a checkpoint: into a temp dir, fsynced, then renamed (grpo/checkpoi
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
-from contextlib import nullcontext
-
 from bridges.lora_merge import merged_state_dict
-from bridges.safetensors_mirror import SafetensorsMirror, write_sharded
+from bridges.safetensors_mirror import save_gathered
 from grpo import distributed
 from grpo.checkpoint import atomic_dir
 from grpo.policy import Policy
@@ -31,7 +30,7 @@ def save(policy: Policy, run_dir: Path, merge_lora: bool = True) -> Path:
     """Write the trained model into `<run_dir>/final/` atomically; returns that directory."""
     out = final_dir(run_dir)
     if distributed.is_sharded(policy.model):
-        return save_sharded(policy, out)
+        return _save_sharded(policy, out)
     if not distributed.is_main():  # a replicated model (LoRA): rank 0's copy is every rank's
         return out
     with atomic_dir(out) as tmp:
@@ -43,14 +42,12 @@ def save(policy: Policy, run_dir: Path, merge_lora: bool = True) -> Path:
     return out
 
 
-def save_sharded(policy: Policy, out: Path, bucket_bytes: int = 256 << 20) -> Path:
+def _save_sharded(policy: Policy, out: Path) -> Path:
     """A model sharded over trainer processes, gathered bucket by bucket (every rank takes part),
     written by rank 0 as one safetensors file: no rank holds the whole model."""
     with atomic_dir(out) if distributed.is_main() else nullcontext() as tmp:
-        mirror = SafetensorsMirror(tmp) if tmp is not None else None
-        write_sharded(mirror, policy.base_model.config, policy.model.state_dict(), bucket_bytes)
-        if mirror is not None:
-            mirror.close()
+        save_gathered(tmp, policy.base_model.config, policy.model.state_dict())
+        if tmp is not None:
             policy.tokenizer.save_pretrained(tmp)
     distributed.barrier()  # final/ is in place before any rank returns
     return out
