@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from omegaconf import DictConfig
 from bridges.base import Bridge
 from envs.base import Env
 from grpo import checkpoint, distributed, final
+from grpo.cores import pin_trainer
 from grpo.async_rollout import InlineRollouts, RolloutPipeline, Rollouts, Schedule, check_mode
 from grpo.advantages import group_advantages
 from grpo.batch import Batch, Rollout, build_batch
@@ -75,8 +77,7 @@ def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
     loss = instantiate(cfg.loss, max_completion_length=cfg.rollout.max_tokens)  # checks its options
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    if cfg.hardware.torch_threads:
-        torch.set_num_threads(cfg.hardware.torch_threads)
+    pin_trainer(cfg.hardware.trainer_cpus, cfg.hardware.torch_threads)  # before any compute starts threads
     env = instantiate(cfg.env)  # a missing data file fails here, before vLLM starts
     cleanup.callback(env.close)
     # Its held-out prompts are read now: a missing split or eval.n < eval.k fails before vLLM starts.
@@ -93,6 +94,7 @@ def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
     cleanup.callback(bridge.close)
     policy = Policy(path, cfg.model.dtype, device, cfg.model.gradient_checkpointing,
                     temperature=cfg.rollout.temperature, lora=cfg.mode.lora, autocast=cfg.hardware.autocast,
+                    compile=cfg.hardware.compile,
                     model=bridge.build_model(path, cfg.model.dtype, device, server))
     if loss.needs_reference:
         policy.load_reference()
@@ -121,8 +123,8 @@ def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
         run.logger.event(run.start_step, "resumed", checkpoint=str(ckpt))
     if cfg.train.max_staleness and distributed.is_main():  # last: it samples the env and talks to vLLM
         run.rollouts = RolloutPipeline(lambda step: produce(run, step),
-                                       Schedule(cfg.train.max_staleness, cfg.mode.sync_every), cfg.train.steps,
-                                       run.start_step, ready=checkpoint.saved_rollouts(ckpt) if ckpt else None)
+                                       Schedule(cfg.train.max_staleness, cfg.mode.sync_every, run.start_step),
+                                       cfg.train.steps, ready=checkpoint.saved_rollouts(ckpt) if ckpt else None)
         if isinstance(run.guard, RestartGuard):
             run.guard.resync = run.rollouts.resync(run.guard.resync)
         cleanup.callback(run.rollouts.stop)
@@ -239,18 +241,22 @@ def learn(run: Run, rollout: Rollout, step: int) -> tuple[Batch, dict]:
 def train_step(run: Run, step: int) -> dict:
     """One GRPO step: sample -> score -> advantages -> loss + optimizer step -> sync; its metrics."""
     cfg, timer, main = run.cfg, PhaseTimer(), distributed.is_main()
+    began = time.perf_counter()
     if main:  # 1-2. generated and scored now, or taken from the producer thread that ran ahead
         rollout, timer.seconds = run.rollouts.take(step)
     else:
-        rollout, timer.seconds = None, {"time_generate": 0.0, "time_score": 0.0}
+        rollout, timer.seconds = None, {"time_generate": 0.0, "time_score": 0.0, "time_wait_rollout": 0.0}
     rollout = distributed.broadcast_object(rollout)  # every trainer process gets the whole step
+    trained = time.perf_counter()
     with timer("time_train"), run.rollouts.update(step):
         batch, loss_metrics = learn(run, rollout, step)  # 3. advantages [P, G], 4. loss + optimizer step
+    overlap = run.rollouts.busy(trained, time.perf_counter())  # the producer generating beside training
     with timer("time_sync"):  # 5. new weights -> vLLM
         sync = sync_weights(run, step)
     if step % cfg.log.samples_every == 0 or step == 1:
         run.logger.samples(step, rollout, batch.advantages)
     generated = int(batch.completion_mask.sum())
+    step_s = time.perf_counter() - began
     return {
         **rollout.reward_metrics(),
         **rollout.completion_metrics(),
@@ -259,6 +265,8 @@ def train_step(run: Run, step: int) -> dict:
         **sync,
         "vllm_restarts": run.guard.restarts,
         **timer.seconds,
+        "time_step": step_s,
+        "overlap_frac": overlap / step_s,  # time generation and training both ran / step time
     }
 
 

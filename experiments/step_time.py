@@ -93,6 +93,8 @@ class Ours:
                 steps.append({"step_s": step_s, "generate_s": metrics["time_generate"],
                               "score_s": metrics["time_score"], "train_s": metrics["time_train"],
                               "sync_s": metrics["time_sync"], "tokens": round(metrics["completion_len_mean"] * batch),
+                              "overlap_frac": metrics["overlap_frac"],
+                              "wait_rollout_s": metrics["time_wait_rollout"],
                               "server_busy": cpu.busy, "others_busy": cpu.others})
             row = weight_columns(run.policy.model) | train_alone(run, cfg, self.pids)
         if not main:
@@ -100,8 +102,8 @@ class Ours:
         timed = steps[cfg.bench.warmup:]
         row["train_ratio"] = statistics.median(s["train_s"] for s in timed) / row["train_alone_s"]
         return {**row, **medians(steps, cfg.bench.warmup), "threads": self.threads, "cpus": self.cpus,
-                "server_busy": statistics.median(s["server_busy"] for s in timed),
-                "others_busy": statistics.median(s["others_busy"] for s in timed)}
+                **{k: statistics.median(s[k] for s in timed)
+                   for k in ("overlap_frac", "wait_rollout_s", "server_busy", "others_busy")}}
 
 
 def train_alone(run, cfg: DictConfig, pids: tuple[int, ...]) -> dict:
@@ -137,6 +139,11 @@ def measure_trl(cfg: DictConfig, run_dir: Path, ours: Ours) -> dict:
         env.close()
     return {**weight_columns(model), **medians(steps, cfg.bench.warmup), "threads": torch.get_num_threads(),
             "cpus": len(os.sched_getaffinity(0)), "quiet_wait_s": waited, "server_busy": cpu.busy, "others_busy": cpu.others}
+
+
+def cpu_set(cpus) -> str:
+    """A CSV cell: `0,1`, or `all` where the config leaves the cores shared."""
+    return ",".join(map(str, cpus)) if cpus else "all"
 
 
 def started() -> int:
@@ -209,6 +216,8 @@ def main(cfg: DictConfig) -> list[dict]:
     base = {"size": cfg.bench.size if cfg.model.tiny is not None else cfg.model.path, **config_columns(cfg), "prompts": cfg.train.prompts_per_step,
             "group_size": cfg.train.group_size, "max_tokens": cfg.rollout.max_tokens, "dtype": cfg.model.dtype,
             "mode": cfg.mode.name, "trainer_procs": procs, "tp": cfg.hardware.vllm_tp, "dp": cfg.hardware.vllm_dp,
+            "max_staleness": cfg.train.max_staleness, "trainer_cpus": cpu_set(cfg.hardware.trainer_cpus),
+            "vllm_cpus": cpu_set(cfg.hardware.vllm_cpus),
             "run_dir": str(run_dir)}
     if procs > started():  # started alone, asked for several: the point runs under torchrun
         rows = launch(cfg, run_dir / "torchrun", base, procs)

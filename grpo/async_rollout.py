@@ -3,7 +3,9 @@ rollouts of the next k steps while the trainer trains, each tagged with the poli
 generated it (the step whose weights vLLM served; 0 = the initial weights).
 
 The schedule is fixed, so a seeded run repeats itself: step s's rollout is generated on version
-`max(0, s-1-k)` (rounded down to the last sync step with `mode.sync_every`). The producer waits
+`max(0, s-1-k)` (rounded down to the last sync step with `mode.sync_every`; a run resumed between
+syncs serves the checkpoint's weights until the next one, and says so: resume then repeats the
+uninterrupted run only from a checkpoint at a sync step). The producer waits
 until that version is served; the sync installing version v first waits until every rollout due
 on an older version (steps <= v + k) is generated, so the weights never change during a request.
 The producer may use version v once the trainer asks for step v+1's rollout, i.e. after step v's
@@ -48,6 +50,10 @@ class Rollouts(Protocol):
     def in_flight(self) -> dict:
         """Rollouts generated ahead and not yet trained on (saved in checkpoints)."""
 
+    def busy(self, start: float, end: float) -> float:
+        """Seconds of [start, end] (perf_counter) in which rollouts were being generated or scored
+        beside the trainer: the overlap async buys."""
+
     def stop(self) -> None: ...
 
 
@@ -55,7 +61,12 @@ class InlineRollouts:
     """k = 0, the synchronous loop: a step's rollout is generated and scored when the trainer asks."""
 
     def __init__(self, produce: Callable[[int], tuple]):
-        self.take = produce
+        self.produce = produce
+
+    def take(self, step: int) -> tuple[object, dict]:
+        start = time.perf_counter()
+        rollout, seconds = self.produce(step)
+        return rollout, {**seconds, "time_wait_rollout": time.perf_counter() - start}
 
     def before_sync(self, version: int) -> None:
         pass
@@ -65,6 +76,9 @@ class InlineRollouts:
 
     def in_flight(self) -> dict:
         return {}
+
+    def busy(self, start: float, end: float) -> float:
+        return 0.0  # generated while the trainer waits, never beside it
 
     def stop(self) -> None:
         pass
@@ -76,11 +90,14 @@ class Schedule:
 
     max_staleness: int
     sync_every: int = 1
+    start: int = 0  # a resumed run's step: vLLM serves its weights until the next sync
 
     def version_for(self, step: int) -> int:
-        """The version (a sync step, or 0) whose weights generate step `step`'s rollout."""
+        """The version (a sync step, 0, or the resumed step) whose weights generate step `step`'s
+        rollout. A run resumed between syncs pushed the checkpoint's weights, newer than the
+        last sync's: those generate until the next sync."""
         version = max(0, step - 1 - self.max_staleness)
-        return version - version % self.sync_every
+        return max(version - version % self.sync_every, self.start)
 
     def last_before(self, version: int) -> int:
         """The last step whose rollout is generated on a version older than `version` (a sync
@@ -101,15 +118,16 @@ class RolloutPipeline:
     """The producer thread and its version-tagged buffer. `produce(step) -> (rollout, seconds)`
     is the synchronous loop's generate + score of that step (seeded by the step)."""
 
-    def __init__(self, produce: Callable[[int], tuple], schedule: Schedule, steps: int, start_step: int = 0,
+    def __init__(self, produce: Callable[[int], tuple], schedule: Schedule, steps: int,
                  ready: Optional[dict[int, Produced]] = None):
         self.produce, self.schedule, self.steps = produce, schedule, steps
         self.published = -1  # the newest step the trainer is done with (none yet: the producer waits)
-        self.trainer_version = start_step  # the step the trainer's weights are
+        self.trainer_version = schedule.start  # the step the trainer's weights are
         self.resynced = -1  # the version a vLLM restart pushed (the trainer's weights then)
         self.ready: dict[int, Produced] = dict(ready or {})  # step -> finished rollout, not yet taken
-        self.next_step = max(self.ready, default=start_step) + 1  # the next step to generate
+        self.next_step = max(self.ready, default=schedule.start) + 1  # the next step to generate
         self.idle = False  # the producer waits for a version (nothing in flight)
+        self.spans: list[tuple[float, float]] = []  # (start, end) of each produce, the last maybe open
         self.error: Optional[BaseException] = None
         self.stopping = False
         self.cond = threading.Condition()
@@ -131,9 +149,13 @@ class RolloutPipeline:
                     self.idle = False
                     if self.stopping:
                         return
-                waited = time.perf_counter() - start
+                began = time.perf_counter()
+                waited = began - start
+                with self.cond:
+                    self.spans.append((began, float("inf")))
                 rollout, seconds = self.produce(step)
                 with self.cond:
+                    self.spans[-1] = (began, time.perf_counter())
                     version = max(self.schedule.version_for(step), self.resynced)  # a restart pushed newer
                     self.ready[step] = Produced(rollout, version,
                                                 {**seconds, "time_wait_weights": waited})
@@ -196,6 +218,11 @@ class RolloutPipeline:
         with self.cond:
             self.published = max(self.published, step)
             self.cond.notify_all()
+
+    def busy(self, start: float, end: float) -> float:
+        with self.cond:
+            self.spans = [s for s in self.spans if s[1] > start]  # the trainer asks in time order
+            return sum(max(0.0, min(e, end) - max(b, start)) for b, e in self.spans)
 
     def in_flight(self) -> dict[int, Produced]:
         """The finished rollouts not yet trained on, once the producer is idle (for a checkpoint)."""

@@ -11,6 +11,7 @@ the loss checks its own options in its constructor (grpo/loss.py).
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -47,6 +48,12 @@ def in_unit(low_open: bool = True) -> dict[str, Rule]:
 
 def one_of(choices) -> dict[str, Rule]:
     return _rule(lambda v: v in choices, f"one of {sorted(choices)}")
+
+
+def cores() -> dict[str, Rule]:
+    """A non-empty list of this machine's cores (those this process may run on)."""
+    return _rule(lambda v: len(v) > 0 and set(v) <= os.sched_getaffinity(0),
+                 f"a non-empty list of the cores this process may use, {sorted(os.sched_getaffinity(0))}")
 
 
 def validate(cfg: DictConfig, prefix: str = "") -> None:
@@ -104,10 +111,16 @@ class HardwareConfig:
     # as were started. With vllm_devices, a node needs trainer_procs + vllm_tp * vllm_dp GPUs.
     trainer_procs: Optional[int] = field(default=None, metadata=at_least(1))
     nodes: int = field(default=1, metadata=at_least(1))  # SLURM nodes (conf/hydra/launcher/)
-    torch_threads: Optional[int] = None  # trainer intra-op threads (None: torch's default)
+    torch_threads: Optional[int] = None  # trainer intra-op threads (None: torch's default, or len(trainer_cpus))
+    # CPU: disjoint cores for the trainer and vLLM (grpo/cores.py), e.g. [1] and [0]; None: share all.
+    trainer_cpus: Optional[list[int]] = field(default=None, metadata=cores())
+    vllm_cpus: Optional[list[int]] = field(default=None, metadata=cores())
     # Forward/backward under torch.autocast to this dtype, fp32 master weights: "bfloat16", or
     # "auto" (bf16 where it is native: CUDA, CPUs with AVX512-BF16/AMX), or null (off).
     autocast: Optional[str] = None
+    # torch.compile the trainer's model (inductor, dynamic shapes): a compile per new graph, then
+    # fused kernels. Off in hardware=cpu: measured not to pay there (experiments/RESULTS.md).
+    compile: bool = False
     vllm_tp: int = field(default=1, metadata=at_least(1))
     vllm_dp: int = field(default=1, metadata=at_least(1))
     vllm_devices: Optional[str] = None  # CUDA_VISIBLE_DEVICES of the server

@@ -122,7 +122,7 @@ class Policy:
 
     def __init__(self, path: str | Path, dtype: str = "float32", device: str = "cpu",
                  gradient_checkpointing: bool = False, temperature: float = 1.0, lora=None,
-                 model: Optional[torch.nn.Module] = None, autocast: Optional[str] = None):
+                 model: Optional[torch.nn.Module] = None, autocast: Optional[str] = None, compile: bool = False):
         self.path = str(path)
         self.device = torch.device(device)
         self.autocast = autocast_dtype(autocast, self.device)
@@ -136,6 +136,8 @@ class Policy:
         self.lora = lora
         if lora is not None:
             self.model = wrap_lora(self.model, lora)
+        if compile:  # in place: parameter names (what the bridges and checkpoints key on) stay the same
+            self.model.compile(dynamic=True)
         self.model.train()
         self.reference = None  # frozen copy, loaded only when beta > 0 (never with LoRA)
 

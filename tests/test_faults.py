@@ -26,10 +26,10 @@ from grpo import checkpoint
 from grpo.logger import RunLogger
 from grpo.loss import GRPOLoss
 from grpo.policy import Policy
-from serving.client import Completion
+from serving.client import Completion, VLLMClient
 from serving.guard import RestartGuard
 from serving.lifeline import group_members
-from train import Run, train, train_step
+from train import Run, rollout_seed, train, train_step
 
 QUIET = ("log.wandb.mode=disabled", "log.progress=false", "train.prompts_per_step=2", "train.group_size=4",
          "rollout.max_tokens=8")
@@ -231,7 +231,8 @@ def kill_server_after(run_dir: Path, servers: list, step: int, killed: list) -> 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides", [("mode=reload",), pytest.param(("mode=lora", "optimizer.lr=1e-2"), marks=pytest.mark.heavy)],
+@pytest.mark.parametrize("overrides", [pytest.param(("mode=reload",), marks=pytest.mark.heavy),
+                                       pytest.param(("mode=lora", "optimizer.lr=1e-2"), marks=pytest.mark.heavy)],
                          ids=["reload", "lora"])
 def test_killed_vllm_is_restarted_and_the_run_continues(tmp_path, monkeypatch, overrides):
     servers, killed = [], []
@@ -252,6 +253,32 @@ def test_killed_vllm_is_restarted_and_the_run_continues(tmp_path, monkeypatch, o
     assert len(restarts) == 1 and restarts[0]["step"] == 3
     syncs = read_jsonl(tmp_path / "sync.jsonl")
     assert all(s["probe_max_diff"] <= 1e-3 for s in syncs)  # every step after the restart is verified
+
+
+@pytest.mark.slow
+def test_killed_vllm_with_a_rollout_in_flight_regenerates_it(tmp_path, monkeypatch):
+    """Async (k = 1): vLLM is killed as the producer sends step 4's request, beside step 3's
+    training. The restart re-syncs the trainer's weights once its optimizer step is done
+    (version 3) and step 4's rollout is generated again, tagged with the version it really got.
+    The restart path is the synchronous loop's (RestartGuard) plus the producer's re-sync."""
+    cfg = make_cfg("train.max_staleness=1", *QUIET, "train.steps=4")
+    generate, killed = VLLMClient.generate, []
+
+    def killing_generate(self, prompt_ids, n, seed=None):
+        if seed == rollout_seed(cfg, 4) and not killed:
+            os.killpg(self.server.proc.pid, signal.SIGKILL)
+            killed.append(time.time())
+        return generate(self, prompt_ids, n, seed=seed)
+
+    monkeypatch.setattr(VLLMClient, "generate", killing_generate)
+    history = train(cfg, tmp_path)
+
+    assert killed and len(history) == 4 and history[-1]["vllm_restarts"] == 1
+    restarts = [e for e in read_jsonl(tmp_path / "events.jsonl") if e["event"] == "vllm_restart"]
+    assert len(restarts) == 1 and restarts[0]["step"] == 4  # the producer's request for step 4
+    assert [m["policy_version"] for m in history] == [0, 0, 1, 3]  # scheduled 2; the restart pushed 3
+    assert [m["staleness"] for m in history] == [0, 1, 1, 0]
+    assert all(s["probe_max_diff"] <= 1e-3 for s in read_jsonl(tmp_path / "sync.jsonl"))
 
 
 # -- the trainer killed mid-run -----------------------------------------------------------------

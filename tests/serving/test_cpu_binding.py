@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from serving.server import cpu_binding, server_from_config
+import os
+import subprocess
+import sys
+
+from serving.server import LIFELINE, cpu_binding, server_from_config
 from conftest import make_cfg
 
 
@@ -24,3 +28,21 @@ def test_tp_on_cpu_gets_a_binding_and_a_user_binding_is_kept(tmp_path):
     assert kept.env["VLLM_CPU_OMP_THREADS_BIND"] == "5|6"
     single = server_from_config(make_cfg(), "m", tmp_path)
     assert "VLLM_CPU_OMP_THREADS_BIND" not in single.env
+
+
+def test_vllm_cpus_bind_the_server_and_its_compute_threads(tmp_path):
+    server = server_from_config(make_cfg("hardware=cpu_split"), "m", tmp_path)
+    assert server.env["VLLM_CPU_OMP_THREADS_BIND"] == "0" and server.cpus == [0]
+    assert server_from_config(make_cfg(), "m", tmp_path).cpus is None
+
+
+def test_the_lifeline_pins_the_whole_server_to_its_cores():
+    """The watchdog pins itself, so the server and every process it forks inherit the cores,
+    however the process that started it is pinned (here: to the other core)."""
+    probe = ("import os, subprocess, sys; print(sorted(os.sched_getaffinity(0))); sys.stdout.flush(); "
+             "subprocess.run([sys.executable, '-c', 'import os; print(sorted(os.sched_getaffinity(0)))'])")
+    out = subprocess.run([sys.executable, "-I", str(LIFELINE), str(os.getpid()), "--cpus", "0", "--",
+                          sys.executable, "-c", probe],
+                         capture_output=True, text=True, timeout=60, preexec_fn=lambda: os.sched_setaffinity(0, [1]))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["[0]", "[0]"]
