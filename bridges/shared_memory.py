@@ -28,6 +28,8 @@ from typing import Any, Iterable
 
 import torch
 
+from grpo.procfs import STARTTIME, STATE, stat_fields
+
 SHM = Path("/dev/shm")
 
 
@@ -96,12 +98,8 @@ def process_start(pid: int) -> str | None:
     """Start time of `pid` in clock ticks since boot (None: no such process, or a dead one not yet
     reaped: a killed vLLM worker whose parents are gone stays a zombie until init reaps it): with
     the pid it names one process, even after the pid is reused."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-    except OSError:
-        return None
-    return None if len(fields) < 20 or fields[0] in ("Z", "X") else fields[19]
+    fields = stat_fields(pid)
+    return None if fields is None or len(fields) <= STARTTIME or fields[STATE] in ("Z", "X") else fields[STARTTIME]
 
 
 def owner_tag(pid: int) -> str:

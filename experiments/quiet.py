@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Iterable
 from urllib.parse import urlparse
 
+from grpo.procfs import PPID, STIME, UTIME, stat_fields
+
 TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 
 
@@ -25,12 +27,8 @@ class NotQuietError(TimeoutError):
 
 def _stat(pid: int) -> tuple[int, int] | None:
     """(parent pid, user+system ticks of all its threads), None once the process is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    fields = text[text.rindex(")") + 2:].split()  # the name may hold spaces; fields after it don't
-    return int(fields[1]), int(fields[11]) + int(fields[12])
+    fields = stat_fields(pid)
+    return None if fields is None else (int(fields[PPID]), int(fields[UTIME]) + int(fields[STIME]))
 
 
 def tree_ticks(roots: Iterable[int]) -> int:

@@ -223,7 +223,7 @@ def main(cfg: DictConfig) -> list[dict]:
         rows = launch(cfg, run_dir / "torchrun", base, procs)
     else:
         rows = measure(cfg, run_dir, base, procs)
-    if os.environ.get("RANK", "0") == "0":  # one row per side, from rank 0 (the group is closed by now)
+    if distributed.launch_rank() == 0:  # one row per side, from rank 0 (the group is closed by now)
         for row in rows:
             append_row(sweep_csv(cfg.bench.name), row)
     return rows

@@ -44,6 +44,18 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def launch_rank() -> int:
+    """This process's rank as its launcher set it, before any process group exists: torchrun's
+    RANK, else submitit's task rank (SLURM or local; `init` exports RANK from it), else 0."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    if "SUBMITIT_EXECUTOR" in os.environ:
+        import submitit
+
+        return submitit.JobEnvironment().global_rank
+    return 0
+
+
 def _export_submitit_env() -> None:
     """A SLURM/submitit job with several tasks: the env:// variables torchrun would have set."""
     if "WORLD_SIZE" in os.environ or "SUBMITIT_EXECUTOR" not in os.environ:

@@ -144,7 +144,23 @@ class RunLogger:
 
 
 class SilentLogger:
-    """The logger of every rank but 0 under torchrun: rank 0 alone writes the run's record."""
+    """The logger of every rank but 0 under torchrun: rank 0 alone writes the run's record.
+    RunLogger's methods that the loop calls, each doing nothing."""
 
-    def __getattr__(self, name: str):
-        return lambda *args, **kwargs: None
+    def step(self, step: int, metrics: dict) -> None:
+        pass
+
+    def samples(self, step: int, rollout: Rollout, advantages: Tensor) -> None:
+        pass
+
+    def eval(self, step: int, metrics: dict, rows: list[dict]) -> None:
+        pass
+
+    def sync(self, record: dict) -> None:
+        pass
+
+    def event(self, step: int, kind: str, **info) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -13,7 +13,6 @@ overlays the jobs' curves grouped by any override (`group_curves`).
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -26,6 +25,7 @@ from omegaconf import DictConfig
 
 from experiments.csvlog import append_row
 from experiments.outputs import read_jsonl
+from grpo import distributed
 
 SUMMARY = "summary.csv"
 EVAL_METRIC = "eval/pass@1"  # greedy pass@1, the headline of eval.jsonl (grpo/evaluate.py)
@@ -69,19 +69,6 @@ def job_row(run_dir: Path, metric: str = EVAL_METRIC, last: int = 5) -> dict[str
     }
 
 
-def _rank() -> int:
-    """This process's rank in a job run as several (each ends the job; rank 0 writes its row):
-    torchrun's RANK, else submitit's task rank (SLURM or local; train.py exports RANK from it only
-    once the process group forms, so a job failing before that still has one row)."""
-    if "RANK" in os.environ:
-        return int(os.environ["RANK"])
-    if "SUBMITIT_EXECUTOR" in os.environ:
-        import submitit
-
-        return submitit.JobEnvironment().global_rank
-    return 0
-
-
 class SweepSummary(Callback):
     """Hydra callback (conf/config.yaml `hydra.callbacks.summary`): in a multirun of `task`
     (Hydra's job name: `train` for train.py; the experiments' sweeps write their own CSVs), every
@@ -91,7 +78,7 @@ class SweepSummary(Callback):
         self.task, self.metric, self.last = task, metric, last
 
     def _ours(self, config: DictConfig) -> bool:
-        return config.hydra.mode == RunMode.MULTIRUN and config.hydra.job.name == self.task and _rank() == 0
+        return config.hydra.mode == RunMode.MULTIRUN and config.hydra.job.name == self.task and distributed.launch_rank() == 0
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         # A summary holds one sweep's jobs: a sweep dir reused on purpose gets a new one (its

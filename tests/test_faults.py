@@ -26,6 +26,7 @@ from grpo import checkpoint
 from grpo.logger import RunLogger
 from grpo.loss import GRPOLoss
 from grpo.policy import Policy
+from grpo.procfs import PGRP, PPID, STATE, stat_fields
 from serving.client import Completion, VLLMClient
 from serving.guard import RestartGuard
 from serving.lifeline import group_members
@@ -315,11 +316,8 @@ def test_killed_trainer_resumes_from_last_complete_checkpoint(attach, tmp_path):
 def server_group(trainer_pid: int) -> int | None:
     """The process group of the server the trainer started: its child that leads a group."""
     for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if int(fields[1]) == trainer_pid and int(fields[2]) == int(entry):
+        fields = stat_fields(entry)
+        if fields is not None and int(fields[PPID]) == trainer_pid and int(fields[PGRP]) == int(entry):
             return int(entry)
     return None
 
@@ -355,8 +353,7 @@ def test_killed_trainer_takes_its_server_along(tmp_path, sig):
     print(json.dumps({"signal": sig.name, "server_pids": pids, "trainer_gone_s": round(trainer_s, 1),
                       "server_gone_s": round(gone_s, 1), "trainer_exit": code}))
     assert len(pids) >= 4  # lifeline, API server, engine core, worker
-    assert not [p for p in pids if Path(f"/proc/{p}").exists()
-                and Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()[0] != "Z"]
+    assert not [p for p in pids if (fields := stat_fields(p)) is not None and fields[STATE] != "Z"]
     if sig == signal.SIGKILL:  # the lifeline stops the group: SIGTERM, SIGKILL after GRACE_S=10
         assert gone_s < 15
     else:  # the trainer's own cleanup stopped its server before it exited, and said why it stopped

@@ -9,6 +9,7 @@ import time
 
 from bridges.shared_memory import SHM, owned_dir
 from grpo import REPO_ROOT
+from grpo.procfs import STATE, stat_fields
 
 
 def test_stale_dirs_are_removed_and_a_clean_exit_removes_its_own():
@@ -31,7 +32,7 @@ def test_an_exited_but_unreaped_owner_counts_as_gone():
 
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     deadline = time.monotonic() + 30
-    while open(f"/proc/{child.pid}/stat").read().rpartition(")")[2].split()[0] != "Z":
+    while stat_fields(child.pid)[STATE] != "Z":
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert process_start(child.pid) is None  # exited, not yet reaped

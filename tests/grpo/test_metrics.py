@@ -125,3 +125,16 @@ def test_samples_reach_an_offline_wandb_table(tmp_path, tiny_model_path):
     assert table["columns"] == ["step", "prompt", "answer", "completion", "reward", "advantage"]
     assert [row[5] for row in table["data"]] == pytest.approx([s["advantage"] for s in samples])
     assert [row[4] for row in table["data"]] == pytest.approx([s["reward"] for s in samples])
+
+
+def test_the_silent_logger_answers_every_call_the_run_logger_takes():
+    """Ranks > 0 log through SilentLogger: a RunLogger method it lacks would fail only there."""
+    import inspect
+
+    from grpo.logger import RunLogger, SilentLogger
+
+    def calls(cls):
+        return {name: inspect.signature(f) for name, f in vars(cls).items()
+                if inspect.isfunction(f) and not name.startswith("_")}
+
+    assert calls(SilentLogger) == calls(RunLogger)

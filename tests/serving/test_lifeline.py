@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from grpo.procfs import STATE, stat_fields
 from serving.lifeline import exit_on_sigterm, group_members
 from serving.server import LIFELINE, VLLMServer
 
@@ -31,11 +32,8 @@ def wait_gone(pgid: int, timeout_s: float) -> float:
 
 
 def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+    fields = stat_fields(pid)
+    return fields is not None and fields[STATE] != "Z"
 
 
 # A parent that starts the lifeline and the "server" as VLLMServer would, prints the group, waits.
