@@ -217,7 +217,7 @@ def main(cfg: DictConfig) -> list[dict]:
             "group_size": cfg.train.group_size, "max_tokens": cfg.rollout.max_tokens, "dtype": cfg.model.dtype,
             "mode": cfg.mode.name, "trainer_procs": procs, "tp": cfg.hardware.vllm_tp, "dp": cfg.hardware.vllm_dp,
             "max_staleness": cfg.train.max_staleness, "trainer_cpus": cpu_set(cfg.hardware.trainer_cpus),
-            "vllm_cpus": cpu_set(cfg.hardware.vllm_cpus),
+            "vllm_cpus": cpu_set(cfg.hardware.vllm_cpus), "compile": cfg.hardware.compile,
             "run_dir": str(run_dir)}
     if procs > started():  # started alone, asked for several: the point runs under torchrun
         rows = launch(cfg, run_dir / "torchrun", base, procs)

@@ -43,6 +43,7 @@ def test_the_lifeline_pins_the_whole_server_to_its_cores():
              "subprocess.run([sys.executable, '-c', 'import os; print(sorted(os.sched_getaffinity(0)))'])")
     out = subprocess.run([sys.executable, "-I", str(LIFELINE), str(os.getpid()), "--cpus", "0", "--",
                           sys.executable, "-c", probe],
-                         capture_output=True, text=True, timeout=60, preexec_fn=lambda: os.sched_setaffinity(0, [1]))
+                         capture_output=True, text=True, timeout=60, start_new_session=True,  # as VLLMServer starts it:
+                         preexec_fn=lambda: os.sched_setaffinity(0, [1]))  # the lifeline ends by stopping its group
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:2] == ["[0]", "[0]"]
