@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 from bridges.base import Bridge
 from envs.base import Env
 from grpo import checkpoint, distributed, final
-from grpo.cores import pin_trainer
+from grpo.cores import pinned_trainer
 from grpo.async_rollout import InlineRollouts, RolloutPipeline, Rollouts, Schedule, check_mode
 from grpo.advantages import group_advantages
 from grpo.batch import Batch, Rollout, build_batch
@@ -77,7 +77,8 @@ def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
     loss = instantiate(cfg.loss, max_completion_length=cfg.rollout.max_tokens)  # checks its options
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    pin_trainer(cfg.hardware.trainer_cpus, cfg.hardware.torch_threads)  # before any compute starts threads
+    # Before any compute starts threads; given back at the end (a multirun's next job starts unpinned).
+    cleanup.enter_context(pinned_trainer(cfg.hardware.trainer_cpus, cfg.hardware.torch_threads))
     env = instantiate(cfg.env)  # a missing data file fails here, before vLLM starts
     cleanup.callback(env.close)
     # Its held-out prompts are read now: a missing split or eval.n < eval.k fails before vLLM starts.

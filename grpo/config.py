@@ -11,7 +11,6 @@ the loss checks its own options in its constructor (grpo/loss.py).
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -19,6 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from grpo.advantages import SCALES
+from grpo.cores import MACHINE_CPUS
 from grpo.schedule import DECAYS
 from grpo.tiny_model import TinySpec
 
@@ -51,9 +51,9 @@ def one_of(choices) -> dict[str, Rule]:
 
 
 def cores() -> dict[str, Rule]:
-    """A non-empty list of this machine's cores (those this process may run on)."""
-    return _rule(lambda v: len(v) > 0 and set(v) <= os.sched_getaffinity(0),
-                 f"a non-empty list of the cores this process may use, {sorted(os.sched_getaffinity(0))}")
+    """A non-empty list of this machine's cores (those this process could use when it started)."""
+    return _rule(lambda v: len(v) > 0 and set(v) <= MACHINE_CPUS,
+                 f"a non-empty list of the cores this process may use, {sorted(MACHINE_CPUS)}")
 
 
 def validate(cfg: DictConfig, prefix: str = "") -> None:

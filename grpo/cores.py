@@ -10,21 +10,34 @@ after a crash lands on the same cores whatever the trainer's own affinity is.
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
 
-def pin_trainer(cpus: Optional[Sequence[int]], threads: Optional[int]) -> None:
-    """Run every thread of this process on `cpus` (None: leave them), with `threads` torch threads
-    (None: one per pinned core, else torch's default)."""
-    if cpus:
-        for tid in map(int, os.listdir("/proc/self/task")):  # threads started before (OpenMP's) too
-            try:
-                os.sched_setaffinity(tid, cpus)
-            except ProcessLookupError:
-                pass  # ended meanwhile
-    threads = threads or (len(cpus) if cpus else None)
-    if threads:
-        torch.set_num_threads(threads)
+# The cores this process could run on when it started: what `hardware.*_cpus` may name, and what
+# a pinned run gives back when it ends (a Hydra multirun runs its jobs in one process).
+MACHINE_CPUS = frozenset(os.sched_getaffinity(0))
 
+
+def _pin(cpus: Iterable[int], threads: int) -> None:
+    """Every thread of this process (OpenMP's, started before, too) on `cpus`; `threads` torch threads."""
+    for tid in map(int, os.listdir("/proc/self/task")):
+        try:
+            os.sched_setaffinity(tid, cpus)
+        except ProcessLookupError:
+            pass  # ended meanwhile
+    torch.set_num_threads(threads)
+
+
+@contextmanager
+def pinned_trainer(cpus: Optional[Sequence[int]], threads: Optional[int]) -> Iterator[None]:
+    """Inside: this process on `cpus` (None: where it was) with `threads` torch threads (None: one
+    per pinned core, else as it was); on leaving, its cores and thread count as they were."""
+    before = (os.sched_getaffinity(0), torch.get_num_threads())
+    _pin(cpus or before[0], threads or (len(cpus) if cpus else before[1]))
+    try:
+        yield
+    finally:
+        _pin(*before)

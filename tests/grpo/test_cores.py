@@ -12,36 +12,49 @@ import pytest
 
 PROBE = """
 import json, os, sys, torch
-from grpo.cores import pin_trainer
+from grpo.config import cores
+from grpo.cores import pinned_trainer
 torch.set_num_threads(2)
 torch.randn(512, 512) @ torch.randn(512, 512)  # starts OpenMP's worker threads on every core
-pin_trainer(json.loads(sys.argv[1]), json.loads(sys.argv[2]))
-torch.randn(512, 512) @ torch.randn(512, 512)
-cores = {tid: sorted(os.sched_getaffinity(int(tid))) for tid in os.listdir("/proc/self/task")}
-print(json.dumps({"threads": torch.get_num_threads(), "cores": sorted(map(tuple, cores.values()))}))
+
+def seen():
+    torch.randn(512, 512) @ torch.randn(512, 512)
+    cores = {tid: sorted(os.sched_getaffinity(int(tid))) for tid in os.listdir("/proc/self/task")}
+    return {"threads": torch.get_num_threads(), "cores": sorted(map(tuple, cores.values()))}
+
+with pinned_trainer(json.loads(sys.argv[1]), json.loads(sys.argv[2])):
+    inside = seen()
+    cores()["rule"]("hardware.vllm_cpus", [0])  # a pinned job's config is still checked against every core
+print(json.dumps({"inside": inside, "after": seen()}))
 """
 
 
 def probe(cpus, threads) -> dict:
     out = subprocess.run([sys.executable, "-c", PROBE, json.dumps(cpus), json.dumps(threads)],
                          capture_output=True, text=True, timeout=120, check=True)
-    seen = json.loads(out.stdout)
-    return {"threads": seen["threads"], "cores": set(map(tuple, seen["cores"]))}
+    return {when: {"threads": seen["threads"], "cores": set(map(tuple, seen["cores"]))}
+            for when, seen in json.loads(out.stdout).items()}
+
+
+ALL = tuple(sorted(os.sched_getaffinity(0)))
 
 
 def test_every_thread_moves_to_the_trainer_cores_with_a_thread_per_core():
     seen = probe([1], None)
-    assert seen["threads"] == 1
-    assert seen["cores"] == {(1,)}  # the main thread and OpenMP's, started before the pin
+    assert seen["inside"] == {"threads": 1, "cores": {(1,)}}  # OpenMP's threads, started before the pin, too
+
+
+def test_leaving_gives_the_cores_and_threads_back():
+    """A Hydra multirun runs its jobs in one process: a pinned job must not pin the next one."""
+    assert probe([1], None)["after"] == {"threads": 2, "cores": {ALL}}
 
 
 def test_torch_threads_wins_over_the_core_count():
-    assert probe([1], 3)["threads"] == 3
+    assert probe([1], 3)["inside"]["threads"] == 3
 
 
 def test_no_cores_leaves_affinity_alone():
-    seen = probe(None, None)
-    assert seen["threads"] == 2 and seen["cores"] == {tuple(sorted(os.sched_getaffinity(0)))}
+    assert probe(None, None)["inside"] == {"threads": 2, "cores": {ALL}}
 
 
 def test_a_core_outside_the_machine_fails_by_name(tmp_path):
