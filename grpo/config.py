@@ -118,8 +118,9 @@ class HardwareConfig:
     # Forward/backward under torch.autocast to this dtype, fp32 master weights: "bfloat16", or
     # "auto" (bf16 where it is native: CUDA, CPUs with AVX512-BF16/AMX), or null (off).
     autocast: Optional[str] = None
-    # torch.compile the trainer's model (inductor, dynamic shapes): a compile per new graph, then
-    # fused kernels. Off in hardware=cpu: measured not to pay there (experiments/RESULTS.md).
+    # torch.compile the trainer's model (inductor, dynamic shapes): ~25 % off the train phase at
+    # ~28M on CPU, for ~100 s of compiling in the first step (experiments/RESULTS.md). Off: the
+    # default toy run has nothing to win; turn it on for long runs of bigger models.
     compile: bool = False
     vllm_tp: int = field(default=1, metadata=at_least(1))
     vllm_dp: int = field(default=1, metadata=at_least(1))

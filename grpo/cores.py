@@ -15,7 +15,6 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
-
 # The cores this process could run on when it started: what `hardware.*_cpus` may name, and what
 # a pinned run gives back when it ends (a Hydra multirun runs its jobs in one process).
 MACHINE_CPUS = frozenset(os.sched_getaffinity(0))

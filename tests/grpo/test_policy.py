@@ -78,3 +78,24 @@ def test_under_top_p_vllm_logprobs_exceed_the_trainers_by_log_one_over_the_nucle
           f"max |gap - log(1/nucleus mass)| = {max(abs(g - e) for g, e in zip(gaps, expected)):.2e}")
     assert min(gaps) > -1e-3  # vLLM's processed logprob is never below the trainer's
     assert max(abs(g - e) for g, e in zip(gaps, expected)) < 1e-3
+
+
+def test_compile_keeps_the_parameter_names_the_bridges_key_on(tiny_model_path):
+    """`hardware.compile` compiles in place: torch.compile(model) would prefix every name with
+    `_orig_mod.`, and the reload/broadcast/shared bridges and checkpoints would miss them all."""
+    plain, compiled = Policy(tiny_model_path), Policy(tiny_model_path, compile=True)
+    assert list(compiled.model.state_dict()) == list(plain.model.state_dict())
+    assert [n for n, _ in compiled.model.named_parameters()] == [n for n, _ in plain.model.named_parameters()]
+
+
+@pytest.mark.heavy
+def test_compiled_model_gives_the_same_logprobs_and_gradients(tiny_model_path):
+    plain, compiled = Policy(tiny_model_path), Policy(tiny_model_path, compile=True)
+    _, batch = one_row_batch(plain, [40, 41, 42, 300, 7])
+    grads = []
+    for policy in (plain, compiled):
+        logp = policy.logprobs(batch)
+        logp.sum().backward()
+        grads.append(policy.model.lm_head.weight.grad)
+    torch.testing.assert_close(compiled.logprobs(batch), plain.logprobs(batch), rtol=0, atol=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)
