@@ -285,9 +285,13 @@ def test_killed_vllm_with_a_rollout_in_flight_regenerates_it(tmp_path, monkeypat
 # -- the trainer killed mid-run -----------------------------------------------------------------
 
 @pytest.mark.slow
-def test_killed_trainer_resumes_from_last_complete_checkpoint(attach, tmp_path):
+@pytest.mark.parametrize("staleness", [0, 1], ids=["sync", "async"])
+def test_killed_trainer_resumes_from_last_complete_checkpoint(attach, tmp_path, staleness):
+    """SIGKILL mid-run; the resumed run starts from the newest complete checkpoint. Async (k = 1)
+    loses only what was in flight after it: the rollout generated ahead is in the checkpoint."""
     run_dir = tmp_path / "run"
-    args = [*QUIET, attach, "train.steps=40", "train.checkpoint_every=2", f"hydra.run.dir={run_dir}"]
+    args = [*QUIET, attach, "train.steps=40", "train.checkpoint_every=2", f"train.max_staleness={staleness}",
+            f"hydra.run.dir={run_dir}"]
     proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = run_dir / "checkpoints" / "step-000004" / "COMPLETE"
@@ -304,11 +308,14 @@ def test_killed_trainer_resumes_from_last_complete_checkpoint(attach, tmp_path):
     (root / f".tmp-step-{last + 2:06d}-1").mkdir(exist_ok=True)
     (root / f"step-{last + 4:06d}").mkdir()
 
-    history = train(make_cfg(*QUIET, attach, f"train.steps={last + 2}", f"resume={run_dir}"), run_dir)
+    history = train(make_cfg(*QUIET, attach, f"train.steps={last + 2}", f"train.max_staleness={staleness}",
+                             f"resume={run_dir}"), run_dir)
     assert len(history) == 2
     resumed = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "resumed"]
     assert resumed[-1]["checkpoint"] == str(newest) and resumed[-1]["step"] == last
     assert [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl")][-2:] == [last + 1, last + 2]
+    if staleness:  # step last+1 trains the saved rollout (version last-1); last+2's is generated on the resumed weights
+        assert [(m["policy_version"], m["staleness"]) for m in history] == [(last - 1, 1), (last, 1)]
 
 
 # -- the trainer killed: its vLLM goes with it ----------------------------------------------------
