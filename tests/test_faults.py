@@ -285,7 +285,7 @@ def test_killed_vllm_with_a_rollout_in_flight_regenerates_it(tmp_path, monkeypat
 # -- the trainer killed mid-run -----------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("staleness", [0, 1], ids=["sync", "async"])
+@pytest.mark.parametrize("staleness", [pytest.param(0, marks=pytest.mark.heavy), 1], ids=["sync", "async"])
 def test_killed_trainer_resumes_from_last_complete_checkpoint(attach, tmp_path, staleness):
     """SIGKILL mid-run; the resumed run starts from the newest complete checkpoint. Async (k = 1)
     loses only what was in flight after it: the rollout generated ahead is in the checkpoint."""
