@@ -51,6 +51,7 @@ from experiments.schema import StepTimeBench, use_schema
 from experiments.sizes import config_columns, weight_columns
 from experiments.trl_grpo import require_trl, trl_steps
 from grpo import REPO_ROOT, distributed
+from serving.server import cpu_list
 from train import learn, model_path, open_run, produce, train_step
 
 BENCH = StepTimeBench
@@ -143,7 +144,7 @@ def measure_trl(cfg: DictConfig, run_dir: Path, ours: Ours) -> dict:
 
 def cpu_set(cpus) -> str:
     """A CSV cell: `0,1`, or `all` where the config leaves the cores shared."""
-    return ",".join(map(str, cpus)) if cpus else "all"
+    return cpu_list(cpus) if cpus else "all"
 
 
 def started() -> int:
