@@ -7,7 +7,7 @@ A sync is only done when vLLM provably serves the weights just pushed: the logpr
 fixed probe sequence must match the trainer's to `probe_tolerance`. A mismatch retries the push
 once, then stops the run with an error, so a sync never fails silently.
 
-The tolerance follows the precision of the weights unless set (`probe_tolerance_for`).
+The tolerance follows the precision vLLM serves unless set (`grpo.precision.Precision.probe_tolerance`).
 """
 
 from __future__ import annotations
@@ -24,26 +24,6 @@ from serving.server import VLLMServer
 from grpo import distributed
 from grpo.policy import Policy
 from serving.client import VLLMClient
-
-
-# max |dlogprob| of a correct sync, by the coarsest dtype the probe's logits pass through.
-# float32: measured 2-4e-7 between HF on the trainer and vLLM (CPU); 1e-3 leaves room for other
-# kernels and still sits far below what one optimizer step moves (> 1e-2).
-# bfloat16 keeps 8 significant bits: a logit of magnitude 8-16 moves in steps of 0.0625, 16-32 in
-# steps of 0.125, and the trainer's and vLLM's kernels round differently in every layer, so a
-# correct sync shows a gap of about one such step (measured 0.016-0.078 over the 40 reload syncs
-# of `python train.py model.dtype=bfloat16`, tiny model on CPU: it grows as the policy sharpens,
-# then levels off); 0.15 clears one step at |logit| < 32, while a wrong or stale model is off by
-# whole nats. float16 keeps 11 bits: the same reasoning gives an eighth of that.
-PROBE_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.15, torch.float16: 0.02}
-
-
-def probe_tolerance_for(model: torch.nn.Module) -> float:
-    """The tolerance of the coarsest floating dtype among `model`'s parameters (a bf16 base with
-    fp32 LoRA adapters is bf16): vLLM serves that precision, so the probe cannot agree closer."""
-    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    coarsest = max(dtypes, key=lambda d: torch.finfo(d).eps)
-    return PROBE_TOLERANCE[coarsest]
 
 
 class WeightSyncError(RuntimeError):
@@ -70,6 +50,9 @@ class Bridge:
     `step_context` around optimizer.step() and `sync`, and `close` at the end."""
 
     mode = "base"
+    # The trainer trains vLLM's own tensors (no copy of its own): its weights are the served
+    # dtype, so mixed precision (fp32 masters, bf16 served) cannot be kept.
+    shares_weights = False
 
     def server_args(self) -> list[str]:
         """vLLM flags this mode needs (hardware.server_args and server.extra_args add theirs)."""
@@ -117,14 +100,29 @@ class VerifiedBridge(Bridge):
                  probe_tolerance: Optional[float] = None):
         self.probe_prompt = probe_prompt
         self.probe_completion = probe_completion
-        self.probe_tolerance = probe_tolerance  # None: probe_tolerance_for(the trainer's model), at setup
+        self.probe_tolerance = probe_tolerance  # None: the policy's precision's, at setup
 
     def setup(self, policy: Policy, server: VLLMServer, client: VLLMClient, run_dir: Path) -> None:
         super().setup(policy, server, client, run_dir)
         if self.probe_tolerance is None:
-            self.probe_tolerance = probe_tolerance_for(policy.model)
+            self.probe_tolerance = policy.precision.probe_tolerance
         completion = policy.tokenizer(self.probe_completion, add_special_tokens=False).input_ids
         self.probe_ids = policy.encode_chat([{"role": "user", "content": self.probe_prompt}]) + completion
+
+    def served(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`tensors` as vLLM holds them: cast to the served dtype (bf16 served from fp32 master
+        weights: half the bytes to move, and vLLM has nothing to convert). Uncast: the same tensors.
+        Tensors that alias each other (tied embeddings) stay one tensor after the cast."""
+        dtype, cast = self.policy.precision.served, {}
+
+        def one(t: torch.Tensor) -> torch.Tensor:
+            local = t.to_local() if hasattr(t, "to_local") else t  # a shard of a sharded model
+            key = (local.data_ptr(), tuple(t.shape), t.dtype)
+            if t.is_floating_point() and key not in cast:
+                cast[key] = t.to(dtype)
+            return cast.get(key, t)
+
+        return {name: one(t) for name, t in tensors.items()}
 
     def push(self, step: int) -> int:
         """Move the trainer's weights into vLLM; return bytes written or moved."""

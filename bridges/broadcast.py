@@ -62,7 +62,7 @@ class BroadcastBridge(VerifiedBridge):
     def push(self, step: int) -> int:
         """Rank 0 sends; with several trainer processes (a sharded model) the other ranks take
         part in gathering each tensor as rank 0 reaches it (`full_tensor()` is a collective)."""
-        named = [(n, p.detach()) for n, p in self.policy.model.named_parameters()]
+        named = list(self.served({n: p.detach() for n, p in self.policy.model.named_parameters()}).items())
         if not distributed.is_main():
             self.gather_along(named)
             return 0

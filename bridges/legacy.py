@@ -26,9 +26,10 @@ class LegacyBridge(VerifiedBridge):
         out = self.run_dir / "served" / f"step-{step:06d}"
         if distributed.is_sharded(self.policy.model):
             save_gathered(out if distributed.is_main() else None, self.policy.model.config,
-                          self.policy.model.state_dict())
+                          self.served(self.policy.model.state_dict()))
         elif distributed.is_main():
-            self.policy.model.save_pretrained(out, safe_serialization=True)
+            self.policy.model.save_pretrained(out, state_dict=self.served(self.policy.model.state_dict()),
+                                              safe_serialization=True)
         if not distributed.is_main():
             return 0
         self.policy.tokenizer.save_pretrained(out)

@@ -67,4 +67,4 @@ class MergedLoraBridge(ReloadBridge):
         self.merged = MergedLora(policy.model)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.merged.state_dict()
+        return self.served(self.merged.state_dict())

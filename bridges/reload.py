@@ -29,8 +29,8 @@ class ReloadBridge(VerifiedBridge):
     mirror = None  # the weights_dir() files, rewritten in place after the first full save (rank 0's)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights vLLM serves, under the HF checkpoint's names (LoRA merged: lora_merge.py)."""
-        return self.policy.model.state_dict()
+        """The weights vLLM serves, under the HF checkpoint's names, at its dtype (LoRA merged: lora_merge.py)."""
+        return self.served(self.policy.model.state_dict())
 
     def weights_dir(self) -> Path:
         """Where vLLM reads the pushed weights: /dev/shm when it runs on this machine (rewriting a

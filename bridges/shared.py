@@ -24,7 +24,7 @@ from bridges.base import SyncStats, VerifiedBridge
 from bridges.names import hf_views, name_map
 from serving.server import VLLMServer
 from bridges.shared_memory import attach_tensor, manifest_path, release_segments, remove_stale
-from grpo.policy import torch_dtype
+from grpo.precision import torch_dtype
 
 
 class SharedWeightsError(RuntimeError):
@@ -87,6 +87,7 @@ def attach(model: torch.nn.Module, views: dict[str, torch.Tensor]) -> None:
 
 class SharedBridge(VerifiedBridge):
     mode = "shared"
+    shares_weights = True
 
     def __init__(self, vllm_tp: int = 1, vllm_dp: int = 1, device: str = "cpu", vllm_devices: str | None = None,
                  pause_mode: str = "wait", **probe):

@@ -34,6 +34,7 @@ from experiments.schema import ThroughputBench, use_schema
 from experiments.servers import shared_server
 from experiments.sizes import config_columns, weight_columns
 from grpo.policy import Policy
+from grpo.precision import Precision
 from train import model_path
 
 BENCH = ThroughputBench
@@ -48,7 +49,8 @@ def measure(cfg: DictConfig, run_dir: Path) -> dict:
         prompts = env.sample(cfg.train.prompts_per_step)
     finally:
         env.close()
-    policy = Policy(path, cfg.model.dtype, cfg.hardware.device)
+    # HF's baseline generates at the served precision, as vLLM does.
+    policy = Policy(path, Precision.resolve(cfg.model.dtype, master_dtype=cfg.model.dtype), cfg.hardware.device)
     policy.model.eval()
     prompt_ids = [policy.encode_chat(p.messages) for p in prompts]
 

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from envs.base import Env, Prompt
-from grpo.policy import torch_dtype
+from grpo.precision import torch_dtype
 
 INSTALL = 'pip install -e ".[bench]"'
 
@@ -117,7 +117,7 @@ def trl_steps(cfg, path: str, batches: list[list[Prompt]], env: Env, out_dir, th
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(cfg.model.dtype))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(cfg.model.master_dtype))  # as ours: masters, autocast
     trainer = trl.GRPOTrainer(model=model, reward_funcs=env_reward(env, prompts), args=args,
                               train_dataset=dataset, processing_class=tokenizer)
     times = StepTimes(trainer)

@@ -19,6 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from grpo.advantages import SCALES
 from grpo.cores import MACHINE_CPUS
+from grpo.precision import DTYPES as DTYPE_NAMES
 from grpo.schedule import DECAYS
 from grpo.tiny_model import TinySpec
 
@@ -75,7 +76,11 @@ def validate(cfg: DictConfig, prefix: str = "") -> None:
 class ModelConfig:
     path: Optional[str] = None  # hub id or local directory; unused when `tiny` is set
     tiny: Optional[TinySpec] = None  # build this tiny model locally instead
-    dtype: str = "float32"
+    # What vLLM serves and the trainer computes in (bf16: autocast over the master weights).
+    dtype: str = field(default="float32", metadata=one_of(DTYPE_NAMES))
+    # The trainer's parameters and optimizer state: fp32 keeps updates far below a bf16 weight's
+    # spacing (an lr of 1e-6 moves 2 % of bf16 weights, 99.98 % of fp32 ones); = dtype: pure low precision.
+    master_dtype: str = field(default="float32", metadata=one_of(DTYPE_NAMES))
     max_model_len: int = field(default=1024, metadata=at_least(1))
     served_name: str = "policy"
     gradient_checkpointing: bool = False
@@ -115,8 +120,9 @@ class HardwareConfig:
     # CPU: disjoint cores for the trainer and vLLM (grpo/cores.py), e.g. [1] and [0]; None: share all.
     trainer_cpus: Optional[list[int]] = field(default=None, metadata=cores())
     vllm_cpus: Optional[list[int]] = field(default=None, metadata=cores())
-    # Forward/backward under torch.autocast to this dtype, fp32 master weights: "bfloat16", or
-    # "auto" (bf16 where it is native: CUDA, CPUs with AVX512-BF16/AMX), or null (off).
+    # With model.dtype=float32: forward/backward under torch.autocast to this dtype while vLLM
+    # serves fp32: "bfloat16", or "auto" (bf16 where it is native: CUDA, CPUs with AVX512-BF16/AMX),
+    # or null (off). A narrower model.dtype sets the compute dtype itself (grpo/precision.py).
     autocast: Optional[str] = None
     # torch.compile the trainer's model (inductor, dynamic shapes): ~25 % off the train phase at
     # ~28M on CPU, for ~100 s of compiling in the first step (experiments/RESULTS.md). Off: the

@@ -15,18 +15,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from grpo.batch import Batch
+from grpo.precision import Precision
 
 # save_pretrained/from_pretrained draw a progress bar per call: noise in a one-line-per-step log.
 hf_logging.disable_progress_bar()
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def torch_dtype(name: str, key: str = "model.dtype") -> torch.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"{key}={name!r} is not one of {sorted(DTYPES)}")
-    return DTYPES[name]
-
 
 def completion_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
                       temperature: float = 1.0) -> torch.Tensor:
@@ -77,22 +69,6 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return gathered_logprobs(logits, input_ids[:, prompt_len:])[0]
 
 
-def autocast_dtype(setting: Optional[str], device: torch.device) -> Optional[torch.dtype]:
-    """`hardware.autocast` -> the dtype forward/backward autocast to (fp32 master weights), or None.
-
-    "auto" picks bf16 only where bf16 matmuls are native: CUDA devices that support it, CPUs with
-    AVX512-BF16 or AMX. Elsewhere (e.g. AVX2-only CPUs) torch emulates them, measured 2.4x slower
-    than fp32 for a 0.46M-param step on this machine."""
-    if setting is None:
-        return None
-    if setting != "auto":
-        return torch_dtype(setting, key="hardware.autocast")
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    fast = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return torch.bfloat16 if fast else None
-
-
 def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
     """Prompt token ids of chat `messages`: the tokenizer's chat template, generation prompt added."""
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -120,17 +96,18 @@ def wrap_lora(model, lora):
 class Policy:
     """HF causal LM (optionally PEFT-wrapped) plus what the loss needs from it."""
 
-    def __init__(self, path: str | Path, dtype: str = "float32", device: str = "cpu",
+    def __init__(self, path: str | Path, precision: Precision = Precision(), device: str = "cpu",
                  gradient_checkpointing: bool = False, temperature: float = 1.0, lora=None,
-                 model: Optional[torch.nn.Module] = None, autocast: Optional[str] = None, compile: bool = False):
+                 model: Optional[torch.nn.Module] = None, compile: bool = False):
         self.path = str(path)
         self.device = torch.device(device)
-        self.autocast = autocast_dtype(autocast, self.device)
+        self.precision = precision
         self.temperature = temperature
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-        # `model`: already built where it must live (mode=shared: views of vLLM's weights).
+        # `model`: already built where it must live (mode=shared: views of vLLM's weights). The
+        # trainer holds the master weights (fp32 by default), whatever dtype vLLM serves.
         self.model = model if model is not None else \
-            AutoModelForCausalLM.from_pretrained(self.path, dtype=torch_dtype(dtype)).to(self.device)
+            AutoModelForCausalLM.from_pretrained(self.path, dtype=precision.master).to(self.device)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.lora = lora
@@ -157,11 +134,9 @@ class Policy:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def compute_context(self):
-        """Where training-time forwards run: autocast to `self.autocast` if set. The probe does not
-        use it: it checks the weights vLLM serves, at the weights' own precision."""
-        if self.autocast is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast)
+        """Where training-time forwards run (autocast to the compute dtype, if narrower than the
+        master weights). The probe does not use it: it checks vLLM at the served precision."""
+        return self.precision.compute_context(self.device)
 
     def logprobs(self, batch: Batch) -> torch.Tensor:
         with self.compute_context():
@@ -183,7 +158,7 @@ class Policy:
         adapter disabled, is the reference, so no second model is loaded."""
         if self.lora is not None:
             return
-        self.reference = AutoModelForCausalLM.from_pretrained(self.path, dtype=self.model.dtype).to(self.device)
+        self.reference = AutoModelForCausalLM.from_pretrained(self.path, dtype=self.precision.master).to(self.device)
         self.reference.eval().requires_grad_(False)
 
     def reference_context(self):
@@ -209,7 +184,9 @@ class Policy:
 
     @torch.no_grad()
     def probe_logprobs(self, token_ids: list[int]) -> list[float]:
-        """Trainer logprobs of token_ids[1:] given their prefix, at temperature 1 (the probe)."""
+        """Trainer logprobs of token_ids[1:] given their prefix, at temperature 1 (the probe), at
+        the precision vLLM serves: the master weights as they are, or under autocast to bf16."""
         ids = torch.tensor([token_ids], device=self.device)
-        out = token_logprobs(self.model, ids, torch.ones_like(ids), 1, 1.0)
+        with self.precision.served_context(self.device):
+            out = token_logprobs(self.model, ids, torch.ones_like(ids), 1, 1.0)
         return out[0].tolist()

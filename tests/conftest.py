@@ -7,7 +7,9 @@ the served weights at start, so tests stay independent of each other's weight ch
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from hydra import compose, initialize_config_dir
 from serving.server import VLLMServer
 from grpo import REPO_ROOT
 from grpo.config import register_configs
+from grpo.precision import Precision
 
 REPO = REPO_ROOT
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -55,6 +58,13 @@ def attach(vllm_server: VLLMServer, tiny_model_path) -> str:
     (a LoRA run needs the base under its adapter; an earlier full-weight run changed it)."""
     restore_pristine(vllm_server, tiny_model_path)
     return f"server.base_url={vllm_server.base_url}"
+
+
+def run_precision(run_dir) -> Precision:
+    """The precision a run trained and served in, from its `precision` event: what its trainer-vs-
+    vLLM numbers are compared with (`gap_tolerance`, `probe_tolerance`, `rtol`)."""
+    events = [json.loads(line) for line in (Path(run_dir) / "events.jsonl").read_text().splitlines()]
+    return Precision.from_dict(next(e for e in events if e["event"] == "precision"))
 
 
 # Probe tolerance of the bridge tests: max |logprob_vllm - logprob_trainer| after a sync (fp32 on

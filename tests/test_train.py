@@ -7,8 +7,9 @@ import json
 import math
 
 import pytest
+import torch
 
-from conftest import make_cfg
+from conftest import make_cfg, run_precision
 from test_faults import QUIET, serverless_run
 from train import train, train_step
 
@@ -38,10 +39,12 @@ def test_reload_run_learns_and_records_everything(attach, tmp_path):
         assert key in metrics[-1], key
     # Digits learns to fill max_tokens with digits: the policy sharpens and completions run to the cap.
     assert metrics[-1]["entropy"] < metrics[0]["entropy"]
-    # vLLM's sampled logprobs and the trainer's agree (fp32 both sides): the IS correction is ~1.
-    assert max(m["logprob_gap"] for m in metrics) < 1e-3
+    # vLLM's sampled logprobs and the trainer's agree to the precision the two sides compute in
+    # (fp32 both: ~1e-6; the trainer in bf16 where the CPU has it: ~5e-3): the IS correction is ~1.
+    precision = run_precision(tmp_path)
+    assert max(m["logprob_gap"] for m in metrics) < precision.gap_tolerance
     syncs = read_jsonl(tmp_path / "sync.jsonl")
-    assert len(syncs) == 30 and all(s["probe_max_diff"] <= 1e-3 for s in syncs)
+    assert len(syncs) == 30 and all(s["probe_max_diff"] <= precision.probe_tolerance for s in syncs)
     samples = read_jsonl(tmp_path / "samples.jsonl")
     assert {s["step"] for s in samples} == {1, 10, 20, 30}
     assert all(0.0 <= s["reward"] <= 1.0 and "completion" in s for s in samples)
@@ -56,7 +59,8 @@ def test_lora_run_learns_as_typed(attach, tmp_path):
     assert history[0]["reward_mean"] < 0.3
     assert min(m["reward_mean"] for m in history[-4:]) >= 0.8
     syncs = read_jsonl(tmp_path / "sync.jsonl")
-    assert all(s["mode"] == "lora_merge" and s["probe_max_diff"] <= 1e-3 for s in syncs)
+    tol = run_precision(tmp_path).probe_tolerance
+    assert all(s["mode"] == "lora_merge" and s["probe_max_diff"] <= tol for s in syncs)
 
 
 @pytest.mark.slow
@@ -70,9 +74,12 @@ def test_broadcast_run_learns(attach, tmp_path):
 
 @pytest.mark.slow
 def test_run_at_temperature_0_7_keeps_trainer_and_vllm_logprobs_together(attach, tmp_path):
-    history = train(make_cfg("mode=reload", attach, "rollout.temperature=0.7", "train.steps=3", *SHORT_RUN[1:]),
+    history = train(make_cfg("mode=reload", attach, "rollout.temperature=0.7", "train.steps=3", "hardware.autocast=null",
+                             *SHORT_RUN[1:]),
                     tmp_path)
-    # Policy gets rollout.temperature from build(): dropped anywhere, the gap would be > 0.05.
+    # Policy gets rollout.temperature from build(): dropped anywhere, the gap would be > 0.05. It is
+    # checked in fp32 on every CPU: a bf16 trainer's own gap (~5e-3) is of the same order as that.
+    assert run_precision(tmp_path).compute == torch.float32
     assert max(m["logprob_gap"] for m in history) < 1e-3
 
 
