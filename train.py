@@ -80,6 +80,7 @@ def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
     random.seed(cfg.train.seed)
     # Before any compute starts threads; given back at the end (a multirun's next job starts unpinned).
     cleanup.enter_context(pinned_trainer(cfg.hardware.trainer_cpus, cfg.hardware.torch_threads))
+    ckpt = checkpoint.newest_complete(cfg.resume) if cfg.resume else None  # a bad path fails before vLLM starts
     env = instantiate(cfg.env)  # a missing data file fails here, before vLLM starts
     cleanup.callback(env.close)
     # Its held-out prompts are read now: a missing split or eval.n < eval.k fails before vLLM starts.
@@ -107,7 +108,6 @@ def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
         policy.load_reference()
     if procs > 1 and policy.lora is None:
         distributed.shard_model(policy.model)  # FSDP2; LoRA's adapters stay replicated
-    ckpt = checkpoint.newest_complete(cfg.resume) if cfg.resume else None
     if ckpt:
         checkpoint.load_policy_weights(policy, ckpt)
     if distributed.is_main():  # rank 0 alone talks to vLLM; the other ranks' server is never started

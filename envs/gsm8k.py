@@ -1,7 +1,9 @@
 """GSM8K: grade-school maths word problems, reward by math-verify against the `####` answer.
 
-`source` is a local directory holding `{split}.jsonl`, a `.jsonl` file, or a hub dataset id
-(`openai/gsm8k`): the same config serves offline tests and real users.
+`source` is a local directory holding `{split}.jsonl`, a `.jsonl` file (a relative path starts
+from the directory the command was typed in), or a hub dataset id (`openai/gsm8k`); unset, the
+copy in the repository, `data/gsm8k` (MIT, openai/grade-school-math), so a lone clone trains
+offline.
 
 Reward components: `correct` (math-verify finds the gold answer) and `format`: 1.0 when the
 completion gives its answer in a form a grader can find (ending in the dataset's `#### <number>`,
@@ -22,6 +24,8 @@ from typing import Iterator, Mapping, Optional
 from envs.base import Prompt, PromptListEnv, PromptSampler, RewardWeights, Scores, held_out
 from envs.verifier import MathVerifier
 from grpo import REPO_ROOT
+
+DATA = REPO_ROOT / "data" / "gsm8k"  # env.source unset: the repository's copy, wherever the command runs
 
 SYSTEM = (
     "Solve the problem step by step, then give the final answer as a number in \\boxed{}."
@@ -53,7 +57,7 @@ def gold_answer(solution: str) -> str:
 
 
 def _is_hub_id(source: str) -> bool:
-    """'openai/gsm8k' is a hub id; '../shared/data/gsm8k', '/data/x', 'a.jsonl' are paths."""
+    """'openai/gsm8k' is a hub id; '../data/gsm8k', '/data/x', 'a.jsonl' are paths."""
     return source.count("/") <= 1 and not source.startswith((".", "/", "~")) and not source.endswith(".jsonl")
 
 
@@ -79,7 +83,7 @@ def _read_jsonl(path: Path, on_bad_line: str) -> tuple[list[dict], int]:
 class GSM8KEnv(PromptListEnv):
     def __init__(
         self,
-        source: str,
+        source: Optional[str] = None,
         split: str = "train",
         seed: int = 0,
         system_prompt: str = SYSTEM,
@@ -106,19 +110,23 @@ class GSM8KEnv(PromptListEnv):
                       answer=gold_answer(record["answer"]))
 
     @staticmethod
-    def _load(source: str, split: str, on_bad_line: str) -> tuple[list[dict], int]:
-        local = Path(source).expanduser()
-        if not local.is_absolute():
-            local = REPO_ROOT / local
-        if local.exists() or not _is_hub_id(source):
+    def _load(source: Optional[str], split: str, on_bad_line: str) -> tuple[list[dict], int]:
+        local = DATA if source is None else Path(source).expanduser().absolute()  # relative: from the cwd
+        hint = (f"set env.source to a directory holding {split}.jsonl, a .jsonl file, or a hub id like "
+                f"openai/gsm8k; unset, it is the repository's copy {DATA}")
+        if source is None or local.exists() or not _is_hub_id(source):
             path = local / f"{split}.jsonl" if local.is_dir() else local
             if not path.exists():
-                raise FileNotFoundError(f"GSM8K data not found: {path} (set env.source to a directory "
-                                        f"holding {split}.jsonl, a .jsonl file, or a hub id like openai/gsm8k)")
+                raise FileNotFoundError(f"GSM8K data not found: env.source={source!r} names {path}, which does not "
+                                        f"exist ({hint})")
             return _read_jsonl(path, on_bad_line)
         from datasets import load_dataset
 
-        return [dict(r) for r in load_dataset(source, "main", split=split)], 0
+        try:
+            return [dict(r) for r in load_dataset(source, "main", split=split)], 0
+        except OSError as exc:  # no network, or no such dataset (FileNotFoundError)
+            raise FileNotFoundError(f"GSM8K data not found: env.source={source!r} is no local path ({local}) and "
+                                    f"the hub did not give it ({type(exc).__name__}: {exc}) ({hint})") from exc
 
     def eval_prompts(self, split: str, n: int) -> list[Prompt]:
         if split == self.split:

@@ -1,17 +1,34 @@
 """Reading what runs and sweeps wrote (grpo/logger.py, experiments/csvlog.py): the notebooks'
-only inputs. A path not given means the newest one under the repository's outputs/ or multirun/.
+only inputs. A path the user typed starts from the directory they typed it in (`base`: the cwd,
+or a notebook's `shell_dir()`); one not given means the newest under that directory's outputs/ or
+multirun/, where train.py writes. A path that names nothing is an error naming it, never an empty
+table.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from grpo import REPO_ROOT
+
+def shell_dir() -> Path:
+    """The directory the user's shell was in: jupyter starts a kernel in the notebook's folder,
+    but the kernel inherits the shell's $PWD (the cwd where that is unset)."""
+    return Path(os.environ.get("PWD") or os.getcwd())
+
+
+def typed_path(path: str | Path, base: Optional[str | Path] = None) -> Path:
+    """`path` as the user typed it, made absolute: a relative one starts from `base` (default:
+    the cwd). Raises FileNotFoundError naming both forms if it names nothing."""
+    found = Path(base or os.getcwd()) / Path(path).expanduser()
+    if not found.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory ({found})")
+    return found
 
 
 def newest_parent(root: Path, pattern: str) -> Path:
@@ -22,17 +39,34 @@ def newest_parent(root: Path, pattern: str) -> Path:
     return found[-1].parent
 
 
-def run_dir(path: Optional[str] = None) -> Path:
-    return Path(path) if path else newest_parent(REPO_ROOT / "outputs", "metrics.jsonl")
+def run_dir(path: Optional[str] = None, base: Optional[str | Path] = None) -> Path:
+    """A train.py run dir (it holds metrics.jsonl); None: the newest under `base`/outputs."""
+    if not path:
+        return newest_parent(Path(base or os.getcwd()) / "outputs", "metrics.jsonl")
+    found = typed_path(path, base)
+    if not (found / "metrics.jsonl").is_file():
+        raise FileNotFoundError(f"{path}: not a run dir, it holds no metrics.jsonl ({found})")
+    return found
 
 
-def sweep_dir(path: Optional[str] = None) -> Path:
-    return Path(path) if path else newest_parent(REPO_ROOT / "multirun", "*.csv")
+def sweep_dir(path: Optional[str] = None, base: Optional[str | Path] = None) -> Path:
+    """A sweep dir (it holds a *.csv); None: the newest under `base`/multirun."""
+    if not path:
+        return newest_parent(Path(base or os.getcwd()) / "multirun", "*.csv")
+    found = typed_path(path, base)
+    if not any(found.glob("*.csv")):
+        raise FileNotFoundError(f"{path}: not a sweep dir, it holds no *.csv ({found})")
+    return found
 
 
-def read_jsonl(path: Path) -> pd.DataFrame:
-    """One row per line; non-finite floats (logged as "nan"/"inf" strings) become floats again."""
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()] if Path(path).exists() else []
+def read_jsonl(path: Path, optional: bool = False) -> pd.DataFrame:
+    """One row per line; non-finite floats (logged as "nan"/"inf" strings) become floats again.
+    A missing file is FileNotFoundError, or an empty table if `optional` (e.g. eval.jsonl of a run
+    without eval)."""
+    path = Path(path)
+    if not path.is_file() and not optional:
+        raise FileNotFoundError(f"{path}: no such file")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
     df = pd.DataFrame(rows)
     for column in df.columns:
         if df[column].dtype == object:

@@ -19,6 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from hydra.experimental.callback import Callback  # noqa: E402
 
+from experiments.outputs import sweep_dir  # noqa: E402
+
 
 def ok_rows(df: pd.DataFrame) -> pd.DataFrame:
     """Rows of grid points that ran (an empty `error` cell reads back as NaN)."""
@@ -146,7 +148,7 @@ def main(argv: list[str]) -> None:
     if not argv:
         raise SystemExit(__doc__)
     for arg in argv:
-        for png in plot_dir(arg) if Path(arg).is_dir() else [plot_csv(arg)]:
+        for png in plot_dir(sweep_dir(arg)) if Path(arg).is_dir() else [plot_csv(arg)]:  # a dir without CSVs: an error
             print(png)
 
 

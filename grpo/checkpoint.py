@@ -136,8 +136,11 @@ def is_complete(path: Path) -> bool:
 
 def newest_complete(path: str | Path) -> Path:
     """`path` itself if it is a complete checkpoint, else the newest complete one under it
-    (a run dir or its `checkpoints/`); partial saves (no marker, `.tmp-*`) are never picked."""
+    (a run dir or its `checkpoints/`); partial saves (no marker, `.tmp-*`) are never picked.
+    A relative `path` starts from the cwd: where the command was typed (Hydra's chdir=false)."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"resume={path}: no such file or directory ({path.absolute()})")
     if is_complete(path):
         return path
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path

@@ -265,7 +265,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    resume: Optional[str] = None  # a run dir (its newest complete checkpoint) or a checkpoint dir
+    resume: Optional[str] = None  # a run dir (its newest complete checkpoint) or a checkpoint dir; relative: from the cwd
 
 
 def register_configs() -> None:

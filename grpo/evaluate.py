@@ -118,6 +118,8 @@ def find_model(target: Path) -> tuple[Path, Optional[Path], Optional[int]]:
     """(model dir, run dir or None, step or None) for a run dir, checkpoint dir or HF model dir."""
     from grpo import checkpoint
 
+    if not target.exists():  # relative: from the cwd the command was typed in
+        raise FileNotFoundError(f"{target}: no such file or directory ({target.absolute()})")
     target = target.resolve()
     if checkpoint.is_complete(target):
         return target / "policy", target.parent.parent, checkpoint.saved_step(target)

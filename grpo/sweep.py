@@ -52,10 +52,10 @@ def job_row(run_dir: Path, metric: str = EVAL_METRIC, last: int = 5) -> dict[str
     """What a job's files say: the last step done, `final_reward` (mean reward of the last `last`
     steps, as train.py's return value), the final and best `metric` of eval.jsonl (NaN without
     one), mean step seconds (sum of the `time_*` phases) and mean sync ms (sync.jsonl)."""
-    run_dir = Path(run_dir)
-    metrics = read_jsonl(run_dir / "metrics.jsonl")
-    evals = read_jsonl(run_dir / "eval.jsonl")
-    syncs = read_jsonl(run_dir / "sync.jsonl")
+    run_dir = Path(run_dir)  # a job that failed early may have written none of these
+    metrics = read_jsonl(run_dir / "metrics.jsonl", optional=True)
+    evals = read_jsonl(run_dir / "eval.jsonl", optional=True)
+    syncs = read_jsonl(run_dir / "sync.jsonl", optional=True)
     rewards, scores, steps = _column(metrics, "reward_mean"), _column(evals, metric), _column(metrics, "step")
     phases = metrics.filter(regex="^time_").apply(pd.to_numeric, errors="coerce")
     return {
@@ -136,7 +136,7 @@ def group_curves(summary: pd.DataFrame, file: str, column: str, by: Optional[str
         raise ValueError(f"spread={spread!r}: must be 'minmax' or 'std'")
     frames = []
     for _, job in summary[summary["status"] == "completed"].iterrows():
-        df = read_jsonl(Path(job["run_dir"]) / file)
+        df = read_jsonl(Path(job["run_dir"]) / file, optional=True)  # eval.jsonl: not in a run without eval
         if column in df:
             group = job[by] if by else "all"
             frames.append(df[["step", column]].dropna().assign(group=group))

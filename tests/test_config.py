@@ -114,6 +114,14 @@ def test_missing_data_file_fails_before_server_start(tmp_path):
     assert not (tmp_path / "vllm.log").exists()  # failed before vLLM was started
 
 
+def test_resume_path_naming_nothing_fails_before_server_start(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where the user typed it: resume=no_such_run is tmp_path/no_such_run
+    with pytest.raises(FileNotFoundError, match=f"resume=no_such_run: no such file or directory \\({tmp_path}/no_such_run\\)"):
+        with open_run(make_cfg("resume=no_such_run"), tmp_path / "run"):
+            pass
+    assert not (tmp_path / "run" / "vllm.log").exists()
+
+
 def test_unknown_env_kwarg_is_named(tmp_path):
     cfg = make_cfg("+env.shuffle_typo=1")
     with pytest.raises(Exception) as err:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -92,6 +93,17 @@ def test_partial_checkpoints_are_never_picked(tmp_path):
     assert checkpoint.newest_complete(root / "step-000002") == root / "step-000002"
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         checkpoint.newest_complete(root / "step-000006")
+
+
+def test_resume_path_starts_from_the_cwd_and_must_name_something(tmp_path, monkeypatch):
+    """resume=run typed in tmp_path is tmp_path/run (train.py keeps the cwd); typed elsewhere it
+    names nothing, and says so with the path it looked at."""
+    checkpoint.save(small_run(tmp_path / "run"), 3)
+    monkeypatch.chdir(tmp_path)
+    assert checkpoint.newest_complete("run") == Path("run/checkpoints/step-000003")
+    monkeypatch.chdir(tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"resume=run: no such file or directory ({tmp_path}/run/run)")):
+        checkpoint.newest_complete("run")
 
 
 def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

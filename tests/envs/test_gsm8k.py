@@ -1,14 +1,17 @@
-"""GSM8KEnv on the real shared data (shared/data/gsm8k), scored by real math-verify workers."""
+"""GSM8KEnv on the repository's copy (data/gsm8k), scored by real math-verify workers."""
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from envs.gsm8k import REPO_ROOT, BadDataError, GSM8KEnv, _is_hub_id, answer_format, gold_answer
+from envs.gsm8k import DATA, REPO_ROOT, BadDataError, GSM8KEnv, _is_hub_id, answer_format, gold_answer
 
-SOURCE = "../shared/data/gsm8k"  # the default config's env.source, relative to the repository root
-DATA = REPO_ROOT / SOURCE
+SOURCE = None  # the default config's env.source: the repository's data/gsm8k
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +25,7 @@ def _lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_loads_every_line_of_the_shared_data(env):
+def test_loads_every_line_of_the_repository_copy(env):
     assert len(env.prompts) == len(_lines(DATA / "train.jsonl")) == 7473
     assert env.bad_lines == 0
     test = GSM8KEnv(SOURCE, split="test")
@@ -87,6 +90,37 @@ def test_missing_local_data_names_path_and_config_key(source):
     assert Path(source).name in str(info.value)
 
 
+def test_default_source_is_the_repository_copy_from_any_cwd(tmp_path, monkeypatch):
+    """A lone clone reads GSM8K from itself, wherever the command runs; the MIT licence travels too."""
+    monkeypatch.chdir(tmp_path)
+    assert DATA == REPO_ROOT / "data" / "gsm8k" and (DATA / "LICENSE").read_text().startswith("MIT License")
+    e = GSM8KEnv(split="test", max_examples=3)
+    assert [p.answer for p in e.prompts] == ["18", "3", "70000"]
+
+
+def test_relative_source_starts_from_the_cwd(tmp_path, monkeypatch):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "train.jsonl").write_text(json.dumps({"question": "1+1?", "answer": "1+1=2\n#### 2"}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    assert [p.answer for p in GSM8KEnv("mine").prompts] == ["2"]
+    assert [p.answer for p in GSM8KEnv("./mine/train.jsonl").prompts] == ["2"]
+    monkeypatch.chdir(REPO_ROOT)  # the same words typed elsewhere name nothing there
+    with pytest.raises(FileNotFoundError, match=re.escape(f"env.source='./mine' names {REPO_ROOT / 'mine'}, which does not exist")):
+        GSM8KEnv("./mine")
+
+
+def test_no_local_data_and_no_hub_names_env_source(tmp_path):
+    """A hub id with no network (and an empty hub cache): one error naming env.source, at once."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+           "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run([sys.executable, "-c", "from envs.gsm8k import GSM8KEnv; GSM8KEnv('openai/gsm8k')"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("FileNotFoundError: GSM8K data not found: env.source='openai/gsm8k' is no local path "
+                           f"({tmp_path / 'openai' / 'gsm8k'}) and the hub did not give it"), last
+
+
 def test_missing_split_in_existing_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "validation.jsonl")):
         GSM8KEnv(str(tmp_path), split="validation")
@@ -103,7 +137,7 @@ def test_bad_lines_skipped_or_refused(tmp_path):
 
 def test_hub_ids_go_to_datasets(monkeypatch):
     assert _is_hub_id("openai/gsm8k") and _is_hub_id("gsm8k")
-    assert not any(map(_is_hub_id, [SOURCE, "/data/gsm8k", "data.jsonl", "./gsm8k", "~/gsm8k"]))
+    assert not any(map(_is_hub_id, ["../data/gsm8k", "/data/gsm8k", "data.jsonl", "./gsm8k", "~/gsm8k"]))
     calls = []
 
     def fake_load_dataset(*args, **kwargs):

@@ -3,6 +3,10 @@ and a real 2-job training sweep made here, and fails if any cell fails or a plot
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+
 import nbformat
 import pandas as pd
 import pytest
@@ -74,6 +78,26 @@ def test_run_analysis_notebook(run_dir, monkeypatch):
         assert (run_dir / png).stat().st_size > 10_000, png
 
 
+def test_run_notebook_as_readme_types_it(run_dir):
+    """README's command typed in a shell: RUN_DIR relative to where it is typed (the kernel runs
+    in notebooks/). A RUN_DIR naming nothing stops it with an error naming it, not an empty table."""
+    for png in run_dir.glob("*.png"):
+        png.unlink()
+
+    def typed(run: str) -> subprocess.CompletedProcess:
+        command = 'cd "$0" && RUN_DIR="$1" "$2" -m jupyter execute "$3"'
+        return subprocess.run(["bash", "-c", command, run_dir.parent, run, sys.executable,
+                               REPO / "notebooks" / "run_analysis.ipynb"], capture_output=True, text=True, timeout=300)
+
+    done = typed("run")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (run_dir / "reward.png").stat().st_size > 10_000
+    failed = typed("no_such_run")
+    assert failed.returncode != 0
+    traceback = re.sub(r"\x1b\[[0-9;]*m", "", failed.stderr)  # the kernel colours it
+    assert f"FileNotFoundError: no_such_run: no such file or directory ({run_dir.parent / 'no_such_run'})" in traceback
+
+
 @pytest.mark.heavy
 def test_sweep_analysis_notebook(sweep_dir, monkeypatch):
     for png in sweep_dir.glob("*.png"):
@@ -93,7 +117,7 @@ def test_train_sweep_summary_and_notebook(attach, tmp_path, monkeypatch):
     assert summary["train.seed"].tolist() == [0, 1] and summary["status"].tolist() == ["completed"] * 2
     assert summary["steps"].tolist() == [2, 2] and (summary["step_s"] > 0).all() and (summary["sync_ms"] > 0).all()
     for _, job in summary.iterrows():  # the figures are the job's own files' (eval: NaN without eval.jsonl)
-        metrics, evals = read_jsonl(job["run_dir"] / "metrics.jsonl"), read_jsonl(job["run_dir"] / "eval.jsonl")
+        metrics, evals = read_jsonl(job["run_dir"] / "metrics.jsonl"), read_jsonl(job["run_dir"] / "eval.jsonl", optional=True)
         assert 0 <= job["final_reward"] <= 1 and job["final_reward"] == pytest.approx(metrics["reward_mean"].mean())
         final_eval = job[f"final_{EVAL_METRIC}"]
         assert final_eval == pytest.approx(evals[EVAL_METRIC].iloc[-1]) if len(evals) else pd.isna(final_eval)

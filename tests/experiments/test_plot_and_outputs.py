@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 
 import pandas as pd
@@ -49,7 +50,37 @@ def test_read_jsonl_turns_logged_nan_back_into_floats(tmp_path):
     df = outputs.read_jsonl(path)
     assert df["kl"].dtype == float and df["kl"].iloc[0] == 0.5 and df["kl"].isna().iloc[1]
     assert list(df["note"]) == ["a", "b"]
-    assert outputs.read_jsonl(tmp_path / "missing.jsonl").empty
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'missing.jsonl'}: no such file"):
+        outputs.read_jsonl(tmp_path / "missing.jsonl")
+    assert outputs.read_jsonl(tmp_path / "eval.jsonl", optional=True).empty  # a run without eval
+
+
+def test_typed_paths_start_from_where_they_were_typed(tmp_path, monkeypatch):
+    """`outputs/x` typed in `home` is home/outputs/x from any cwd given `base` (a notebook's
+    kernel runs in notebooks/); a path naming nothing, or no run/sweep, is an error naming it."""
+    home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
+    run, sweep = home / "outputs" / "x", home / "multirun" / "s"
+    for folder in (run, sweep, elsewhere):
+        folder.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    (sweep / "summary.csv").write_text("job\n0\n")
+    monkeypatch.chdir(elsewhere)
+    assert outputs.run_dir("outputs/x", base=home) == run and outputs.sweep_dir("multirun/s", base=home) == sweep
+    assert outputs.run_dir(None, base=home) == run and outputs.sweep_dir(None, base=home) == sweep  # the newest
+    monkeypatch.chdir(home)
+    assert outputs.run_dir("outputs/x") == run and outputs.run_dir(str(run), base=elsewhere) == run
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"outputs/x: no such file or directory ({elsewhere}/outputs/x)")):
+        outputs.run_dir("outputs/x")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"multirun/s: not a sweep dir, it holds no *.csv ({home}/multirun/s)")):
+        (sweep / "summary.csv").unlink()
+        outputs.sweep_dir("multirun/s", base=home)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{home}: not a run dir, it holds no metrics.jsonl")):
+        outputs.run_dir(str(home))
+    monkeypatch.setenv("PWD", str(home))
+    assert outputs.shell_dir() == home
+    monkeypatch.delenv("PWD")
+    assert outputs.shell_dir() == elsewhere
 
 
 def test_newest_dir_is_the_default(tmp_path):
