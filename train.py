@@ -36,11 +36,11 @@ from grpo.evaluate import Evaluator
 from grpo.logger import PhaseTimer, RunLogger, SilentLogger
 from grpo.loss import GRPOLoss
 from grpo.policy import Policy
-from grpo.precision import Precision, warn_if_update_rounds_away
+from grpo.precision import Precision, dtype_name, warn_if_update_rounds_away
 from serving.client import VLLMClient
 from serving.guard import RestartGuard, Unguarded
 from serving.lifeline import exit_on_sigterm
-from serving.server import VLLMServer, model_path, server_from_config
+from serving.server import VLLMServer, model_path, served_dtype_name, server_from_config
 
 register_configs()
 
@@ -92,17 +92,15 @@ def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
     path = distributed.broadcast_object(model_path(cfg) if distributed.is_main() else None)  # rank 0 builds it
     bridge: Bridge = instantiate(cfg.mode.bridge)  # a setup the bridge cannot serve fails before vLLM starts
     bridge.check_trainer_procs(procs)
-    precision = Precision.resolve(cfg.model.dtype, cfg.model.master_dtype, cfg.hardware.autocast, device)
-    if precision.mixed and bridge.shares_weights:
-        raise ValueError(f"mode={cfg.mode.name} trains vLLM's own {cfg.model.dtype} tensors, so there is no "
-                         f"{cfg.model.master_dtype} master copy to keep: set model.master_dtype={cfg.model.dtype} "
-                         "(pure low precision) or use another mode")
     server = server_from_config(cfg, path, run_dir, extra_args=bridge.server_args(), extra_env=bridge.server_env())
     cleanup.callback(server.stop)
     cleanup.callback(bridge.close)
+    served = distributed.broadcast_object(served_dtype_name(cfg, server) if distributed.is_main() else None)
+    precision = Precision.resolve(served, cfg.model.master_dtype, cfg.hardware.autocast, device,
+                                  shared_by=cfg.mode.name if bridge.shares_weights else None)
     policy = Policy(path, precision, device, cfg.model.gradient_checkpointing,
                     temperature=cfg.rollout.temperature, lora=cfg.mode.lora, compile=cfg.hardware.compile,
-                    model=bridge.build_model(path, cfg.model.dtype, device, server))
+                    model=bridge.build_model(path, dtype_name(precision.served), device, server))
     warn_if_update_rounds_away(policy.model, cfg.optimizer.lr, precision.master)
     if loss.needs_reference:
         policy.load_reference()

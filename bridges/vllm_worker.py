@@ -130,6 +130,10 @@ class WorkerExtension(CollectiveMixin, SharedWeightsMixin):
         uuid = str(torch.cuda.get_device_properties(self.device).uuid) if self.device.type == "cuda" else None
         return {"device": str(self.device), "device_uuid": uuid, "pid": os.getpid()}
 
+    def served_dtype(self) -> str:
+        """The dtype this worker computes in (`--dtype` resolved), e.g. "bfloat16"."""
+        return str(self.model_config.dtype).removeprefix("torch.")
+
     def refresh_cpu_weights(self) -> int:
         """Re-pack CPU GEMM weights that still hold a stale copy; returns how many were re-packed.
 

@@ -34,7 +34,7 @@ from experiments.schema import ThroughputBench, use_schema
 from experiments.servers import shared_server
 from experiments.sizes import config_columns, weight_columns
 from grpo.policy import Policy
-from grpo.precision import Precision
+from grpo.precision import Precision, dtype_name, served_dtype
 from train import model_path
 
 BENCH = ThroughputBench
@@ -50,7 +50,8 @@ def measure(cfg: DictConfig, run_dir: Path) -> dict:
     finally:
         env.close()
     # HF's baseline generates at the served precision, as vLLM does.
-    policy = Policy(path, Precision.resolve(cfg.model.dtype, master_dtype=cfg.model.dtype), cfg.hardware.device)
+    served = dtype_name(served_dtype(cfg.model.dtype, cfg.hardware.device))
+    policy = Policy(path, Precision.resolve(served, master_dtype=served), cfg.hardware.device)
     policy.model.eval()
     prompt_ids = [policy.encode_chat(p.messages) for p in prompts]
 

@@ -51,6 +51,7 @@ from experiments.schema import StepTimeBench, use_schema
 from experiments.sizes import config_columns, weight_columns
 from experiments.trl_grpo import require_trl, trl_steps
 from grpo import REPO_ROOT, distributed
+from grpo.precision import cpu_bf16_native, dtype_name, served_dtype
 from serving.server import cpu_list
 from train import learn, model_path, open_run, produce, train_step
 
@@ -215,7 +216,8 @@ def main(cfg: DictConfig) -> list[dict]:
     # Every step of the run is either warm-up or timed (the last step syncs, as in training).
     cfg.train.steps = cfg.bench.warmup + cfg.bench.repeats
     base = {"size": cfg.bench.size if cfg.model.tiny is not None else cfg.model.path, **config_columns(cfg), "prompts": cfg.train.prompts_per_step,
-            "group_size": cfg.train.group_size, "max_tokens": cfg.rollout.max_tokens, "dtype": cfg.model.dtype,
+            "group_size": cfg.train.group_size, "max_tokens": cfg.rollout.max_tokens,
+            "dtype": dtype_name(served_dtype(cfg.model.dtype, cfg.hardware.device)), "cpu_bf16_native": cpu_bf16_native(),
             "mode": cfg.mode.name, "trainer_procs": procs, "tp": cfg.hardware.vllm_tp, "dp": cfg.hardware.vllm_dp,
             "max_staleness": cfg.train.max_staleness, "trainer_cpus": cpu_set(cfg.hardware.trainer_cpus),
             "vllm_cpus": cpu_set(cfg.hardware.vllm_cpus), "compile": cfg.hardware.compile,

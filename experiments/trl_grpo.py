@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from envs.base import Env, Prompt
-from grpo.precision import torch_dtype
+from grpo.precision import served_dtype
 
 INSTALL = 'pip install -e ".[bench]"'
 
@@ -81,11 +81,12 @@ def trl_steps(cfg, path: str, batches: list[list[Prompt]], env: Env, out_dir, th
     prompts = [p for batch in batches for p in batch]
     dataset = Dataset.from_list([{"prompt": p.messages, "index": i} for i, p in enumerate(prompts)])
     P, G, T = cfg.train.prompts_per_step, cfg.train.group_size, cfg.rollout.max_tokens
+    served = served_dtype(cfg.model.dtype, cfg.hardware.device)  # TRL computes in what we serve
     args = trl.GRPOConfig(
         output_dir=str(out_dir),
         use_cpu=cfg.hardware.device == "cpu",
-        bf16=cfg.model.dtype == "bfloat16",  # GRPOConfig defaults to True; fp32 must say so
-        fp16=cfg.model.dtype == "float16",
+        bf16=served == torch.bfloat16,  # GRPOConfig defaults to True; fp32 must say so
+        fp16=served == torch.float16,
         per_device_train_batch_size=P * G,  # one generation batch = one optimizer step, as ours
         gradient_accumulation_steps=1,
         num_generations=G,
@@ -117,7 +118,7 @@ def trl_steps(cfg, path: str, batches: list[list[Prompt]], env: Env, out_dir, th
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(cfg.model.master_dtype))  # as ours: masters, autocast
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)  # fp32 masters under autocast, as ours
     trainer = trl.GRPOTrainer(model=model, reward_funcs=env_reward(env, prompts), args=args,
                               train_dataset=dataset, processing_class=tokenizer)
     times = StepTimes(trainer)

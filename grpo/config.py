@@ -19,7 +19,9 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from grpo.advantages import SCALES
 from grpo.cores import MACHINE_CPUS
-from grpo.precision import DTYPES as DTYPE_NAMES
+from grpo.precision import DTYPES
+
+DTYPE_CHOICES = [*DTYPES, "auto"]
 from grpo.schedule import DECAYS
 from grpo.tiny_model import TinySpec
 
@@ -76,11 +78,13 @@ def validate(cfg: DictConfig, prefix: str = "") -> None:
 class ModelConfig:
     path: Optional[str] = None  # hub id or local directory; unused when `tiny` is set
     tiny: Optional[TinySpec] = None  # build this tiny model locally instead
-    # What vLLM serves and the trainer computes in (bf16: autocast over the master weights).
-    dtype: str = field(default="float32", metadata=one_of(DTYPE_NAMES))
+    # What vLLM serves and the trainer computes in (bf16: autocast over the master weights); auto:
+    # bf16 where it is native on hardware.device (CUDA, CPUs with AVX512-BF16/AMX), else fp32.
+    dtype: str = field(default="auto", metadata=one_of(DTYPE_CHOICES))
     # The trainer's parameters and optimizer state: fp32 keeps updates far below a bf16 weight's
-    # spacing (an lr of 1e-6 moves 2 % of bf16 weights, 99.98 % of fp32 ones); = dtype: pure low precision.
-    master_dtype: str = field(default="float32", metadata=one_of(DTYPE_NAMES))
+    # spacing (an lr of 1e-6 moves 2 % of bf16 weights, 99.98 % of fp32 ones); = dtype: pure low
+    # precision; auto: fp32, or dtype where the mode trains vLLM's own tensors (mode=shared).
+    master_dtype: str = field(default="auto", metadata=one_of(DTYPE_CHOICES))
     max_model_len: int = field(default=1024, metadata=at_least(1))
     served_name: str = "policy"
     gradient_checkpointing: bool = False

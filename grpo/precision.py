@@ -1,11 +1,13 @@
 """Which dtype each side of a run works in, and how closely their numbers can agree.
 
 Three dtypes describe a run (`Precision`):
-- `master`: the trainer's parameters and optimizer state (`model.master_dtype`, fp32 by default);
+- `master`: the trainer's parameters and optimizer state (`model.master_dtype`; `auto`: fp32, or
+  the served dtype where the bridge trains vLLM's own tensors, mode=shared);
 - `compute`: the trainer's forward/backward: `model.dtype` when it is narrower than the master
   weights (bf16 autocast over fp32 masters: the mixed precision of every GPU recipe), else
   `hardware.autocast` (bf16 compute against an fp32 server, where bf16 is native), else `master`;
-- `served`: what vLLM holds and computes in (`model.dtype`, its `--dtype`).
+- `served`: what vLLM holds and computes in (`model.dtype`, its `--dtype`; `auto`: bf16 where it is
+  native on the device, CUDA or a CPU with AVX512-BF16/AMX, else fp32).
 
 Every comparison of trainer and vLLM numbers takes its tolerance from here, by the coarsest dtype
 the two sides' logits pass through (`logprob_tolerance`): the bridges' probe, the tests, the
@@ -73,6 +75,21 @@ def cpu_bf16_native() -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
+def bf16_native(device: torch.device | str) -> bool:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return cpu_bf16_native()
+
+
+def served_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """`model.dtype` -> what vLLM serves: "auto" is bf16 where bf16 is native on `device`
+    (generation and training both run faster there; fp32 master weights keep updates), else fp32."""
+    if name == "auto":
+        return torch.bfloat16 if bf16_native(device) else torch.float32
+    return torch_dtype(name)
+
+
 def autocast_dtype(setting: Optional[str], device: torch.device) -> Optional[torch.dtype]:
     """`hardware.autocast` -> the dtype forward/backward autocast to (fp32 master weights), or None.
 
@@ -83,9 +100,7 @@ def autocast_dtype(setting: Optional[str], device: torch.device) -> Optional[tor
         return None
     if setting != "auto":
         return torch_dtype(setting, key="hardware.autocast")
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if cpu_bf16_native() else None
+    return torch.bfloat16 if bf16_native(device) else None
 
 
 @dataclass(frozen=True)
@@ -96,13 +111,21 @@ class Precision:
 
     @classmethod
     def resolve(cls, dtype: str, master_dtype: str = "float32", autocast: Optional[str] = None,
-                device: torch.device | str = "cpu") -> "Precision":
-        """From `model.dtype`, `model.master_dtype` and `hardware.autocast` on `device`."""
-        served = torch_dtype(dtype)
-        master = torch_dtype(master_dtype, key="model.master_dtype")
+                device: torch.device | str = "cpu", shared_by: Optional[str] = None) -> "Precision":
+        """From `model.dtype`, `model.master_dtype` and `hardware.autocast` on `device`;
+        `shared_by`: the mode whose bridge trains vLLM's own tensors (their dtype is the masters')."""
+        served = served_dtype(dtype, device)
+        if master_dtype == "auto":
+            master = served if shared_by else torch.float32
+        else:
+            master = torch_dtype(master_dtype, key="model.master_dtype")
         if torch.finfo(served).eps < torch.finfo(master).eps:
             raise ValueError(f"model.master_dtype={master_dtype} is narrower than model.dtype={dtype}: the master "
                              "weights must hold at least what vLLM serves")
+        if shared_by and master != served:
+            raise ValueError(f"mode={shared_by} trains vLLM's own {dtype_name(served)} tensors, so there is no "
+                             f"{dtype_name(master)} master copy to keep: set model.master_dtype={dtype_name(served)} "
+                             "or auto (pure low precision), model.dtype=float32, or use another mode")
         compute = served if served != master else (autocast_dtype(autocast, torch.device(device)) or master)
         return cls(master, compute, served)
 

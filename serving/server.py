@@ -27,6 +27,7 @@ import torch
 from omegaconf import OmegaConf
 
 from grpo import REPO_ROOT
+from grpo.precision import dtype_name, served_dtype
 from grpo.tiny_model import build_tiny_model
 
 LIFELINE = Path(__file__).with_name("lifeline.py")
@@ -244,6 +245,10 @@ class VLLMServer:
             raise VLLMRequestError(f"GET {url} failed: {exc}") from exc
         return resp.json()
 
+    def served_dtype(self) -> str:
+        """What the running server computes in, asked of its workers (our worker extension)."""
+        return self.post("/collective_rpc", {"method": "served_dtype"}, timeout=60)["results"][0]
+
     def __enter__(self) -> "VLLMServer":
         return self.start()
 
@@ -307,6 +312,19 @@ def cpu_binding(workers: int, cpus: list[int]) -> str:
     return "|".join(str(cpus[i % len(cpus)]) for i in range(workers))
 
 
+def served_dtype_name(cfg, server: VLLMServer) -> str:
+    """`model.dtype` as served: for a server we start, `auto` resolved on hardware.device; an
+    attached server is asked, and `auto` takes what it serves (an explicit dtype must match it)."""
+    if not server.external:
+        return dtype_name(served_dtype(cfg.model.dtype, cfg.hardware.device))
+    server.start()  # waits until it answers
+    actual = server.served_dtype()
+    if cfg.model.dtype not in ("auto", actual):
+        raise ValueError(f"model.dtype={cfg.model.dtype}, but the server at {server.base_url} serves {actual}: "
+                         f"set model.dtype={actual} or auto, or start the server with model.dtype={cfg.model.dtype}")
+    return actual
+
+
 def server_from_config(cfg, model_path: str, run_dir: Optional[Path], extra_args: tuple[str, ...] = (),
                        extra_env: Optional[dict[str, str]] = None) -> VLLMServer:
     """Build the server from the `model`, `hardware` and `server` groups; `extra_args` and
@@ -315,7 +333,7 @@ def server_from_config(cfg, model_path: str, run_dir: Optional[Path], extra_args
     hw, srv = cfg.hardware, cfg.server
     args = [
         "--served-model-name", cfg.model.served_name,
-        "--dtype", cfg.model.dtype,
+        "--dtype", dtype_name(served_dtype(cfg.model.dtype, hw.device)),
         "--max-model-len", str(cfg.model.max_model_len),
         "--gpu-memory-utilization", str(hw.gpu_memory_utilization),
         "--tensor-parallel-size", str(hw.vllm_tp),

@@ -40,12 +40,14 @@ def tiny_model_path() -> str:
 
 @pytest.fixture(scope="session")
 def vllm_server(tiny_model_path, tmp_path_factory):
-    """A real vLLM server on the tiny model, LoRA enabled so the LoRA tests can share it."""
+    """A real vLLM server on the tiny model, LoRA enabled so the LoRA tests can share it. It serves
+    fp32 on every CPU (the bridges' exact checks); a run attached to it with model.dtype=auto
+    takes that dtype from it (serving/server.py served_dtype_name)."""
     from bridges.lora import LoraBridge
     from serving.server import server_from_config
 
     lora = LoraBridge()  # the flags and environment mode=lora starts its server with
-    server = server_from_config(make_cfg("mode=reload"), tiny_model_path, tmp_path_factory.mktemp("vllm"),
+    server = server_from_config(make_cfg("mode=reload", "model.dtype=float32"), tiny_model_path, tmp_path_factory.mktemp("vllm"),
                                 extra_args=lora.server_args(), extra_env=lora.server_env())
     server.start()
     yield server

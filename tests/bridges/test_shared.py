@@ -38,6 +38,9 @@ from test_train import SHORT_RUN, assert_learns, read_jsonl
 from train import model_path, train
 
 TOL = 1e-3
+# fp32 on every CPU (model.dtype=auto would serve bf16, pure, where it is native): these tests check
+# exact agreement and fp32 memory; shared in bf16 is tests/test_bf16.py's.
+FP32 = "model.dtype=float32"
 # A tiny-model variant big enough (~44 MB fp32) that a copy of it shows in the process's memory.
 BIG = ("model.tiny.hidden_size=512", "model.tiny.intermediate_size=1024", "model.tiny.num_hidden_layers=4",
        "model.tiny.num_attention_heads=8", "model.tiny.num_key_value_heads=8")
@@ -176,7 +179,7 @@ def generated_tokens_per_s(server, prompts: int = 32, n: int = 8, max_tokens: in
 def big_server(tmp_path_factory):
     """Its own vLLM server (mode=shared args) on the BIG tiny model; tokens/s measured while vLLM
     still computes from its packed GEMM weights, before the first export switches to F.linear."""
-    cfg = make_cfg("mode=shared", *BIG)
+    cfg = make_cfg("mode=shared", FP32, *BIG)
     path = model_path(cfg)
     server = server_from_config(cfg, path, tmp_path_factory.mktemp("vllm-shared"),
                                 extra_args=SharedBridge().server_args()).start()
@@ -262,7 +265,7 @@ def test_plain_linear_throughput(big_server):
 
 @pytest.mark.slow
 def test_shared_run_learns(tmp_path, spy_final):
-    history = train(make_cfg("mode=shared", *SHORT_RUN), tmp_path)
+    history = train(make_cfg("mode=shared", FP32, *SHORT_RUN), tmp_path)
     assert_learns(history)
     # final/ was written while the weights were still vLLM's memory, and holds what the trainer had.
     assert max_diff(hf_probe(tmp_path / "final", spy_final["ids"]), spy_final["trainer"]) <= HF_TOL
@@ -363,7 +366,7 @@ def test_shared_memory_files_go_when_the_run_ends_however_it_ends(tmp_path, monk
     bridges = []
     setup = SharedBridge.setup
     monkeypatch.setattr(SharedBridge, "setup", lambda self, *a: bridges.append(self) or setup(self, *a))
-    train(make_cfg("mode=shared", *QUIET, "train.steps=2"), tmp_path / "clean")
+    train(make_cfg("mode=shared", FP32, *QUIET, "train.steps=2"), tmp_path / "clean")
     worker = bridges[0].worker
     names = [segment_name(h) for h in worker["params"].values()]
     print(json.dumps({"killed_server_pids": pids, "gone_s": round(gone_s, 1), "left_by_killed_run": len(left),

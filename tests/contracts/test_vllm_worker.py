@@ -19,6 +19,7 @@ from vllm.distributed.weight_transfer import nccl_common
 from vllm.v1.worker.cpu_worker import CPUWorker
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.gpu_worker import Worker
+from vllm.v1.worker.worker_base import WorkerBase
 
 from bridges.broadcast_gloo import join_request, receive_request
 from bridges.vllm_worker import WorkerExtension, weight_group_rank
@@ -60,6 +61,9 @@ def test_what_the_broadcast_base_reads_from_vllms_routes(routes):
 
 def test_worker_methods_the_extension_calls():
     assert issubclass(CPUWorker, Worker)  # so the CPU tests run the GPU worker's methods
+    # served_dtype reads the resolved --dtype where every worker (GPU and CPU) keeps it.
+    assert issubclass(Worker, WorkerBase)
+    assert "self.model_config = vllm_config.model_config" in inspect.getsource(WorkerBase.__init__)
     # receive_weights streams into reload_weights, which the GPU worker forwards to its runner.
     assert "self.model_runner.reload_weights(*args, **kwargs)" in inspect.getsource(Worker.reload_weights)
     inspect.signature(GPUModelRunner.reload_weights).bind(None, weights_iterator=iter(()), is_checkpoint_format=True)

@@ -9,7 +9,7 @@ import torch
 from grpo.batch import Rollout, build_batch
 from grpo.policy import Policy
 from grpo.precision import (Precision, autocast_dtype, bf16_spacing, cpu_bf16_native, logprob_tolerance, run_rtol,
-                            warn_if_update_rounds_away)
+                            served_dtype, warn_if_update_rounds_away)
 from serving.client import Completion
 
 F32, BF16 = torch.float32, torch.bfloat16
@@ -113,3 +113,37 @@ def test_pure_bf16_warns_when_lr_rounds_away():
         assert warn_if_update_rounds_away(model, 1e-6, BF16)
     assert warn_if_update_rounds_away(model, 1e-3, BF16) is None
     assert warn_if_update_rounds_away(model.float(), 1e-6, F32) is None
+
+
+def test_auto_serves_bf16_where_it_is_native_and_keeps_fp32_masters():
+    from conftest import make_cfg
+
+    cfg = make_cfg()  # `python train.py`: model.dtype=auto, model.master_dtype=auto
+    assert (cfg.model.dtype, cfg.model.master_dtype) == ("auto", "auto")
+    native = cpu_bf16_native()
+    assert served_dtype("auto", "cpu") == (BF16 if native else F32)
+    p = Precision.resolve(cfg.model.dtype, cfg.model.master_dtype, cfg.hardware.autocast, "cpu")
+    assert (p.master, p.compute, p.served) == ((F32, BF16, BF16) if native else (F32, F32, F32))
+    assert make_cfg("model=qwen2.5-0.5b-instruct").model.dtype == "bfloat16"  # a preset says what it serves
+
+
+def test_a_mode_that_trains_vllms_tensors_takes_their_dtype_as_masters():
+    assert Precision.resolve("bfloat16", "auto", shared_by="shared") == Precision(BF16, BF16, BF16)
+    assert Precision.resolve("float32", "auto", shared_by="shared") == Precision(F32, F32, F32)
+    with pytest.raises(ValueError, match="mode=shared trains vLLM's own bfloat16 tensors, so there is no float32 "
+                                         "master copy to keep: set model.master_dtype=bfloat16"):
+        Precision.resolve("bfloat16", "float32", shared_by="shared")
+
+
+@pytest.mark.slow
+def test_an_attached_server_says_what_it_serves(vllm_server):
+    """The session server serves fp32: auto takes it, an explicit other dtype is refused by key."""
+    from conftest import make_cfg
+    from serving.server import served_dtype_name
+
+    url = f"server.base_url={vllm_server.base_url}"
+    assert vllm_server.served_dtype() == "float32"
+    assert served_dtype_name(make_cfg(url), vllm_server) == "float32"
+    with pytest.raises(ValueError, match=r"model.dtype=bfloat16, but the server at http://127\.0\.0\.1:\d+ serves "
+                                         r"float32: set model.dtype=float32 or auto"):
+        served_dtype_name(make_cfg(url, "model.dtype=bfloat16"), vllm_server)
