@@ -89,7 +89,7 @@ class VLLMHungError(VLLMRequestError):
     def __init__(self, url: str, call: str, deadline: Deadline, external: bool):
         self.url, self.call, self.key, self.seconds = url, call, deadline.key, deadline.seconds
         then = ("an attached server (server.base_url) is never restarted: the run stops; check the server at "
-                f"{url}" if external else "our server is killed and restarted")
+                f"{url}" if external else "a server we started counts as dead (serving/guard.py)")
         super().__init__(f"vLLM at {url} did not answer {call} within {deadline.seconds:.3g}s ({deadline.key}); "
                          f"{then}")
 
