@@ -6,6 +6,9 @@ TRL's one HTTP call and one broadcast per tensor is what made its syncs slow; `b
 sends one tensor per broadcast. Gloo moves host memory, so this also serves a trainer on the GPU
 that vLLM uses (NCCL cannot put two ranks on one GPU). Every collective has `timeout_s`, so a
 server that goes away mid-sync or a group that cannot form ends in an error naming host and port.
+The HTTP call beside each collective has its deadline (`receive`: `server.deadlines.sync_s` by the
+bytes moved; `join`: `timeout_s` + 30 s); when the collective fails, that call's own failure is
+what is raised: a dead or hung (stopped) vLLM then reaches serving/guard.py, which restarts ours.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch.distributed as dist
 from bridges.base import WeightSyncError
 from bridges.broadcast import BroadcastBridge
 from grpo import distributed
+from serving.server import Deadline, VLLMHungError, VLLMRequestError
 
 GROUP_PREFIX = "grpo-weights"  # the key prefix both sides use in the rendezvous store
 
@@ -66,17 +70,20 @@ class GlooBroadcastBridge(BroadcastBridge):
         timeout = datetime.timedelta(seconds=self.timeout_s)
         self.store = dist.TCPStore(self.group_host, self.port, world_size, is_master=True, timeout=timeout,
                                    wait_for_workers=False)
-        joined = self._rpc_in_background(join_request(self.group_host, self.port, world_size, self.timeout_s))
+        joined = self._rpc_in_background(join_request(self.group_host, self.port, world_size, self.timeout_s),
+                                         Deadline(self.timeout_s + 30, "mode.bridge.timeout_s + 30"))
         try:
             self.group = dist.ProcessGroupGloo(dist.PrefixStore(GROUP_PREFIX, self.store), 0, world_size, timeout)
         except RuntimeError as exc:
+            self._raise_request_error(joined, "join")
             raise WeightSyncError(f"could not form the {self.where()} within {self.timeout_s:.0f}s "
                                   f"(mode.bridge.timeout_s): {exc}") from exc
         self._join(joined, "join")
 
     def send(self, step: int, named: list[tuple[str, torch.Tensor]]) -> int:
         plan = buckets(named, self.bucket_bytes)
-        pending = self._rpc_in_background(receive_request(plan))
+        nbytes = sum(t.numel() * t.element_size() for _, t in named)
+        pending = self._rpc_in_background(receive_request(plan), self.server.deadline("sync_s", nbytes))
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
         sent = 0
@@ -87,6 +94,7 @@ class GlooBroadcastBridge(BroadcastBridge):
                 self.group.broadcast([flat], opts).wait()
                 sent += flat.numel() * flat.element_size()
         except RuntimeError as exc:
+            self._raise_request_error(pending, f"sync at step {step}")
             raise WeightSyncError(f"broadcast over the {self.where()} failed mid-sync at step {step}: {exc}") from exc
         self._join(pending, "receive")
         return sent
@@ -102,23 +110,34 @@ class GlooBroadcastBridge(BroadcastBridge):
     def disconnect(self) -> None:
         self.group = self.store = None
 
-    def _rpc_in_background(self, body: dict) -> tuple[threading.Thread, dict]:
+    def _rpc_in_background(self, body: dict, deadline: Deadline) -> tuple[threading.Thread, dict, Deadline]:
         """The worker side blocks in the collective until we broadcast, so its HTTP call runs aside."""
         box: dict = {}
 
         def call():
             try:
-                box["result"] = self.server.post("/collective_rpc", body, timeout=self.timeout_s + 30)
+                box["result"] = self.server.post("/collective_rpc", body, deadline)
             except Exception as exc:  # noqa: BLE001 - reported in _join with host and port
                 box["error"] = exc
 
         thread = threading.Thread(target=call, daemon=True)
         thread.start()
-        return thread, box
+        return thread, box, deadline
 
-    def _join(self, pending: tuple[threading.Thread, dict], what: str) -> dict:
-        thread, box = pending
-        thread.join(self.timeout_s + 60)
+    def _raise_request_error(self, pending: tuple[threading.Thread, dict, Deadline], what: str) -> None:
+        """Wait out the HTTP call beside a collective; if vLLM hung or failed it, raise that
+        (VLLMHungError as it is, a dead server's error naming the group), so the guard sees it."""
+        thread, box, deadline = pending
+        thread.join(deadline.seconds + 5)
+        error = box.get("error")
+        if isinstance(error, VLLMHungError):
+            raise error
+        if isinstance(error, VLLMRequestError):
+            raise VLLMRequestError(f"{what} over the {self.where()} failed: {error}") from error
+
+    def _join(self, pending: tuple[threading.Thread, dict, Deadline], what: str) -> dict:
+        self._raise_request_error(pending, what)
+        thread, box, _ = pending
         if thread.is_alive() or "error" in box:
             raise WeightSyncError(f"{what} over the {self.where()} failed: {box.get('error', 'no answer in time')}")
         return box["result"]

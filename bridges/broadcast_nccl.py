@@ -30,7 +30,7 @@ import torch
 
 from bridges.base import WeightSyncError
 from bridges.broadcast import BroadcastBridge
-from serving.server import VLLMRequestError, VLLMServer
+from serving.server import Deadline, VLLMRequestError, VLLMServer
 
 WEIGHT_TRANSFER_CONFIG = {"backend": "nccl"}
 MIN_BUFFER_BYTES = 2**20  # bucket_mb=0 (one tensor per broadcast on gloo) still packs here
@@ -62,7 +62,7 @@ class ServerSyncClient:
         self.timeout_s = timeout_s
 
     def _post(self, path: str, body: Optional[dict] = None) -> None:
-        self.server.post(path, body, timeout=self.timeout_s)
+        self.server.post(path, body, Deadline(self.timeout_s, "mode.bridge.timeout_s"))
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
         self._post("/init_weight_transfer_engine", {"init_info": init_info})

@@ -43,9 +43,11 @@ class LoraBridge(VerifiedBridge):
             return 0
         out = self.run_dir / "adapters" / f"step-{step:06d}"
         self.policy.model.save_pretrained(out)
+        nbytes = dir_bytes(out)
         self.server.post("/v1/load_lora_adapter",
-                         {"lora_name": self.adapter_name, "lora_path": str(out), "load_inplace": True})
+                         {"lora_name": self.adapter_name, "lora_path": str(out), "load_inplace": True},
+                         self.server.deadline("sync_s", nbytes))
         self.client.model = self.adapter_name
         for old in sorted(out.parent.glob("step-*"))[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
-        return dir_bytes(out)
+        return nbytes

@@ -56,10 +56,12 @@ class ReloadBridge(VerifiedBridge):
         if self.mirror is None:
             return 0
         out = self.mirror.out
-        self.server.post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(out)}})
-        self.server.post("/collective_rpc", {"method": "refresh_cpu_weights"})
+        nbytes = dir_bytes(out)
+        deadline = self.server.deadline("sync_s", nbytes)
+        self.server.post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(out)}}, deadline)
+        self.server.post("/collective_rpc", {"method": "refresh_cpu_weights"}, deadline)
         self.server.post("/reset_prefix_cache")
-        return dir_bytes(out)
+        return nbytes
 
     def close(self) -> None:
         if self.mirror is not None:

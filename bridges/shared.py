@@ -130,7 +130,7 @@ class SharedBridge(VerifiedBridge):
 
     def attach_served(self, config, fused: dict, dtype: str, device: torch.device,
                       server: VLLMServer) -> torch.nn.Module:
-        results = server.post("/collective_rpc", {"method": "export_shared_weights"})["results"]
+        results = server.post("/collective_rpc", {"method": "export_shared_weights"}, server.deadline("sync_s"))["results"]
         self.worker = results[0]
         # Our server: its files end with our run. The record is named now, while its worker lives:
         # its name holds the worker's start time, unknowable once the worker is gone.

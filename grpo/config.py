@@ -146,12 +146,29 @@ class HardwareConfig:
 
 
 @dataclass
+class DeadlinesConfig:
+    """How long each kind of call waits for vLLM's answer (no byte back for that long). Past it the
+    server hangs (alive, not answering): ours is killed, restarted and re-synced and the phase
+    redone; an attached one stops the run, naming its URL and the call (serving/guard.py).
+    Rollout requests wait `rollout.timeout_s`."""
+
+    # A weight push (reload, LoRA adapter, broadcast receive, refresh): sync_s + sync_s_per_gb * GB moved.
+    sync_s: float = field(default=120.0, metadata=above(0))
+    sync_s_per_gb: float = field(default=60.0, metadata=above(0))
+    probe_s: float = field(default=60.0, metadata=above(0))  # the sync check's prompt-logprobs request
+    eval_s: float = field(default=600.0, metadata=above(0))  # each held-out eval request
+    # /pause, /resume, /reset_prefix_cache, /health, /get_world_size and other small calls.
+    control_s: float = field(default=60.0, metadata=above(0))
+
+
+@dataclass
 class ServerConfig:
     base_url: Optional[str] = None  # attach to a running server instead of starting one
     host: str = "127.0.0.1"  # dev endpoints (reload, collective_rpc, LoRA) listen here only
     port: Optional[int] = field(default=None, metadata=at_least(1))  # None: pick a free port
     api_key: Optional[str] = None
     startup_timeout_s: float = field(default=600.0, metadata=above(0))
+    deadlines: DeadlinesConfig = field(default_factory=DeadlinesConfig)
     extra_args: list[str] = field(default_factory=list)
 
 
@@ -164,7 +181,7 @@ class RolloutConfig:
     # vLLM's sampled logprobs are renormalised over the nucleus: < 1 adds log(1/nucleus mass) to the gap.
     top_p: float = field(default=1.0, metadata=in_unit())
     ignore_eos: bool = False  # sample on past EOS to max_tokens (benchmarks compare equal token counts)
-    timeout_s: float = field(default=600.0, metadata=above(0))
+    timeout_s: float = field(default=600.0, metadata=above(0))  # each generate request's deadline (server.deadlines)
 
 
 @dataclass

@@ -81,8 +81,9 @@ class Evaluator:
             self._prompt_ids = [encode(p.messages) for p in self.prompts]
 
         def sampler(temperature: float) -> VLLMClient:
-            return VLLMClient(client.server, client.model, max_tokens=self.max_tokens, temperature=temperature,
-                              timeout_s=client.timeout_s)
+            out = VLLMClient(client.server, client.model, max_tokens=self.max_tokens, temperature=temperature)
+            out.deadline = client.server.deadline("eval_s")
+            return out
 
         greedy = sampler(0.0).generate(self._prompt_ids, n=1)
         sampled = sampler(self.temperature).generate(self._prompt_ids, n=self.n, seed=self.seed)

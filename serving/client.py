@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
-from serving.server import VLLMServer
+from serving.server import Deadline, VLLMServer
 
 
 @dataclass
@@ -40,7 +40,7 @@ class VLLMClient:
         self.max_tokens = max_tokens
         self.temperature = temperature
         self.top_p = top_p
-        self.timeout_s = timeout_s
+        self.deadline = Deadline(timeout_s, "rollout.timeout_s")  # each generate request's (eval: eval_s)
         self.ignore_eos = ignore_eos  # every completion runs to max_tokens (benchmarks: equal token counts)
 
     def generate(self, prompt_ids: list[list[int]], n: int, seed: Optional[int] = None) -> list[list[Completion]]:
@@ -64,7 +64,7 @@ class VLLMClient:
         }
         if seed is not None:
             payload["seed"] = seed
-        choices = self.server.post("/v1/completions", payload, timeout=self.timeout_s)["choices"]
+        choices = self.server.post("/v1/completions", payload, self.deadline)["choices"]
         groups: list[list[Completion]] = [[] for _ in prompt_ids]
         for ch in sorted(choices, key=lambda c: c["index"]):
             groups[ch["index"] // n].append(
@@ -78,6 +78,7 @@ class VLLMClient:
         return groups
 
     def prompt_logprobs(self, token_ids: list[int]) -> list[float]:
+        """vLLM's logprob of each token after the first (the sync check's probe: `probe_s`)."""
         payload = {
             "model": self.model,
             "prompt": token_ids,
@@ -86,5 +87,6 @@ class VLLMClient:
             "prompt_logprobs": 0,
             "return_token_ids": True,
         }
-        entries = self.server.post("/v1/completions", payload, timeout=self.timeout_s)["choices"][0]["prompt_logprobs"]
+        deadline = self.server.deadline("probe_s")
+        entries = self.server.post("/v1/completions", payload, deadline)["choices"][0]["prompt_logprobs"]
         return [entry[str(tok)]["logprob"] for tok, entry in zip(token_ids[1:], entries[1:])]

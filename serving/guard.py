@@ -1,5 +1,7 @@
-"""Calls to a vLLM server we own survive its death: restart it, re-sync the weights, call again.
+"""Calls to a vLLM server we own survive its death or hang: restart it, re-sync the weights, call again.
 
+A call past its deadline (`VLLMHungError`: alive, not answering) counts as a dead server: the
+process group is SIGKILLed (a stopped or wedged engine never handles SIGTERM) and restarted.
 An attached server (`server.base_url`) is never restarted: its failures reach the caller.
 """
 
@@ -8,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Callable, Optional, TypeVar
 
-from serving.server import VLLMRequestError, VLLMServer
+from serving.server import VLLMHungError, VLLMRequestError, VLLMServer
 
 T = TypeVar("T")
 
@@ -24,10 +26,11 @@ def server_died(server: VLLMServer, grace_s: float = 5.0) -> bool:
 
 
 class RestartGuard:
-    """`call(step, fn)` runs fn (which talks to vLLM); if our server died before or during it, the
-    server starts again on the base model `model`, `resync(step)` pushes the current weights (or
-    LoRA adapter) through the bridge's verified sync, `on_restart(step, **info)` records it, and
-    fn runs once more. `restarts` counts them (saved in checkpoints)."""
+    """`call(step, fn)` runs fn (which talks to vLLM); if our server died before or during it, or
+    hung (a call past its deadline), the server starts again on the base model `model`,
+    `resync(step)` pushes the current weights (or LoRA adapter) through the bridge's verified sync,
+    `on_restart(step, **info)` records it (`reason="hung"` with the call and its deadline's key),
+    and fn runs once more. `restarts` counts them (saved in checkpoints)."""
 
     def __init__(self, server: VLLMServer, model: str, resync: Callable[[int], object],
                  on_restart: Optional[Callable[..., None]] = None, restarts: int = 0):
@@ -37,13 +40,13 @@ class RestartGuard:
         self.on_restart = on_restart
         self.restarts = restarts
 
-    def restart(self, step: int, reason: str) -> None:
+    def restart(self, step: int, reason: str, **info) -> None:
         t = time.perf_counter()
-        self.server.restart(model=self.model)
+        self.server.restart(model=self.model, kill=reason == "hung")
         self.resync(step)
         self.restarts += 1
         if self.on_restart:
-            self.on_restart(step, reason=reason[:500], restarts=self.restarts,
+            self.on_restart(step, reason=reason[:500], **info, restarts=self.restarts,
                             restart_s=round(time.perf_counter() - t, 1))
 
     def call(self, step: int, fn: Callable[[], T]) -> T:
@@ -51,11 +54,15 @@ class RestartGuard:
             self.restart(step, "server process not alive")
         try:
             return fn()
+        except VLLMHungError as exc:
+            if self.server.external:
+                raise
+            self.restart(step, "hung", call=exc.call, key=exc.key, deadline_s=round(exc.seconds, 1))
         except VLLMRequestError as exc:
             if not server_died(self.server):
                 raise
             self.restart(step, str(exc))
-            return fn()
+        return fn()
 
 
 class Unguarded:

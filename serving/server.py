@@ -5,6 +5,10 @@ started it or it runs elsewhere (`server.base_url`). Dev-mode endpoints (`/colle
 reload, LoRA loading) are enabled, so by default the server binds to 127.0.0.1 only; a server
 reachable from elsewhere must have `server.api_key`, which then guards every route but /health
 (serving/auth.py). A server we start runs under serving/lifeline.py and dies with this process.
+
+Every request waits at most its `Deadline`, a number of seconds from config and the key that sets
+it (`server.deadlines.*`, `rollout.timeout_s`); past it `VLLMHungError` names the URL, the call,
+the key and the seconds, and serving/guard.py treats our server as dead.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlparse
@@ -27,6 +32,7 @@ import torch
 from omegaconf import OmegaConf
 
 from grpo import REPO_ROOT
+from grpo.config import DeadlinesConfig
 from grpo.precision import dtype_name, served_dtype
 from grpo.tiny_model import build_tiny_model
 
@@ -69,6 +75,26 @@ class VLLMRequestError(RuntimeError):
     """An HTTP call to vLLM failed; the message names the endpoint and the server."""
 
 
+@dataclass(frozen=True)
+class Deadline:
+    """How long one call waits for vLLM's answer, and the config key that sets it."""
+
+    seconds: float
+    key: str
+
+
+class VLLMHungError(VLLMRequestError):
+    """vLLM did not answer a call within its deadline: alive but not answering (a wedged engine, a
+    stuck collective, a stopped process)."""
+
+    def __init__(self, url: str, call: str, deadline: Deadline, external: bool):
+        self.url, self.call, self.key, self.seconds = url, call, deadline.key, deadline.seconds
+        then = ("an attached server (server.base_url) is never restarted: the run stops; check the server at "
+                f"{url}" if external else "a server we started counts as dead (serving/guard.py)")
+        super().__init__(f"vLLM at {url} did not answer {call} within {deadline.seconds:.3g}s ({deadline.key}); "
+                         f"{then}")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -99,6 +125,7 @@ class VLLMServer:
         api_key: Optional[str] = None,
         startup_timeout_s: float = 600.0,
         cpus: Optional[list[int]] = None,
+        deadlines: Optional[DeadlinesConfig] = None,
     ):
         self.model = model
         self.cpus = list(cpus) if cpus else None  # the cores the server's processes run on (None: any)
@@ -109,6 +136,7 @@ class VLLMServer:
         self.port = port
         self.api_key = api_key
         self.startup_timeout_s = startup_timeout_s
+        self.deadlines = deadlines or DeadlinesConfig()
         self.external = base_url is not None
         self.base_url = base_url.rstrip("/") if base_url else None
         require_key_beyond_loopback(host, base_url, api_key)
@@ -181,8 +209,9 @@ class VLLMServer:
         )
 
     def healthy(self) -> bool:
+        """Answers /health within `server.deadlines.control_s`."""
         try:
-            return self.session.get(f"{self.base_url}/health", timeout=2).status_code == 200
+            return self.session.get(f"{self.base_url}/health", timeout=self.deadlines.control_s).status_code == 200
         except requests.RequestException:
             return False
 
@@ -192,8 +221,17 @@ class VLLMServer:
             return self.proc.poll() is None
         return self.healthy()
 
-    def stop(self) -> None:
+    def stop(self, kill: bool = False) -> None:
+        """SIGTERM the server's process group, SIGKILL after 30 s; `kill`: SIGKILL at once (a hung
+        or stopped server never handles SIGTERM)."""
         if self.proc is None:
+            return
+        if kill:
+            self.session.close()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            self.proc = None
             return
         if self.proc.poll() is not None:
             # The API server died (e.g. killed): its engine-core children may outlive it.
@@ -214,40 +252,51 @@ class VLLMServer:
             pass
         self.proc = None
 
-    def restart(self, model: Optional[str] = None) -> None:
-        """Stop and start again, optionally on another checkpoint (the legacy bridge)."""
+    def restart(self, model: Optional[str] = None, kill: bool = False) -> None:
+        """Stop (`kill`: SIGKILL) and start again, optionally on another checkpoint (the legacy bridge)."""
         if self.external:
             raise VLLMRequestError(f"cannot restart the external server at {self.base_url}")
-        self.stop()
+        self.stop(kill)
         self.model = model or self.model
         self.port = None  # the old port can linger in TIME_WAIT
         self.start()
 
     # -- requests --------------------------------------------------------------------------
-    def post(self, path: str, payload: Optional[dict] = None, timeout: float = 600.0) -> Any:
-        url = f"{self.base_url}{path}"
-        try:
-            resp = self.session.post(url, json=payload, timeout=timeout)
-        except requests.RequestException as exc:
-            raise VLLMRequestError(f"POST {url} failed: {exc}") from exc
-        if resp.status_code >= 400:
-            raise VLLMRequestError(f"POST {url} -> HTTP {resp.status_code}: {resp.text[:2000]}")
+    def deadline(self, name: str, nbytes: int = 0) -> Deadline:
+        """`server.deadlines.<name>`; a sync's (`sync_s`) grows with the bytes it moves."""
+        d = self.deadlines
+        if name == "sync_s":
+            return Deadline(d.sync_s + d.sync_s_per_gb * nbytes / 1e9,
+                            f"server.deadlines.sync_s + sync_s_per_gb * {nbytes / 1e9:.3g} GB")
+        return Deadline(getattr(d, name), f"server.deadlines.{name}")
+
+    def post(self, path: str, payload: Optional[dict] = None, deadline: Optional[Deadline] = None) -> Any:
+        """POST within `deadline` (default `server.deadlines.control_s`)."""
+        resp = self._request("POST", path, payload, deadline)
         if "json" in resp.headers.get("content-type", ""):
             return resp.json()
         return resp.text or None  # e.g. /v1/load_lora_adapter answers in plain text
 
-    def get(self, path: str, timeout: float = 60.0) -> Any:
+    def get(self, path: str, deadline: Optional[Deadline] = None) -> Any:
+        return self._request("GET", path, None, deadline).json()
+
+    def _request(self, method: str, path: str, payload: Optional[dict],
+                 deadline: Optional[Deadline]) -> requests.Response:
+        deadline = deadline or self.deadline("control_s")
         url = f"{self.base_url}{path}"
         try:
-            resp = self.session.get(url, timeout=timeout)
-            resp.raise_for_status()
+            resp = self.session.request(method, url, json=payload, timeout=deadline.seconds)
+        except requests.Timeout as exc:
+            raise VLLMHungError(self.base_url, f"{method} {path}", deadline, self.external) from exc
         except requests.RequestException as exc:
-            raise VLLMRequestError(f"GET {url} failed: {exc}") from exc
-        return resp.json()
+            raise VLLMRequestError(f"{method} {url} failed: {exc}") from exc
+        if resp.status_code >= 400:
+            raise VLLMRequestError(f"{method} {url} -> HTTP {resp.status_code}: {resp.text[:2000]}")
+        return resp
 
     def served_dtype(self) -> str:
         """What the running server computes in, asked of its workers (our worker extension)."""
-        return self.post("/collective_rpc", {"method": "served_dtype"}, timeout=60)["results"][0]
+        return self.post("/collective_rpc", {"method": "served_dtype"})["results"][0]
 
     def __enter__(self) -> "VLLMServer":
         return self.start()
@@ -364,5 +413,6 @@ def server_from_config(cfg, model_path: str, run_dir: Optional[Path], extra_args
         base_url=srv.base_url,
         api_key=srv.api_key,
         startup_timeout_s=srv.startup_timeout_s,
+        deadlines=OmegaConf.to_object(srv.deadlines),
         cpus=None if torch.cuda.is_available() else hw.vllm_cpus,
     )

@@ -54,6 +54,23 @@ def vllm_server(tiny_model_path, tmp_path_factory):
     server.stop()
 
 
+# A short seeded run whose per-step numbers tests compare with the straight run's (resumed, its
+# vLLM hung), fp32 on both sides (hardware.autocast=null).
+SEEDED = ("log.wandb.mode=disabled", "log.progress=false", "train.prompts_per_step=2", "train.group_size=4",
+          "train.checkpoint_every=3", "rollout.max_tokens=8", "model.dtype=float32", "hardware.autocast=null")
+_straight_runs: dict[tuple[str, ...], list[dict]] = {}
+
+
+def straight_run(tmp_path_factory, *overrides: str) -> list[dict]:
+    """The per-step metrics of `train(overrides)`, run once per session: the tests that compare a
+    disturbed run (resumed, its vLLM hung) with the undisturbed one share it."""
+    if overrides not in _straight_runs:
+        from train import train
+
+        _straight_runs[overrides] = train(make_cfg(*overrides), tmp_path_factory.mktemp("straight"))
+    return _straight_runs[overrides]
+
+
 @pytest.fixture
 def attach(vllm_server: VLLMServer, tiny_model_path) -> str:
     """Override that makes a train() run use the session server, on the tiny model's own weights

@@ -20,8 +20,9 @@ import pytest
 import torch
 
 from bridges.base import SyncStats
+from bridges.reload import ReloadBridge
 from serving.server import VLLMServer, server_from_config
-from conftest import REPO, make_cfg, run_precision
+from conftest import REPO, SEEDED, make_cfg, run_precision, straight_run
 from envs.synthetic import DigitsEnv
 from grpo import checkpoint
 from grpo.logger import RunLogger
@@ -35,6 +36,9 @@ from train import Run, rollout_seed, train, train_step
 
 QUIET = ("log.wandb.mode=disabled", "log.progress=false", "train.prompts_per_step=2", "train.group_size=4",
          "rollout.max_tokens=8")
+HANG_DEADLINE_S = 20  # every deadline of the runs whose vLLM hangs (their calls take < 2 s here)
+HANG = (f"rollout.timeout_s={HANG_DEADLINE_S}",
+        *(f"server.deadlines.{key}={HANG_DEADLINE_S}" for key in ("sync_s", "probe_s", "eval_s", "control_s")))
 
 
 def read_jsonl(path):
@@ -270,17 +274,19 @@ def test_killed_vllm_is_restarted_and_the_run_continues(tmp_path, monkeypatch, o
 
 
 @pytest.mark.slow
-def test_killed_vllm_with_a_rollout_in_flight_regenerates_it(tmp_path, monkeypatch):
-    """Async (k = 1): vLLM is killed as the producer sends step 4's request, beside step 3's
-    training. The restart re-syncs the trainer's weights once its optimizer step is done
-    (version 3) and step 4's rollout is generated again, tagged with the version it really got.
+@pytest.mark.parametrize("sig", [signal.SIGKILL, pytest.param(signal.SIGSTOP, marks=pytest.mark.heavy)],
+                         ids=["killed", "hung"])
+def test_killed_vllm_with_a_rollout_in_flight_regenerates_it(tmp_path, monkeypatch, sig):
+    """Async (k = 1): vLLM is killed (or stopped: it hangs) as the producer sends step 4's request,
+    beside step 3's training. The restart re-syncs the trainer's weights once its optimizer step is
+    done (version 3) and step 4's rollout is generated again, tagged with the version it really got.
     The restart path is the synchronous loop's (RestartGuard) plus the producer's re-sync."""
-    cfg = make_cfg("train.max_staleness=1", *QUIET, "train.steps=4")
+    cfg = make_cfg("train.max_staleness=1", *QUIET, *(HANG if sig == signal.SIGSTOP else ()), "train.steps=4")
     generate, killed = VLLMClient.generate, []
 
     def killing_generate(self, prompt_ids, n, seed=None):
         if seed == rollout_seed(cfg, 4) and not killed:
-            os.killpg(self.server.proc.pid, signal.SIGKILL)
+            os.killpg(self.server.proc.pid, sig)
             killed.append(time.time())
         return generate(self, prompt_ids, n, seed=seed)
 
@@ -290,10 +296,56 @@ def test_killed_vllm_with_a_rollout_in_flight_regenerates_it(tmp_path, monkeypat
     assert killed and len(history) == 4 and history[-1]["vllm_restarts"] == 1
     restarts = [e for e in read_jsonl(tmp_path / "events.jsonl") if e["event"] == "vllm_restart"]
     assert len(restarts) == 1 and restarts[0]["step"] == 4  # the producer's request for step 4
+    assert (restarts[0]["reason"] == "hung") == (sig == signal.SIGSTOP)
     assert [m["policy_version"] for m in history] == [0, 0, 1, 3]  # scheduled 2; the restart pushed 3
     assert [m["staleness"] for m in history] == [0, 1, 1, 0]
     tol = run_precision(tmp_path).probe_tolerance
     assert all(s["probe_max_diff"] <= tol for s in read_jsonl(tmp_path / "sync.jsonl"))
+
+
+# -- vLLM hung mid-run (own server) ---------------------------------------------------------------
+
+@pytest.mark.slow
+def test_hung_vllm_is_killed_restarted_and_the_run_repeats_the_straight_one(attach, tmp_path, tmp_path_factory,
+                                                                            monkeypatch):
+    """The issue's hang: the server's process group is stopped (alive, never answering, as a
+    wedged engine or a stuck collective looks) as step 3's reload push begins. Past the sync's
+    deadline its `POST /collective_rpc` raises VLLMHungError; the guard SIGKILLs the group,
+    restarts vLLM, re-syncs and redoes the sync: the run ends with the straight run's numbers (the
+    same config on the session server), one `vllm_restart` with reason `hung`, and step 3 longer
+    by about the deadline + the restart, not by the 600 s it used to wait before dying."""
+    straight = straight_run(tmp_path_factory, "mode=reload", attach, *SEEDED, "train.steps=6")
+    push, stopped = ReloadBridge.push, []
+
+    def stopping_push(self, step):
+        if step == 3 and not stopped:
+            os.killpg(self.server.proc.pid, signal.SIGSTOP)
+            stopped.append(step)
+        return push(self, step)
+
+    monkeypatch.setattr(ReloadBridge, "push", stopping_push)
+    history = train(make_cfg("mode=reload", *SEEDED, *HANG, "train.steps=6"), tmp_path)
+
+    assert stopped and len(history) == 6
+    restarts = [e for e in read_jsonl(tmp_path / "events.jsonl") if e["event"] == "vllm_restart"]
+    assert len(restarts) == 1, restarts
+    hung = restarts[0]
+    assert (hung["step"], hung["reason"], hung["call"]) == (3, "hung", "POST /collective_rpc")
+    assert hung["key"].startswith("server.deadlines.sync_s + sync_s_per_gb")
+    assert HANG_DEADLINE_S <= hung["deadline_s"] < HANG_DEADLINE_S + 1  # + 60 s/GB of a ~2 MB model
+    assert [m["vllm_restarts"] for m in history] == [0, 0, 1, 1, 1, 1]
+    print(json.dumps({"restart_s": hung["restart_s"], "steps_s": [round(m["time_step"], 1) for m in history]}))
+    assert history[2]["time_step"] < HANG_DEADLINE_S + hung["restart_s"] + 30
+    # The same completions: equal rewards. The two servers' sampled logprobs differ by ~1e-7 (the
+    # session server has LoRA enabled), so the gradients agree to ~2e-7 and the loss (~1e-8, the
+    # advantages' mean being 0) only to that noise.
+    for step, (a, b) in enumerate(zip(straight, history), 1):
+        for key in ("reward_mean", "reward_std", "completion_len_mean"):
+            assert b[key] == a[key], (step, key)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5), step
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-6), step
+    assert len({m["reward_mean"] for m in history}) > 1  # not a run where nothing moved
+    assert all(s["probe_max_diff"] <= 1e-3 for s in read_jsonl(tmp_path / "sync.jsonl"))
 
 
 # -- the trainer killed mid-run -----------------------------------------------------------------

@@ -6,13 +6,11 @@ import json
 
 import pytest
 
-from conftest import make_cfg
+from conftest import SEEDED as RUN
+from conftest import make_cfg, straight_run
 from train import train
 
 pytestmark = pytest.mark.slow
-
-RUN = ("log.wandb.mode=disabled", "log.progress=false", "train.prompts_per_step=2", "train.group_size=4",
-       "train.checkpoint_every=3", "rollout.max_tokens=8")
 
 
 def read_jsonl(path):
@@ -20,8 +18,8 @@ def read_jsonl(path):
 
 
 @pytest.mark.parametrize("overrides", [("mode=reload",), ("mode=lora", "optimizer.lr=1e-2")], ids=["reload", "lora"])
-def test_resumed_run_repeats_the_straight_one(attach, tmp_path, overrides):
-    straight = train(make_cfg(*overrides, attach, *RUN, "train.steps=6"), tmp_path / "straight")
+def test_resumed_run_repeats_the_straight_one(attach, tmp_path, tmp_path_factory, overrides):
+    straight = straight_run(tmp_path_factory, *overrides, attach, *RUN, "train.steps=6")
     split = tmp_path / "split"
     train(make_cfg(*overrides, attach, *RUN, "train.steps=3"), split)
     assert (split / "checkpoints" / "step-000003" / "COMPLETE").is_file()

@@ -2,7 +2,8 @@
 
 Tolerance: after a sync, max |logprob_vllm - logprob_trainer| over the probe <= 1e-3 (fp32).
 Failure handling is tested against a loopback stand-in server that answers vLLM's endpoints but
-never joins the group, or joins and then drops the connection mid-sync. The NCCL bridge cannot run
+never joins the group, or joins and then drops the connection mid-sync, or never answers the
+sync's call (a hung vLLM: the guard's VLLMHungError, within the sync's deadline). The NCCL bridge cannot run
 without GPUs: its calls into vLLM are checked in tests/contracts/."""
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from hydra.utils import instantiate
 from bridges.base import WeightSyncError
 from bridges.broadcast_gloo import GlooBroadcastBridge, buckets
 from bridges.broadcast_nccl import NcclBroadcastBridge, shared_gpus
-from serving.server import VLLMServer
+from grpo.config import DeadlinesConfig
+from serving.server import VLLMHungError, VLLMRequestError, VLLMServer
 from grpo.policy import Policy
 from serving.client import VLLMClient
 from conftest import PROBE_TOL as TOL
@@ -94,9 +96,12 @@ def test_a_restarted_server_joins_a_new_group(vllm_server, tiny_model_path, tmp_
 
 
 class StandIn(BaseHTTPRequestHandler):
-    """Answers like a vLLM server with one worker; `join` says whether it joins the group."""
+    """Answers like a vLLM server with one worker; `join` says whether it joins the group,
+    `receive` what it does with the sync's call: "drop" the connection, or "hang" (no answer)."""
 
     join = False
+    receive = "drop"
+    release = threading.Event()
 
     def log_message(self, *args):
         pass
@@ -118,6 +123,8 @@ class StandIn(BaseHTTPRequestHandler):
             store = torch.distributed.TCPStore(kw["host"], kw["port"], 2, is_master=False)
             StandIn.group = torch.distributed.ProcessGroupGloo(torch.distributed.PrefixStore("grpo-weights", store), 1, 2)
             self._reply({"results": [1]})
+        elif body.get("method") == "receive_weights" and self.receive == "hang":
+            StandIn.release.wait()  # alive, never answering
         elif body.get("method") == "receive_weights":
             self.connection.close()  # the server dies mid-sync
         else:
@@ -127,9 +134,12 @@ class StandIn(BaseHTTPRequestHandler):
 @pytest.fixture
 def stand_in():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), StandIn)
+    httpd.daemon_threads = True
+    StandIn.release.clear()
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield VLLMServer("stand-in", args=[], env={}, log_path=Path("/dev/null"),
-                     base_url=f"http://127.0.0.1:{httpd.server_port}")
+                     base_url=f"http://127.0.0.1:{httpd.server_port}", deadlines=DeadlinesConfig(sync_s=3.0))
+    StandIn.release.set()
     httpd.shutdown()
 
 
@@ -143,10 +153,25 @@ def test_group_that_cannot_form_names_host_and_port(stand_in, tiny_model_path, t
 
 
 def test_server_gone_mid_sync_names_host_and_port(stand_in, tiny_model_path, tmp_path):
-    StandIn.join = True
+    """The sync's request error (what the guard checks for a dead server), naming the group."""
+    StandIn.join, StandIn.receive = True, "drop"
     bridge = GlooBroadcastBridge(timeout_s=5)
     bridge.setup(Policy(tiny_model_path), stand_in, VLLMClient(stand_in, "policy"), tmp_path)
     t0 = time.monotonic()
-    with pytest.raises(WeightSyncError, match=r"weight group 127\.0\.0\.1:\d+ \(vLLM at http://127\.0\.0\.1:\d+\)"):
+    with pytest.raises(VLLMRequestError, match=r"weight group 127\.0\.0\.1:\d+ \(vLLM at http://127\.0\.0\.1:\d+\)"):
         bridge.push(step=1)
     assert time.monotonic() - t0 < 60
+
+
+def test_server_hung_mid_sync_ends_at_the_sync_deadline(stand_in, tiny_model_path, tmp_path):
+    """vLLM joined, then stops answering (SIGSTOP, a wedged engine): the push ends with the
+    guard's VLLMHungError after the receive call's deadline (sync_s + sync_s_per_gb * GB; the
+    broadcast's own gloo timeout, timeout_s=5, is longer here)."""
+    StandIn.join, StandIn.receive = True, "hang"
+    bridge = GlooBroadcastBridge(timeout_s=5)
+    bridge.setup(Policy(tiny_model_path), stand_in, VLLMClient(stand_in, "policy"), tmp_path)
+    t0 = time.monotonic()
+    with pytest.raises(VLLMHungError) as err:
+        bridge.push(step=1)
+    assert time.monotonic() - t0 < 5 + 3 + 10
+    assert err.value.call == "POST /collective_rpc" and err.value.key.startswith("server.deadlines.sync_s")
