@@ -8,6 +8,8 @@
 # path or hub id, run with that preset's settings (any bf16 model with tied embeddings).
 # --cpu (or GRPO_SMOKE_CPU=1): the same mode checks on this CPU with the tiny model, tied and bf16.
 #
+# First `model`: the weights load (the GPU machine may be offline: pass a local copy) and are what
+# they should be (dtype bfloat16, tie_word_embeddings True); a FAIL there stops the script.
 # Each mode <m> trains SMOKE_STEPS (2) steps with model.dtype=bfloat16, a sync after each, then
 # scripts/smoke_check.py reads its sync.jsonl:
 #   <m>/run             train.py exited 0 (the bridge verifies every sync; a failed one stops it)
@@ -43,10 +45,12 @@ elif [ -f "conf/model/$PRESET.yaml" ]; then
   GPUS=$(nvidia-smi -L 2>/dev/null | wc -l)
   MODEL=("model=$PRESET")
   HW=hardware=gpu
+  WEIGHTS=$($PY -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['model']['path'])" "conf/model/$PRESET.yaml")
 else
   GPUS=$(nvidia-smi -L 2>/dev/null | wc -l)
   MODEL=(model=qwen2.5-0.5b-instruct "model.path=$PRESET")
   HW=hardware=gpu
+  WEIGHTS=$PRESET
 fi
 RUN=(model.dtype=bfloat16 "train.steps=$STEPS" train.prompts_per_step=2 train.group_size=4 rollout.max_tokens=16
      eval.enabled=false log.wandb.mode=disabled log.progress=false)
@@ -80,6 +84,14 @@ check() {  # name, GPUs needed, command...
 LR=${SMOKE_LR:-1e-4}
 LORA_LR=${SMOKE_LORA_LR:-1e-3}
 echo "smoke: ${MODEL[*]} $HW, $GPUS GPU(s), logs in $OUT"
+if [ "$CPU" != 1 ]; then  # the machine may be offline: a hub id needs its local copy
+  detail=$($PY -c "import sys, torch; from transformers import AutoConfig; c = AutoConfig.from_pretrained(sys.argv[1]); \
+line = f'{sys.argv[1]}: dtype {c.torch_dtype}, tie_word_embeddings {c.tie_word_embeddings}'; \
+sys.exit(line) if c.torch_dtype != torch.bfloat16 or not c.tie_word_embeddings else print(line)" \
+    "$WEIGHTS" 2>&1 | tee "$OUT/model.log" | tail -n 1)
+  verdict model $? "$detail"
+  [ "$failed" = 0 ] || exit 1
+fi
 check cuda_ipc 1 $PY -m pytest -q -m gpu tests/bridges/test_cuda_ipc.py
 mode_check reload 0 1 "$LR" "$HW" mode=reload
 mode_check legacy 0 1 "$LR" "$HW" mode=legacy mode.sync_every=1
