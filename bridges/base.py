@@ -6,6 +6,8 @@ building a run never probes a bridge for what it can do.
 A sync is only done when vLLM provably serves the weights just pushed: the logprobs vLLM gives a
 fixed probe sequence must match the trainer's to `probe_tolerance`. A mismatch retries the push
 once, then stops the run with an error, so a sync never fails silently.
+Its record also says how far vLLM's own probe logprobs moved since the previous verification
+(`extra.served_moved`): a sync that left vLLM serving what it served before shows 0 there.
 
 The tolerance follows the precision vLLM serves unless set (`grpo.precision.Precision.probe_tolerance`).
 """
@@ -101,6 +103,7 @@ class VerifiedBridge(Bridge):
         self.probe_prompt = probe_prompt
         self.probe_completion = probe_completion
         self.probe_tolerance = probe_tolerance  # None: the policy's precision's, at setup
+        self.served_probe: Optional[list[float]] = None  # vLLM's probe logprobs at the last verification (rank 0)
 
     def setup(self, policy: Policy, server: VLLMServer, client: VLLMClient, run_dir: Path) -> None:
         super().setup(policy, server, client, run_dir)
@@ -133,8 +136,10 @@ class VerifiedBridge(Bridge):
         ranks must take the same retry-or-stop branch)."""
         mine = self.policy.probe_logprobs(self.probe_ids)
         distributed.reshard(self.policy.model)  # a no-grad forward: see grpo/distributed.py
-        diff = max(abs(a - b) for a, b in zip(self.client.prompt_logprobs(self.probe_ids), mine)) \
-            if distributed.is_main() else None
+        diff = None
+        if distributed.is_main():
+            self.served_probe = self.client.prompt_logprobs(self.probe_ids)
+            diff = max(abs(a - b) for a, b in zip(self.served_probe, mine))
         return distributed.broadcast_object(diff)
 
     def initial_sync(self, resumed_step: Optional[int]) -> None:
@@ -150,6 +155,7 @@ class VerifiedBridge(Bridge):
             self.sync(0)
 
     def sync(self, step: int) -> SyncStats:
+        before = self.served_probe
         for attempt in (1, 2):
             t0 = time.perf_counter()
             nbytes = self.push(step)
@@ -157,8 +163,10 @@ class VerifiedBridge(Bridge):
             diff = self.probe_diff()
             t2 = time.perf_counter()
             if diff <= self.probe_tolerance:
-                return SyncStats(step, self.mode, (t1 - t0) * 1e3, nbytes, diff, (t2 - t1) * 1e3,
-                                 {"attempts": attempt})
+                extra = {"attempts": attempt}
+                if before is not None and self.served_probe is not None:
+                    extra["served_moved"] = max(abs(a - b) for a, b in zip(self.served_probe, before))
+                return SyncStats(step, self.mode, (t1 - t0) * 1e3, nbytes, diff, (t2 - t1) * 1e3, extra)
         raise WeightSyncError(
             f"{self.mode} sync at step {step}: vLLM at {self.server.base_url} still serves other weights "
             f"after a retry (probe max |dlogprob| = {diff:.3g} > probe_tolerance={self.probe_tolerance})"

@@ -11,8 +11,7 @@ Two mechanisms, one module each, picked by `_target_` (`hardware.broadcast_bridg
 This base holds what both share: where the group meets, the time limit of every collective, the
 number of vLLM workers, joining again after vLLM restarted (its workers left the group), and the
 prefix-cache reset that keeps KV blocks of the old weights from being reused: vLLM does not reset
-it after a weight update, and the probe cannot see stale blocks (prompt-logprob requests skip
-prefix-cache reads).
+it after a weight update (VLLMServer.reset_prefix_cache, as every bridge resets it).
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from bridges.base import VerifiedBridge, WeightSyncError
+from bridges.base import VerifiedBridge
 from grpo import distributed
 from serving.server import free_port
 
@@ -69,9 +68,7 @@ class BroadcastBridge(VerifiedBridge):
         if self.joined_server != self.server_identity():
             self.connect()  # vLLM restarted: its new workers are in no group
         sent = self.send(step, named)
-        if not self.server.post("/reset_prefix_cache").get("success", False):
-            raise WeightSyncError(f"vLLM at {self.server.base_url} could not reset its prefix cache after the "
-                                  f"update at step {step}: cached KV blocks of the old weights would be reused")
+        self.server.reset_prefix_cache()
         return sent
 
     def close(self) -> None:

@@ -1,41 +1,37 @@
-"""mode=legacy: save a full model and restart vLLM on it (Atropos' simplest mode).
+"""mode=legacy: write the full model and restart vLLM on it (Atropos' simplest mode).
 
 Slow (a vLLM start per sync: tens of seconds on CPU), so `mode.sync_every` is usually > 1; it is
-the baseline the other bridges are measured against. The served copies live in
-`<run_dir>/served/step-XXXXXX/`, apart from the resume checkpoints (`checkpoints/`, written by
-grpo/checkpoint.py), so neither side deletes or replaces the other's files; only the copy vLLM
-runs from is kept.
+the baseline the other bridges are measured against. vLLM always serves `<run_dir>/served/`,
+rewritten in place before each restart like the reload bridge's files (only the changed tensors'
+bytes): the model path is part of vLLM's compile-cache key, so one fixed path lets every restart
+reuse the first start's compiled graphs, where a new directory per sync recompiled each time.
+It lives apart from the resume checkpoints (`checkpoints/`, written by grpo/checkpoint.py), so
+neither side deletes or replaces the other's files.
 """
 
 from __future__ import annotations
 
-import shutil
+from pathlib import Path
 
-from bridges.base import VerifiedBridge, dir_bytes
-from bridges.safetensors_mirror import save_gathered
+from bridges.reload import ReloadBridge
 from grpo import distributed
 
 
-class LegacyBridge(VerifiedBridge):
+class LegacyBridge(ReloadBridge):
     mode = "legacy"
 
-    def check_trainer_procs(self, n: int) -> None:
-        """Any number: a sharded model is gathered bucket by bucket, rank 0 saves and restarts."""
+    def weights_dir(self) -> Path:
+        return self.run_dir / "served"
 
     def push(self, step: int) -> int:
-        out = self.run_dir / "served" / f"step-{step:06d}"
-        if distributed.is_sharded(self.policy.model):
-            save_gathered(out if distributed.is_main() else None, self.policy.model.config,
-                          self.served(self.policy.model.state_dict()))
-        elif distributed.is_main():
-            self.policy.model.save_pretrained(out, state_dict=self.served(self.policy.model.state_dict()),
-                                              safe_serialization=True)
-        if not distributed.is_main():
+        """Rank 0 stops vLLM (it must not start from half-written files), writes, restarts; with
+        several trainer processes every rank gathers a sharded model along."""
+        if distributed.is_main():
+            self.server.stop()
+        written = self.write_weights(self.weights_dir())
+        if self.mirror is None:
             return 0
-        self.policy.tokenizer.save_pretrained(out)
-        self.server.restart(model=str(out))
-        # The previous copy is no longer served; keep disk use at one model.
-        for old in out.parent.glob("step-*"):
-            if old != out:
-                shutil.rmtree(old, ignore_errors=True)
-        return dir_bytes(out)
+        if not self.mirror.in_place:
+            self.policy.tokenizer.save_pretrained(self.mirror.out)
+        self.server.restart(model=str(self.mirror.out))
+        return written

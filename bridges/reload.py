@@ -1,11 +1,13 @@
 """mode=reload: save safetensors, then vLLM reloads them in place (no restart).
 
 The safetensors live in /dev/shm when vLLM runs on this machine and are rewritten in place after
-the first save (bridges/safetensors_mirror.py): a sync copies bytes instead of serialising files.
+the first save (bridges/safetensors_mirror.py): a sync copies the changed tensors' bytes instead
+of serialising files, and its `bytes` are those copied (a tied embedding once).
 
 `POST /collective_rpc {"method": "reload_weights", "kwargs": {"weights_path": dir}}` makes every
 vLLM worker re-run its weight loader on the directory; the prefix cache is reset afterwards
-because cached KV blocks were computed by the old weights. On CPU, our worker extension then
+because cached KV blocks were computed by the old weights (a reset vLLM refuses stops the sync:
+VLLMServer.reset_prefix_cache). On CPU, our worker extension then
 re-packs the tied lm_head, which vLLM's reload leaves stale (bridges/vllm_worker.py).
 """
 
@@ -17,7 +19,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from bridges.base import VerifiedBridge, dir_bytes
+from bridges.base import VerifiedBridge
 from bridges.safetensors_mirror import SafetensorsMirror, write_sharded
 from bridges.shared_memory import SHM, owned_dir
 from grpo import distributed
@@ -47,21 +49,24 @@ class ReloadBridge(VerifiedBridge):
     def push(self, step: int) -> int:
         """Rank 0 writes and posts; with several trainer processes every rank takes part in
         gathering a sharded model, the others return 0 bytes."""
-        if self.mirror is None and distributed.is_main():
-            self.mirror = SafetensorsMirror(self.weights_dir())
-        if distributed.is_sharded(self.policy.model):
-            write_sharded(self.mirror, self.policy.base_model.config, self.state_dict())
-        elif self.mirror is not None:
-            self.mirror.write(self.policy.base_model, self.state_dict())
+        written = self.write_weights(self.weights_dir())
         if self.mirror is None:
             return 0
         out = self.mirror.out
-        nbytes = dir_bytes(out)
-        deadline = self.server.deadline("sync_s", nbytes)
+        deadline = self.server.deadline("sync_s", dir_bytes(out))  # vLLM reads the whole checkpoint
         self.server.post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(out)}}, deadline)
         self.server.post("/collective_rpc", {"method": "refresh_cpu_weights"}, deadline)
-        self.server.post("/reset_prefix_cache")
-        return nbytes
+        self.server.reset_prefix_cache()
+        return written
+
+    def write_weights(self, out: Path) -> int:
+        """`state_dict()` into `out` as an HF checkpoint, through rank 0's mirror (every rank
+        gathers a sharded model along); the bytes written on rank 0, 0 on the others."""
+        if self.mirror is None and distributed.is_main():
+            self.mirror = SafetensorsMirror(out)
+        if distributed.is_sharded(self.policy.model):
+            return write_sharded(self.mirror, self.policy.base_model.config, self.state_dict())
+        return self.mirror.write(self.policy.base_model, self.state_dict()) if self.mirror is not None else 0
 
     def close(self) -> None:
         if self.mirror is not None:

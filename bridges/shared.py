@@ -158,12 +158,11 @@ class SharedBridge(VerifiedBridge):
                 torch.cuda.synchronize(self.policy.device)  # vLLM reads on its own stream
         finally:
             t2 = time.perf_counter()
-            reset = self.server.post("/reset_prefix_cache")
-            self.server.post("/resume")
-            self.pause_ms = (t1 - t0 + time.perf_counter() - t2) * 1e3
-        if not reset.get("success", False):
-            raise SharedWeightsError(f"vLLM at {self.server.base_url} could not reset its prefix cache after the "
-                                     f"step: cached KV blocks of the old weights would be reused")
+            try:
+                self.server.reset_prefix_cache()
+            finally:  # generation resumes either way; a refused reset then stops the run
+                self.server.post("/resume")
+                self.pause_ms = (t1 - t0 + time.perf_counter() - t2) * 1e3
 
     def push(self, step: int) -> int:
         return 0  # the optimizer step already wrote vLLM's tensors

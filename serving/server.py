@@ -95,6 +95,10 @@ class VLLMHungError(VLLMRequestError):
                          f"{then}")
 
 
+class PrefixCacheError(VLLMRequestError):
+    """vLLM kept its prefix cache after a weight change: KV blocks of the old weights would be reused."""
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -276,6 +280,22 @@ class VLLMServer:
         if "json" in resp.headers.get("content-type", ""):
             return resp.json()
         return resp.text or None  # e.g. /v1/load_lora_adapter answers in plain text
+
+    def reset_prefix_cache(self, attempts: int = 5, wait_s: float = 0.2) -> None:
+        """Drop every cached KV block: after a weight change they hold the old weights' keys and
+        values, and a prefix hit would serve them (the probe cannot see it: prompt-logprob
+        requests skip prefix-cache reads). vLLM refuses (`{"success": false}`) while blocks are
+        held, e.g. by a running request; it is asked `attempts` times, `wait_s` apart, then
+        PrefixCacheError. Every bridge's reset goes through here."""
+        for attempt in range(attempts):
+            reply = self.post("/reset_prefix_cache")
+            if isinstance(reply, dict) and reply.get("success") is True:
+                return
+            if attempt + 1 < attempts:
+                time.sleep(wait_s)
+        raise PrefixCacheError(f"vLLM at {self.base_url} refused to reset its prefix cache {attempts} times "
+                               f"(last reply: {reply!r}; blocks still held, e.g. by running requests): cached KV "
+                               f"blocks of the old weights would be reused")
 
     def get(self, path: str, deadline: Optional[Deadline] = None) -> Any:
         return self._request("GET", path, None, deadline).json()

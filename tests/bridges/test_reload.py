@@ -46,6 +46,6 @@ def test_legacy_bridge_restarts_on_checkpoint(tiny_model_path, tmp_path):
         first_url = server.base_url
         stats = check_bridge(LegacyBridge(probe_tolerance=TOL), Policy(tiny_model_path), server, tmp_path)
         assert stats.mode == "legacy"
-        assert server.model.endswith("step-000001") and server.base_url != first_url
+        assert server.model == str(tmp_path / "served") and server.base_url != first_url
     finally:
         server.stop()

@@ -5,6 +5,10 @@ what only the GPU path or another vLLM version could break: the requests our bri
 the extension's methods through vLLM's real `/collective_rpc` route with arguments they accept,
 the worker and model-runner methods the extension calls exist with the arguments it passes, and
 the routes the broadcast base reads answer with the keys it reads.
+
+On GPU vLLM 0.32 runs Model Runner V2 (`vllm/v1/worker/gpu/model_runner.py`) unless a feature it
+lacks is asked for; on CPU, whose Triton has no backend, the V1 runner the CPU tests exercise. So
+the extension's calls are pinned on both runners, V2 first.
 """
 
 from __future__ import annotations
@@ -14,9 +18,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import vllm.config.vllm as vllm_config_module
+from vllm.config import VllmConfig
 from vllm.config.parallel import ParallelConfig
 from vllm.distributed.weight_transfer import nccl_common
 from vllm.v1.worker.cpu_worker import CPUWorker
+from vllm.v1.worker.gpu.model_runner import GPUModelRunner as GPUModelRunnerV2
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.gpu_worker import Worker
 from vllm.v1.worker.worker_base import WorkerBase
@@ -59,14 +66,38 @@ def test_what_the_broadcast_base_reads_from_vllms_routes(routes):
         [{"device": "cuda:1", "device_uuid": "GPU-b", "pid": 7}, "not a dict"]
 
 
+def test_vllm_on_a_gpu_runs_model_runner_v2(monkeypatch):
+    """vLLM's own choice, run with what a CUDA install has: Triton, no VLLM_USE_V2_MODEL_RUNNER,
+    none of the features V2 lacks (speculative methods, DBO ...), none that force it."""
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    monkeypatch.setattr(vllm_config_module, "HAS_TRITON", True)
+    gpu = SimpleNamespace(attention_config=SimpleNamespace(hisparse_config=None), watermark_config=None,
+                          _get_v2_model_runner_unsupported_features=lambda: [])
+    assert VllmConfig.use_v2_model_runner.fget(gpu) is True
+    monkeypatch.setattr(vllm_config_module, "HAS_TRITON", False)  # this CPU's case
+    assert VllmConfig.use_v2_model_runner.fget(gpu) is False
+    # ... and the GPU worker then builds V2's runner, which every call below reaches.
+    source = inspect.getsource(Worker._make_model_runner)
+    assert "if self.use_v2_model_runner:" in source and "from vllm.v1.worker.gpu.model_runner import" in source
+
+
+@pytest.mark.parametrize("runner", [GPUModelRunnerV2, GPUModelRunner], ids=["v2-gpu-default", "v1-cpu"])
+def test_runner_methods_the_bridges_reach(runner):
+    # reload: POST /collective_rpc reload_weights {weights_path}; gloo: receive_weights streams
+    # into reload_weights; both through the worker, which forwards to its runner.
+    assert "self.model_runner.reload_weights(*args, **kwargs)" in inspect.getsource(Worker.reload_weights)
+    binds(runner.reload_weights, {"weights_path": "/dev/shm/x"})
+    binds(runner.reload_weights, {"weights_iterator": iter(()), "is_checkpoint_format": True})
+    # mode=shared exports `model_runner.model`'s parameters; the NCCL engine's finish resets LoRA.
+    assert "self.model = " in inspect.getsource(runner.load_model)
+    assert callable(runner.get_model) and callable(runner.reset_lora_state)
+
+
 def test_worker_methods_the_extension_calls():
     assert issubclass(CPUWorker, Worker)  # so the CPU tests run the GPU worker's methods
     # served_dtype reads the resolved --dtype where every worker (GPU and CPU) keeps it.
     assert issubclass(Worker, WorkerBase)
     assert "self.model_config = vllm_config.model_config" in inspect.getsource(WorkerBase.__init__)
-    # receive_weights streams into reload_weights, which the GPU worker forwards to its runner.
-    assert "self.model_runner.reload_weights(*args, **kwargs)" in inspect.getsource(Worker.reload_weights)
-    inspect.signature(GPUModelRunner.reload_weights).bind(None, weights_iterator=iter(()), is_checkpoint_format=True)
     # The weight-transfer routes end in these worker methods (present on every vLLM worker).
     for name in ("init_weight_transfer_engine", "start_weight_update", "update_weights", "finish_weight_update",
                  "shutdown_weight_transfer_engine"):
