@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from bridges.base import VerifiedBridge
+from bridges.base import VerifiedBridge, dir_bytes
 from bridges.safetensors_mirror import SafetensorsMirror, write_sharded
 from bridges.shared_memory import SHM, owned_dir
 from grpo import distributed
