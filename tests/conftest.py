@@ -7,9 +7,13 @@ the served weights at start, so tests stay independent of each other's weight ch
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
+from http.server import ThreadingHTTPServer
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -77,6 +81,21 @@ def attach(vllm_server: VLLMServer, tiny_model_path) -> str:
     (a LoRA run needs the base under its adapter; an earlier full-weight run changed it)."""
     restore_pristine(vllm_server, tiny_model_path)
     return f"server.base_url={vllm_server.base_url}"
+
+
+@contextlib.contextmanager
+def loopback_http(handler) -> Iterator[str]:
+    """A real HTTP server answering with `handler` (a BaseHTTPRequestHandler whose class attribute
+    `release`, a threading.Event, unblocks requests it holds) on loopback; yields its URL."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    handler.release.clear()
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_port}"
+    finally:
+        handler.release.set()
+        httpd.shutdown()
 
 
 def run_precision(run_dir) -> Precision:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -26,7 +26,7 @@ from serving.server import VLLMHungError, VLLMRequestError, VLLMServer
 from grpo.policy import Policy
 from serving.client import VLLMClient
 from conftest import PROBE_TOL as TOL
-from conftest import make_cfg, perturb, restore_pristine
+from conftest import loopback_http, make_cfg, perturb, restore_pristine
 
 
 def test_buckets_group_by_dtype_and_size():
@@ -133,14 +133,9 @@ class StandIn(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def stand_in():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), StandIn)
-    httpd.daemon_threads = True
-    StandIn.release.clear()
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield VLLMServer("stand-in", args=[], env={}, log_path=Path("/dev/null"),
-                     base_url=f"http://127.0.0.1:{httpd.server_port}", deadlines=DeadlinesConfig(sync_s=3.0))
-    StandIn.release.set()
-    httpd.shutdown()
+    with loopback_http(StandIn) as url:
+        yield VLLMServer("stand-in", args=[], env={}, log_path=Path("/dev/null"), base_url=url,
+                         deadlines=DeadlinesConfig(sync_s=3.0))
 
 
 def test_group_that_cannot_form_names_host_and_port(stand_in, tiny_model_path, tmp_path):

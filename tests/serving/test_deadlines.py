@@ -8,12 +8,12 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from bridges.reload import ReloadBridge
-from conftest import make_cfg
+from conftest import loopback_http, make_cfg
 from envs.synthetic import DigitsEnv
 from grpo.config import DeadlinesConfig, validate
 from grpo.evaluate import Evaluator
@@ -45,14 +45,8 @@ class Silent(BaseHTTPRequestHandler):
 @pytest.fixture
 def silent():
     """An attached VLLMServer whose URL never answers."""
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Silent)
-    httpd.daemon_threads = True
-    Silent.release.clear()
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield VLLMServer("m", args=[], env={}, log_path=None, base_url=f"http://127.0.0.1:{httpd.server_port}",
-                     deadlines=DEADLINES)
-    Silent.release.set()
-    httpd.shutdown()
+    with loopback_http(Silent) as url:
+        yield VLLMServer("m", args=[], env={}, log_path=None, base_url=url, deadlines=DEADLINES)
 
 
 def hung(fn, seconds: float) -> VLLMHungError:
