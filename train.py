@@ -170,18 +170,21 @@ def optimize(run: Run, batch: Batch, step: int) -> dict:
     for _ in range(passes):
         run.optimizer.zero_grad(set_to_none=True)
         for micro in batch.micro_batches(size):
-            logp, entropy = policy.logprobs_and_entropy(micro)  # entropy [b, C]: no grad, same logits
+            # entropy [b, C] from the same logits; with a gradient only if the loss trains on it
+            logp, entropy = policy.logprobs_and_entropy(micro, grad=loss.needs_entropy_grad)
             # Mean policy entropy over the sampled tokens: a collapsing policy shows here first.
             mask = micro.completion_mask.to(logp.device)
-            totals["entropy"] += (entropy * mask).sum().item() / max(num_items.item(), 1.0) / passes
+            totals["entropy"] += (entropy.detach() * mask).sum().item() / max(num_items.item(), 1.0) / passes
             old_logp = micro.old_logp if micro.old_logp is not None else logp.detach()
             out = loss(logp, old_logp, micro.sampling_logp.to(logp.device), micro.ref_logp,
-                       micro.advantages.to(logp.device), mask, num_items_in_batch=num_items)
+                       micro.advantages.to(logp.device), mask, num_items_in_batch=num_items, entropy=entropy,
+                       batch_rows=rows)
             (out.loss * loss.micro_weight(micro.size, rows)).backward()
             for k, v in {"loss": out.loss.item(), **out.metrics}.items():
                 totals[k] = totals.get(k, 0.0) + v * micro.size / rows / passes
         distributed.sum_replicated_grads(policy.trainable_parameters())  # LoRA's; FSDP sums its own
         grad_norm = distributed.clip_grad_norm(policy.trainable_parameters(), run.cfg.train.max_grad_norm)
+        loss.after_update(distributed.sum_over_ranks)  # e.g. the adaptive entropy coefficient moves
         if not torch.isfinite(grad_norm):
             # A NaN/inf gradient would poison the weights for good: drop this update, keep the run.
             skipped += 1

@@ -159,13 +159,35 @@ class RolloutConfig:
 
 @dataclass
 class LossConfig:
-    """grpo.loss.GRPOLoss's options; its constructor checks them (valid names, ranges) at start."""
+    """grpo.loss.GRPOLoss's options (TRL 1.16's GRPOConfig names); its constructor checks them
+    (valid names, ranges, which objective allows which option) at start, by key."""
 
     _target_: str = "grpo.loss.GRPOLoss"
-    loss_type: str = "grpo"  # grpo | bnpo | dr_grpo | dapo (grpo/loss.py registry)
+    # A preset of objective + aggregation (grpo/loss.py LOSS_TYPES): grpo | bnpo | dr_grpo | dapo |
+    # cispo | sapo | luspo | vespo; conf/loss/<name>.yaml holds each one's recommended options.
+    loss_type: str = "grpo"
+    objective: Optional[str] = None  # clip | cispo | sapo | vespo (grpo/objectives.py); None: the preset's
+    aggregation: Optional[str] = None  # grpo | bnpo | dr_grpo | dapo | luspo; None: the preset's
     epsilon_low: float = 0.2  # >= 0
-    epsilon_high: float = 0.2  # >= 0
+    epsilon_high: float = 0.2  # >= 0; cispo: the ratio cap (eps_max, >= 1)
+    delta: Optional[float] = None  # > 1 + epsilon_high: two-sided clipping (INTELLECT-2)
+    importance_sampling_level: str = "token"  # token | sequence (GSPO): pi_theta / pi_old per token or sequence
+    off_policy_mask_threshold: Optional[float] = None  # >= 0: drop A<0 sequences this far off-policy
+    top_entropy_quantile: float = 1.0  # in (0, 1]: train only this top fraction of tokens by entropy
+    sapo_temperature_pos: float = 1.0  # > 0
+    sapo_temperature_neg: float = 1.05  # > 0
+    vespo_k_pos: float = 2.0  # >= 0
+    vespo_lambda_pos: float = 3.0  # > 0
+    vespo_k_neg: float = 3.0  # >= 0
+    vespo_lambda_neg: float = 2.0  # > 0
+    entropy_coef: float = 0.0  # entropy bonus weight (the initial one when adaptive)
+    use_adaptive_entropy: bool = False
+    entropy_coef_min: float = 0.0
+    entropy_coef_max: float = 1.0
+    entropy_coef_delta: float = 0.005
+    entropy_target: float = 0.2
     beta: float = 0.0  # >= 0, k3 KL weight; 0 loads no reference model
+    use_bias_correction_kl: bool = False  # KL times the ratio (TRL's default is True)
     is_level: str = "token"  # token | sequence | none: vLLM/trainer mismatch correction
     is_mode: str = "truncate"  # truncate | mask
     is_cap: float = 2.0  # >= 1
