@@ -29,7 +29,7 @@ from envs.base import Env
 from grpo import checkpoint, distributed, final
 from grpo.cores import pinned_trainer
 from grpo.async_rollout import InlineRollouts, RolloutPipeline, Rollouts, Schedule, check_mode
-from grpo.advantages import group_advantages
+from grpo.advantages import check_estimator, estimate_advantages
 from grpo.batch import Batch, Rollout, build_batch
 from grpo.config import register_configs, validate
 from grpo.evaluate import Evaluator
@@ -73,6 +73,7 @@ def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
     """Build every part; each one that holds a resource (vLLM, worker pools, files) is registered
     with `cleanup` as soon as it exists, so a failure half-way through leaves nothing running."""
     validate(cfg)  # every range and choice, by its key, before anything starts
+    check_estimator(cfg.advantage.estimator, cfg.advantage.scale_rewards)  # e.g. reinforce_pp has no group std
     check_mode(cfg.mode.name, cfg.train.max_staleness)  # shared/legacy cannot keep weights fixed during a request
     loss = instantiate(cfg.loss, max_completion_length=cfg.rollout.max_tokens)  # checks its options
     torch.manual_seed(cfg.train.seed)
@@ -237,7 +238,8 @@ def produce(run: Run, step: int) -> tuple[Rollout, dict]:
 
 def learn(run: Run, rollout: Rollout, step: int) -> tuple[Batch, dict]:
     """Advantages from the scored rollout, then the GRPO update: the step's train phase."""
-    advantages = group_advantages(rollout.rewards, run.cfg.advantage.scale_rewards)  # [P, G]
+    advantages = estimate_advantages(rollout.rewards, run.cfg.advantage.estimator,
+                                     run.cfg.advantage.scale_rewards)  # [P, G]
     batch = build_batch(rollout, advantages, run.policy.pad_id)
     return batch, optimize(run, batch, step)
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from grpo.advantages import SCALES
+from grpo.advantages import ESTIMATORS, SCALES
 from grpo.cores import MACHINE_CPUS
 from grpo.schedule import DECAYS
 from grpo.tiny_model import TinySpec
@@ -195,7 +195,11 @@ class LossConfig:
 
 @dataclass
 class AdvantageConfig:
-    # group | batch | none (Dr. GRPO): what the group-centred rewards are divided by
+    """grpo/advantages.py; the pair is checked at start (reinforce_pp has no group std)."""
+
+    # group (GRPO) | rloo (leave-one-out) | reinforce_pp (batch baseline): what is subtracted
+    estimator: str = field(default="group", metadata=one_of(ESTIMATORS))
+    # group | batch | none (Dr. GRPO): what the centred rewards are divided by
     scale_rewards: str = field(default="group", metadata=one_of(SCALES))
 
 
