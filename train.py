@@ -14,7 +14,7 @@ import math
 import random
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 
 from bridges.base import Bridge
 from envs.base import Env
+from envs.overlong import OverlongPenalty
 from grpo import checkpoint, distributed, final
 from grpo.cores import pinned_trainer
 from grpo.async_rollout import InlineRollouts, RolloutPipeline, Rollouts, Schedule, check_mode
@@ -63,6 +64,7 @@ class Run:
     guard: Optional[RestartGuard] = None  # restarts our vLLM if it dies; set by build()
     evaluator: Optional[Evaluator] = None  # held-out eval (eval.enabled); set by build()
     rollouts: Optional[Rollouts] = None  # the producer thread (train.max_staleness > 0, rank 0); else inline
+    overlong: OverlongPenalty = field(default_factory=OverlongPenalty)  # `overlong:` shaping (weight 0: none)
 
     def __post_init__(self):
         if self.rollouts is None:  # k = 0: each step's rollout is generated when train_step asks
@@ -82,6 +84,8 @@ def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
     cleanup.enter_context(pinned_trainer(cfg.hardware.trainer_cpus, cfg.hardware.torch_threads))
     env = instantiate(cfg.env)  # a missing data file fails here, before vLLM starts
     cleanup.callback(env.close)
+    overlong = instantiate(cfg.overlong, default_length=cfg.rollout.max_tokens)  # checks its keys
+    overlong.weights(env.reward_weights)  # a clash with the env's component names fails now
     # Its held-out prompts are read now: a missing split or eval.n < eval.k fails before vLLM starts.
     evaluator = Evaluator.from_config(cfg, env) if cfg.eval.enabled and distributed.is_main() else None  # rank 0 asks vLLM
     procs = distributed.world_size()  # torchrun's trainer processes (grpo/distributed.py)
@@ -112,7 +116,8 @@ def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
     bridge.initial_sync(checkpoint.saved_step(ckpt) if ckpt else None)
     optimizer = instantiate(cfg.optimizer, policy.trainable_parameters())
     scheduler = instantiate(cfg.scheduler, optimizer, total_steps=cfg.train.steps)
-    run = Run(cfg, run_dir, env, policy, server, client, bridge, loss, optimizer, scheduler, None, evaluator=evaluator)
+    run = Run(cfg, run_dir, env, policy, server, client, bridge, loss, optimizer, scheduler, None, evaluator=evaluator,
+              overlong=overlong)
     run.guard = Unguarded() if procs > 1 else \
         RestartGuard(server, path, resync=bridge.sync,
                      on_restart=lambda step, **info: run.logger.event(step, "vllm_restart", **info))
@@ -223,7 +228,8 @@ def sync_weights(run: Run, step: int) -> dict:
 
 def score(run: Run, rollout: Rollout) -> None:
     """The env's reward components and their weighted sum, each [P, G]; one it could not give is NaN, never 0."""
-    rollout.set_scores(run.env.score(rollout.prompts, rollout.texts), run.env.reward_weights)
+    scores = run.overlong.add(run.env.score(rollout.prompts, rollout.texts), rollout.groups)
+    rollout.set_scores(scores, run.overlong.weights(run.env.reward_weights))
 
 
 def produce(run: Run, step: int) -> tuple[Rollout, dict]:

@@ -204,6 +204,16 @@ class AdvantageConfig:
 
 
 @dataclass
+class OverlongConfig:
+    """DAPO's overlong reward shaping, envs/overlong.py: the `overlong` component of the reward."""
+
+    _target_: str = "envs.overlong.OverlongPenalty"
+    weight: float = field(default=0.0, metadata=at_least(0))  # 0: no such component
+    max_length: Optional[int] = field(default=None, metadata=at_least(1))  # L_max; None: rollout.max_tokens
+    cache: int = field(default=4, metadata=at_least(1))  # L_cache: the soft-penalty zone before L_max
+
+
+@dataclass
 class OptimizerConfig:
     _target_: str = "torch.optim.AdamW"
     lr: float = field(default=2e-4, metadata=above(0))
@@ -280,6 +290,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    overlong: OverlongConfig = field(default_factory=OverlongConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
