@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 from bridges.base import Bridge
 from envs.base import Env
 from envs.overlong import OverlongPenalty
-from grpo import checkpoint, distributed, final
+from grpo import checkpoint, distributed, dynamic_sampling, final
 from grpo.cores import pinned_trainer
 from grpo.async_rollout import InlineRollouts, RolloutPipeline, Rollouts, Schedule, check_mode
 from grpo.advantages import check_estimator, estimate_advantages
@@ -76,6 +76,7 @@ def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
     with `cleanup` as soon as it exists, so a failure half-way through leaves nothing running."""
     validate(cfg)  # every range and choice, by its key, before anything starts
     check_estimator(cfg.advantage.estimator, cfg.advantage.scale_rewards)  # e.g. reinforce_pp has no group std
+    dynamic_sampling.check(cfg.train)  # every sampling round's seeds fit in its step's
     check_mode(cfg.mode.name, cfg.train.max_staleness)  # shared/legacy cannot keep weights fixed during a request
     loss = instantiate(cfg.loss, max_completion_length=cfg.rollout.max_tokens)  # checks its options
     torch.manual_seed(cfg.train.seed)
@@ -206,13 +207,14 @@ def optimize(run: Run, batch: Batch, step: int) -> dict:
     return {**totals, "grad_norm": float(grad_norm), "skipped_updates": skipped, "lr": lr}
 
 
-def generate(run: Run, step: int) -> Rollout:
-    """The step's prompts and vLLM's `group_size` completions of each (seeded by the step)."""
+def generate(run: Run, step: int, round_: int = 0) -> Rollout:
+    """The step's prompts and vLLM's `group_size` completions of each (seeded by the step, and
+    the sampling round: dynamic sampling draws more than one)."""
     cfg = run.cfg
     prompts = run.env.sample(cfg.train.prompts_per_step)
     prompt_ids = [run.policy.encode_chat(p.messages) for p in prompts]
-    groups = run.guard.call(step, lambda: run.client.generate(prompt_ids, n=cfg.train.group_size,
-                                                              seed=rollout_seed(cfg, step)))
+    seed = rollout_seed(cfg, step) + round_ * cfg.train.prompts_per_step * cfg.train.group_size
+    groups = run.guard.call(step, lambda: run.client.generate(prompt_ids, n=cfg.train.group_size, seed=seed))
     return Rollout(prompts, prompt_ids, groups)
 
 
@@ -235,10 +237,16 @@ def score(run: Run, rollout: Rollout) -> None:
 def produce(run: Run, step: int) -> tuple[Rollout, dict]:
     """Steps 1-2 of a step (rank 0): its rollout, generated and scored, and the phases' seconds."""
     timer = PhaseTimer()
-    with timer("time_generate"):  # 1. vLLM samples group_size completions per prompt
-        rollout = generate(run, step)
-    with timer("time_score"):  # 2. rewards [P, G]; one the env could not give is NaN, never 0
-        score(run, rollout)
+
+    def draw(round_: int) -> Rollout:
+        with timer("time_generate"):  # 1. vLLM samples group_size completions per prompt
+            rollout = generate(run, step, round_)
+        with timer("time_score"):  # 2. rewards [P, G]; one the env could not give is NaN, never 0
+            score(run, rollout)
+        return rollout
+
+    # One round, or with train.dynamic_sampling as many as it takes to fill the step with untied groups
+    rollout = dynamic_sampling.sample_groups(draw, run.cfg.train, distributed.world_size())
     return rollout, timer.seconds
 
 
@@ -272,6 +280,7 @@ def train_step(run: Run, step: int) -> dict:
     return {
         **rollout.reward_metrics(),
         **rollout.completion_metrics(),
+        **rollout.sampling,
         "tokens_per_s": generated / max(timer.seconds["time_generate"], 1e-9),
         **loss_metrics,
         **sync,

@@ -248,6 +248,10 @@ class TrainConfig:
     # Asynchronous GRPO (grpo/async_rollout.py): rollouts of the next k steps are generated while
     # the trainer trains, on weights at most k versions old. 0: the synchronous loop.
     max_staleness: int = field(default=0, metadata=at_least(0))
+    # DAPO's dynamic sampling (grpo/dynamic_sampling.py): drop groups whose rewards all tie and
+    # sample more prompts, at most max_sampling_rounds rounds of prompts_per_step each.
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = field(default=4, metadata=at_least(1))
 
 
 @dataclass
