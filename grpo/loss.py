@@ -251,7 +251,7 @@ class GRPOLoss:
         self.entropy_bonus = EntropyBonus(entropy_coef, use_adaptive_entropy, entropy_coef_min, entropy_coef_max,
                                           entropy_coef_delta, entropy_target)
         self.kind = AGGREGATIONS[aggregation]
-        self.beta, self.eps = beta, (epsilon_low, epsilon_high)
+        self.beta = beta
         self.is_options = (is_level, is_mode, is_cap)
         self.ratio_level, self.bias_correction_kl = RATIO_LEVELS[importance_sampling_level], use_bias_correction_kl
         self.off_policy_threshold, self.entropy_quantile = off_policy_mask_threshold, top_entropy_quantile
@@ -303,13 +303,13 @@ class GRPOLoss:
         weights = importance_weights(old_logp, sampling_logp, mask, *self.is_options)
         raw = importance_weights(old_logp, sampling_logp, mask, *self.is_options[:2], torch.inf)  # before the cap
         per_token, objective_metrics = self.objective(ratio, logp, log_ratio, adv, mask, weights)
-        keep, high = torch.ones_like(mask[:, :1]), mask  # sequences kept [B, 1], tokens trained [B, T]
+        keep, top = torch.ones_like(mask[:, :1]), mask  # sequences kept [B, 1], high-entropy tokens [B, T]
         if self.off_policy_threshold is not None:
             keep = off_policy_mask(adv, logp, sampling_logp, mask, self.off_policy_threshold)
             per_token = per_token * keep
         if self.entropy_quantile < 1:
-            high = high_entropy_mask(entropy, mask, self.entropy_quantile)
-            per_token = per_token * high
+            top = high_entropy_mask(entropy, mask, self.entropy_quantile)
+            per_token = per_token * top
         kl = None if ref_logp is None else kl_k3(logp, ref_logp)
         if self.beta > 0:
             per_token = per_token + self.beta * (kl * ratio if self.bias_correction_kl else kl)
@@ -317,9 +317,13 @@ class GRPOLoss:
                                    num_items_in_batch=num_items_in_batch)
         if self.entropy_bonus.enabled:  # a token mean weighted by rows, whatever the aggregation
             rows, total = logp.shape[0], batch_rows or logp.shape[0]
-            loss = loss + self.entropy_bonus(entropy, high) * by_rows(rows, total) / self.micro_weight(rows, total)
+            loss = loss + self.entropy_bonus(entropy, top) * by_rows(rows, total) / self.micro_weight(rows, total)
+        low, high = (ratio < self.objective.bounds[0]) & (adv < 0), (ratio > self.objective.bounds[1]) & (adv > 0)
         metrics = {
             **objective_metrics,
+            "clip_frac": masked_mean((low | high).to(mask.dtype), mask),  # clipped region (TRL's region_mean)
+            "clip_frac_low": masked_mean(low.to(mask.dtype), mask),
+            "clip_frac_high": masked_mean(high.to(mask.dtype), mask),
             "kl": 0.0 if kl is None else masked_mean(kl, mask),
             "is_weight_mean": masked_mean(weights, mask),
             # Largest uncapped weight of this micro-batch (optimize averages it over micro-batches).
@@ -330,7 +334,7 @@ class GRPOLoss:
             "ratio_min": _masked_extreme(ratio, mask, torch.min, math.inf),
             "ratio_max": _masked_extreme(ratio, mask, torch.max, -math.inf),
             "off_policy_masked_frac": 1.0 - masked_mean(keep, mask),  # tokens of sequences off_policy_mask drops
-            "entropy_masked_frac": 1.0 - masked_mean(high, mask),  # tokens below the top_entropy_quantile
+            "entropy_masked_frac": 1.0 - masked_mean(top, mask),  # tokens below the top_entropy_quantile
             "entropy_coef": self.entropy_bonus.coef,
         }
         return LossOutput(loss, metrics)

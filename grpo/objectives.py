@@ -35,6 +35,9 @@ def require(key: str, value, ok: bool, need: str) -> None:
 
 class Objective(Protocol):
     sequence_level: Optional[bool]  # True: needs sequence-level ratios, False: token-level, None: either
+    # Ratios below the first (A < 0) or above the second (A > 0) count as clipped in the metrics:
+    # the hard clip's bounds, or the trust region [1 - eps_low, 1 + eps_high] a soft objective replaces.
+    bounds: tuple[float, float]
 
     def __call__(self, ratio: Tensor, logp: Tensor, log_ratio: Tensor, adv: Tensor, mask: Tensor,
                  is_weights: Tensor) -> tuple[Tensor, dict[str, float]]: ...
@@ -65,16 +68,12 @@ class ClippedSurrogate:
     def __init__(self, epsilon_low: float = 0.2, epsilon_high: float = 0.2, delta: Optional[float] = None, **_):
         require("delta", delta, delta is None or delta > 1 + epsilon_high,
                 f"must be > 1 + epsilon_high = {1 + epsilon_high} (or null), or it clips inside the trust region")
-        self.low, self.high, self.delta = 1.0 - epsilon_low, 1.0 + epsilon_high, delta
+        self.bounds, self.delta = (1.0 - epsilon_low, 1.0 + epsilon_high), delta
 
     def __call__(self, ratio, logp, log_ratio, adv, mask, is_weights):
-        clipped = ratio.clamp(self.low, self.high)
+        clipped = ratio.clamp(*self.bounds)
         capped = ratio if self.delta is None else ratio.clamp(max=self.delta)
-        per_token = -torch.min(capped * adv, clipped * adv) * is_weights
-        low, high = (ratio < self.low) & (adv < 0), (ratio > self.high) & (adv > 0)
-        return per_token, {"clip_frac": masked_mean((low | high).to(mask.dtype), mask),
-                           "clip_frac_low": masked_mean(low.to(mask.dtype), mask),
-                           "clip_frac_high": masked_mean(high.to(mask.dtype), mask)}
+        return -torch.min(capped * adv, clipped * adv) * is_weights, {}
 
 
 @register_objective("cispo")
@@ -88,12 +87,10 @@ class CISPO:
         require("epsilon_high", epsilon_high, epsilon_high >= 1,
                 "cispo caps the ratio itself at epsilon_high (ScaleRL's eps_max, e.g. 5.0): below 1 it "
                 "would cut on-policy tokens")
-        self.cap = epsilon_high
+        self.cap, self.bounds = epsilon_high, (0.0, epsilon_high)  # TRL's cispo_clip_ratio: r > cap, A > 0
 
     def __call__(self, ratio, logp, log_ratio, adv, mask, is_weights):
-        capped = ratio.clamp(max=self.cap).detach()
-        high = (ratio > self.cap) & (adv > 0)
-        return -capped * adv * logp * is_weights, {"clip_frac": masked_mean(high.to(mask.dtype), mask)}
+        return -ratio.clamp(max=self.cap).detach() * adv * logp * is_weights, {}
 
 
 @register_objective("sapo")
@@ -103,7 +100,9 @@ class SAPO:
 
     sequence_level = None
 
-    def __init__(self, sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05, **_):
+    def __init__(self, sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05,
+                 epsilon_low: float = 0.2, epsilon_high: float = 0.2, **_):
+        self.bounds = (1.0 - epsilon_low, 1.0 + epsilon_high)
         for key, value in (("sapo_temperature_pos", sapo_temperature_pos),
                            ("sapo_temperature_neg", sapo_temperature_neg)):
             require(key, value, value > 0, "must be > 0 (it divides the gate)")
@@ -124,7 +123,8 @@ class VESPO:
     sequence_level = False  # it builds its own sequence ratio from the token ones
 
     def __init__(self, vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0,
-                 vespo_lambda_neg: float = 2.0, **_):
+                 vespo_lambda_neg: float = 2.0, epsilon_low: float = 0.2, epsilon_high: float = 0.2, **_):
+        self.bounds = (1.0 - epsilon_low, 1.0 + epsilon_high)
         for key, value in (("vespo_k_pos", vespo_k_pos), ("vespo_k_neg", vespo_k_neg)):
             require(key, value, value >= 0, "must be >= 0 (the power of w)")
         for key, value in (("vespo_lambda_pos", vespo_lambda_pos), ("vespo_lambda_neg", vespo_lambda_neg)):
