@@ -176,7 +176,9 @@ def off_policy_mask(advantages: Tensor, logp: Tensor, sampling_logp: Tensor, mas
 
 def high_entropy_mask(entropy: Tensor, mask: Tensor, quantile: float) -> Tensor:
     """1 on the real tokens [B, T] whose entropy is at least the (1 - quantile) quantile of this
-    micro-batch's real tokens' entropies (the top `quantile` of them: arXiv 2506.01939), else 0."""
+    micro-batch's real tokens' entropies (the top `quantile` of them: arXiv 2506.01939), else 0.
+    TRL takes the quantile over the micro-batch of every process; with torchrun ours is each
+    process's own share."""
     real = entropy.detach()[mask.bool()]
     if real.numel() == 0:
         return torch.zeros_like(mask)
@@ -331,6 +333,7 @@ class GRPOLoss:
             "is_cut_frac": masked_mean((raw > self.is_options[2]).to(mask.dtype), mask),  # cut/masked by is_cap
             "logprob_gap": masked_mean((old_logp - sampling_logp).abs(), mask),
             "ratio_mean": masked_mean(ratio, mask),
+            # This micro-batch's extremes (optimize averages them over micro-batches, as is_weight_max).
             "ratio_min": _masked_extreme(ratio, mask, torch.min, math.inf),
             "ratio_max": _masked_extreme(ratio, mask, torch.max, -math.inf),
             "off_policy_masked_frac": 1.0 - masked_mean(keep, mask),  # tokens of sequences off_policy_mask drops
