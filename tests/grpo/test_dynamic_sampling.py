@@ -1,4 +1,4 @@
-"""Dynamic sampling's filling rule on scored rollouts (the vLLM runs are tests/test_dynamic_sampling.py)."""
+"""Dynamic sampling's filling rule on scored rollouts (the vLLM runs are tests/test_dynamic_sampling_run.py)."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ class HalfTiedDigits(DigitsEnv):
         return [[{"digits": 0.5} for _ in row] if p.meta["k"] % 2 == 0 else row for p, row in zip(prompts, scores)]
 
 
-RUN = ("env._target_=test_dynamic_sampling.HalfTiedDigits", "train.dynamic_sampling=true",
+RUN = ("env._target_=test_dynamic_sampling_run.HalfTiedDigits", "train.dynamic_sampling=true",
        "train.max_sampling_rounds=4", "log.wandb.mode=disabled", "log.progress=false", "log.samples_every=1",
        "train.prompts_per_step=4", "train.group_size=4", "train.checkpoint_every=2", "rollout.max_tokens=8",
        "eval.enabled=false", "hardware.autocast=null")
