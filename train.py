@@ -14,7 +14,7 @@ import math
 import random
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -26,10 +26,11 @@ from omegaconf import DictConfig
 
 from bridges.base import Bridge
 from envs.base import Env
-from grpo import checkpoint, distributed, final
+from envs.overlong import OverlongPenalty
+from grpo import checkpoint, distributed, dynamic_sampling, final
 from grpo.cores import pinned_trainer
 from grpo.async_rollout import InlineRollouts, RolloutPipeline, Rollouts, Schedule, check_mode
-from grpo.advantages import group_advantages
+from grpo.advantages import check_estimator, estimate_advantages
 from grpo.batch import Batch, Rollout, build_batch
 from grpo.config import register_configs, validate
 from grpo.evaluate import Evaluator
@@ -64,6 +65,7 @@ class Run:
     guard: Optional[RestartGuard] = None  # restarts our vLLM if it dies; set by build()
     evaluator: Optional[Evaluator] = None  # held-out eval (eval.enabled); set by build()
     rollouts: Optional[Rollouts] = None  # the producer thread (train.max_staleness > 0, rank 0); else inline
+    overlong: OverlongPenalty = field(default_factory=OverlongPenalty)  # `overlong:` shaping (weight 0: none)
 
     def __post_init__(self):
         if self.rollouts is None:  # k = 0: each step's rollout is generated when train_step asks
@@ -74,6 +76,8 @@ def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
     """Build every part; each one that holds a resource (vLLM, worker pools, files) is registered
     with `cleanup` as soon as it exists, so a failure half-way through leaves nothing running."""
     validate(cfg)  # every range and choice, by its key, before anything starts
+    check_estimator(cfg.advantage.estimator, cfg.advantage.scale_rewards)  # e.g. reinforce_pp has no group std
+    dynamic_sampling.check(cfg.train)  # every sampling round's seeds fit in its step's
     check_mode(cfg.mode.name, cfg.train.max_staleness)  # shared/legacy cannot keep weights fixed during a request
     loss = instantiate(cfg.loss, max_completion_length=cfg.rollout.max_tokens)  # checks its options
     torch.manual_seed(cfg.train.seed)
@@ -83,6 +87,8 @@ def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
     ckpt = checkpoint.newest_complete(cfg.resume) if cfg.resume else None  # a bad path fails before vLLM starts
     env = instantiate(cfg.env)  # a missing data file fails here, before vLLM starts
     cleanup.callback(env.close)
+    overlong = instantiate(cfg.overlong, default_length=cfg.rollout.max_tokens)  # checks its keys
+    overlong.weights(env.reward_weights)  # a clash with the env's component names fails now
     # Its held-out prompts are read now: a missing split or eval.n < eval.k fails before vLLM starts.
     evaluator = Evaluator.from_config(cfg, env) if cfg.eval.enabled and distributed.is_main() else None  # rank 0 asks vLLM
     procs = distributed.world_size()  # torchrun's trainer processes (grpo/distributed.py)
@@ -115,7 +121,8 @@ def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
     bridge.initial_sync(checkpoint.saved_step(ckpt) if ckpt else None)
     optimizer = instantiate(cfg.optimizer, policy.trainable_parameters())
     scheduler = instantiate(cfg.scheduler, optimizer, total_steps=cfg.train.steps)
-    run = Run(cfg, run_dir, env, policy, server, client, bridge, loss, optimizer, scheduler, None, evaluator=evaluator)
+    run = Run(cfg, run_dir, env, policy, server, client, bridge, loss, optimizer, scheduler, None, evaluator=evaluator,
+              overlong=overlong)
     run.guard = Unguarded() if procs > 1 else \
         RestartGuard(server, path, resync=bridge.sync,
                      on_restart=lambda step, **info: run.logger.event(step, "vllm_restart", **info))
@@ -175,18 +182,21 @@ def optimize(run: Run, batch: Batch, step: int) -> dict:
     for _ in range(passes):
         run.optimizer.zero_grad(set_to_none=True)
         for micro in batch.micro_batches(size):
-            logp, entropy = policy.logprobs_and_entropy(micro)  # entropy [b, C]: no grad, same logits
+            # entropy [b, C] from the same logits; with a gradient only if the loss trains on it
+            logp, entropy = policy.logprobs_and_entropy(micro, grad=loss.needs_entropy_grad)
             # Mean policy entropy over the sampled tokens: a collapsing policy shows here first.
             mask = micro.completion_mask.to(logp.device)
-            totals["entropy"] += (entropy * mask).sum().item() / max(num_items.item(), 1.0) / passes
+            totals["entropy"] += (entropy.detach() * mask).sum().item() / max(num_items.item(), 1.0) / passes
             old_logp = micro.old_logp if micro.old_logp is not None else logp.detach()
             out = loss(logp, old_logp, micro.sampling_logp.to(logp.device), micro.ref_logp,
-                       micro.advantages.to(logp.device), mask, num_items_in_batch=num_items)
+                       micro.advantages.to(logp.device), mask, num_items_in_batch=num_items, entropy=entropy,
+                       batch_rows=rows)
             (out.loss * loss.micro_weight(micro.size, rows)).backward()
             for k, v in {"loss": out.loss.item(), **out.metrics}.items():
                 totals[k] = totals.get(k, 0.0) + v * micro.size / rows / passes
         distributed.sum_replicated_grads(policy.trainable_parameters())  # LoRA's; FSDP sums its own
         grad_norm = distributed.clip_grad_norm(policy.trainable_parameters(), run.cfg.train.max_grad_norm)
+        loss.after_update(distributed.sum_over_ranks)  # e.g. the adaptive entropy coefficient moves
         if not torch.isfinite(grad_norm):
             # A NaN/inf gradient would poison the weights for good: drop this update, keep the run.
             skipped += 1
@@ -202,13 +212,14 @@ def optimize(run: Run, batch: Batch, step: int) -> dict:
     return {**totals, "grad_norm": float(grad_norm), "skipped_updates": skipped, "lr": lr}
 
 
-def generate(run: Run, step: int) -> Rollout:
-    """The step's prompts and vLLM's `group_size` completions of each (seeded by the step)."""
+def generate(run: Run, step: int, round_: int = 0) -> Rollout:
+    """The step's prompts and vLLM's `group_size` completions of each (seeded by the step, and
+    the sampling round: dynamic sampling draws more than one)."""
     cfg = run.cfg
     prompts = run.env.sample(cfg.train.prompts_per_step)
     prompt_ids = [run.policy.encode_chat(p.messages) for p in prompts]
-    groups = run.guard.call(step, lambda: run.client.generate(prompt_ids, n=cfg.train.group_size,
-                                                              seed=rollout_seed(cfg, step)))
+    seed = rollout_seed(cfg, step) + round_ * cfg.train.prompts_per_step * cfg.train.group_size
+    groups = run.guard.call(step, lambda: run.client.generate(prompt_ids, n=cfg.train.group_size, seed=seed))
     return Rollout(prompts, prompt_ids, groups)
 
 
@@ -224,22 +235,30 @@ def sync_weights(run: Run, step: int) -> dict:
 
 def score(run: Run, rollout: Rollout) -> None:
     """The env's reward components and their weighted sum, each [P, G]; one it could not give is NaN, never 0."""
-    rollout.set_scores(run.env.score(rollout.prompts, rollout.texts), run.env.reward_weights)
+    scores = run.overlong.add(run.env.score(rollout.prompts, rollout.texts), rollout.groups)
+    rollout.set_scores(scores, run.overlong.weights(run.env.reward_weights))
 
 
 def produce(run: Run, step: int) -> tuple[Rollout, dict]:
     """Steps 1-2 of a step (rank 0): its rollout, generated and scored, and the phases' seconds."""
     timer = PhaseTimer()
-    with timer("time_generate"):  # 1. vLLM samples group_size completions per prompt
-        rollout = generate(run, step)
-    with timer("time_score"):  # 2. rewards [P, G]; one the env could not give is NaN, never 0
-        score(run, rollout)
+
+    def draw(round_: int) -> Rollout:
+        with timer("time_generate"):  # 1. vLLM samples group_size completions per prompt
+            rollout = generate(run, step, round_)
+        with timer("time_score"):  # 2. rewards [P, G]; one the env could not give is NaN, never 0
+            score(run, rollout)
+        return rollout
+
+    # One round, or with train.dynamic_sampling as many as it takes to fill the step with untied groups
+    rollout = dynamic_sampling.sample_groups(draw, run.cfg.train, distributed.world_size())
     return rollout, timer.seconds
 
 
 def learn(run: Run, rollout: Rollout, step: int) -> tuple[Batch, dict]:
     """Advantages from the scored rollout, then the GRPO update: the step's train phase."""
-    advantages = group_advantages(rollout.rewards, run.cfg.advantage.scale_rewards)  # [P, G]
+    advantages = estimate_advantages(rollout.rewards, run.cfg.advantage.estimator,
+                                     run.cfg.advantage.scale_rewards)  # [P, G]
     batch = build_batch(rollout, advantages, run.policy.pad_id)
     return batch, optimize(run, batch, step)
 
@@ -266,6 +285,7 @@ def train_step(run: Run, step: int) -> dict:
     return {
         **rollout.reward_metrics(),
         **rollout.completion_metrics(),
+        **rollout.sampling,
         "tokens_per_s": generated / max(timer.seconds["time_generate"], 1e-9),
         **loss_metrics,
         **sync,

@@ -26,6 +26,21 @@ class Rollout:
     groups: list[list[Completion]]  # [P][G]: sampled token ids + vLLM's logprob of each
     rewards: Optional[torch.Tensor] = None  # [P, G] float32 once scored; NaN where the env gave none
     components: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [P, G], NaN where not given
+    sampling: dict = field(default_factory=dict)  # how its groups were drawn (dynamic sampling's metrics)
+
+    def select(self, rows: list[int]) -> "Rollout":
+        """These prompts' groups (scores included)."""
+        pick = torch.tensor(rows, dtype=torch.long)
+        return replace(self, prompts=[self.prompts[i] for i in rows], prompt_ids=[self.prompt_ids[i] for i in rows],
+                       groups=[self.groups[i] for i in rows], rewards=self.rewards[pick],
+                       components={name: values[pick] for name, values in self.components.items()})
+
+    @staticmethod
+    def concat(parts: list["Rollout"]) -> "Rollout":
+        """The groups of `parts`, in order, as one scored rollout."""
+        return Rollout(prompts=[p for r in parts for p in r.prompts], prompt_ids=[p for r in parts for p in r.prompt_ids],
+                       groups=[g for r in parts for g in r.groups], rewards=torch.cat([r.rewards for r in parts]),
+                       components={name: torch.cat([r.components[name] for r in parts]) for name in parts[0].components})
 
     @property
     def texts(self) -> list[list[str]]:  # [P][G]
@@ -51,13 +66,19 @@ class Rollout:
         rewards all tie (`tied_group_frac`: advantage 0 for every sample, nothing to learn)."""
         lengths = torch.tensor([len(c.token_ids) for group in self.groups for c in group], dtype=torch.float32)
         truncated = [c.finish_reason == "length" for group in self.groups for c in group]
-        given = ~self.rewards.isnan()
-        high = self.rewards.masked_fill(~given, -torch.inf).amax(dim=1)
-        low = self.rewards.masked_fill(~given, torch.inf).amin(dim=1)
-        tied = (given.sum(dim=1) < 2) | (high == low)  # [P]; one or no reward is no comparison either
+        tied = tied_groups(self.rewards)
         return {"completion_len_min": lengths.min().item(), "completion_len_mean": lengths.mean().item(),
                 "completion_len_max": lengths.max().item(), "truncated_frac": sum(truncated) / len(truncated),
                 "tied_group_frac": tied.float().mean().item()}
+
+
+def tied_groups(rewards: torch.Tensor) -> torch.Tensor:
+    """[P] bool from rewards [P, G]: the groups whose given rewards all tie (advantage 0 for every
+    sample under a group baseline: nothing to learn); one or no reward is no comparison either."""
+    given = ~rewards.isnan()
+    high = rewards.masked_fill(~given, -torch.inf).amax(dim=1)
+    low = rewards.masked_fill(~given, torch.inf).amin(dim=1)
+    return (given.sum(dim=1) < 2) | (high == low)
 
 
 @dataclass

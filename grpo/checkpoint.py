@@ -87,6 +87,7 @@ def _trainer_state(run, step: int) -> dict:
         "python_rng": random.getstate(),
         "env": run.env.state_dict(),
         "vllm_restarts": run.guard.restarts,
+        "loss": run.loss.state_dict(),  # e.g. the adaptive entropy coefficient
         # train.max_staleness > 0: the rollouts generated ahead, not yet trained on (grpo/async_rollout.py)
         "rollouts": run.rollouts.in_flight(),
     }
@@ -192,6 +193,7 @@ def load_trainer_state(run, ckpt: Path) -> int:
     run.scheduler.load_state_dict(state["scheduler"])
     run.env.load_state_dict(state["env"])
     run.guard.restarts = state["vllm_restarts"]
+    run.loss.load_state_dict(state["loss"])
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
     return state["step"]

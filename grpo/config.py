@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from grpo.advantages import SCALES
+from grpo.advantages import ESTIMATORS, SCALES
 from grpo.cores import MACHINE_CPUS
 from grpo.precision import DTYPES
 
@@ -186,13 +186,35 @@ class RolloutConfig:
 
 @dataclass
 class LossConfig:
-    """grpo.loss.GRPOLoss's options; its constructor checks them (valid names, ranges) at start."""
+    """grpo.loss.GRPOLoss's options (TRL 1.16's GRPOConfig names); its constructor checks them
+    (valid names, ranges, which objective allows which option) at start, by key."""
 
     _target_: str = "grpo.loss.GRPOLoss"
-    loss_type: str = "grpo"  # grpo | bnpo | dr_grpo | dapo (grpo/loss.py registry)
+    # A preset of objective + aggregation (grpo/loss.py LOSS_TYPES): grpo | bnpo | dr_grpo | dapo |
+    # cispo | sapo | luspo | vespo; conf/loss/<name>.yaml holds each one's recommended options.
+    loss_type: str = "grpo"
+    objective: Optional[str] = None  # clip | cispo | sapo | vespo (grpo/objectives.py); None: the preset's
+    aggregation: Optional[str] = None  # grpo | bnpo | dr_grpo | dapo | luspo; None: the preset's
     epsilon_low: float = 0.2  # >= 0
-    epsilon_high: float = 0.2  # >= 0
+    epsilon_high: float = 0.2  # >= 0; cispo: the ratio cap (eps_max, >= 1)
+    delta: Optional[float] = None  # > 1 + epsilon_high: two-sided clipping (INTELLECT-2)
+    importance_sampling_level: str = "token"  # token | sequence (GSPO): pi_theta / pi_old per token or sequence
+    off_policy_mask_threshold: Optional[float] = None  # >= 0: drop A<0 sequences this far off-policy
+    top_entropy_quantile: float = 1.0  # in (0, 1]: train only this top fraction of tokens by entropy
+    sapo_temperature_pos: float = 1.0  # > 0
+    sapo_temperature_neg: float = 1.05  # > 0
+    vespo_k_pos: float = 2.0  # >= 0
+    vespo_lambda_pos: float = 3.0  # > 0
+    vespo_k_neg: float = 3.0  # >= 0
+    vespo_lambda_neg: float = 2.0  # > 0
+    entropy_coef: float = 0.0  # entropy bonus weight (the initial one when adaptive)
+    use_adaptive_entropy: bool = False
+    entropy_coef_min: float = 0.0
+    entropy_coef_max: float = 1.0
+    entropy_coef_delta: float = 0.005
+    entropy_target: float = 0.2
     beta: float = 0.0  # >= 0, k3 KL weight; 0 loads no reference model
+    use_bias_correction_kl: bool = False  # KL times the ratio (TRL's default is True)
     is_level: str = "token"  # token | sequence | none: vLLM/trainer mismatch correction
     is_mode: str = "truncate"  # truncate | mask
     is_cap: float = 2.0  # >= 1
@@ -200,8 +222,22 @@ class LossConfig:
 
 @dataclass
 class AdvantageConfig:
-    # group | batch | none (Dr. GRPO): what the group-centred rewards are divided by
+    """grpo/advantages.py; the pair is checked at start (reinforce_pp has no group std)."""
+
+    # group (GRPO) | rloo (leave-one-out) | reinforce_pp (batch baseline): what is subtracted
+    estimator: str = field(default="group", metadata=one_of(ESTIMATORS))
+    # group | batch | none (Dr. GRPO): what the centred rewards are divided by
     scale_rewards: str = field(default="group", metadata=one_of(SCALES))
+
+
+@dataclass
+class OverlongConfig:
+    """DAPO's overlong reward shaping, envs/overlong.py: the `overlong` component of the reward."""
+
+    _target_: str = "envs.overlong.OverlongPenalty"
+    weight: float = field(default=0.0, metadata=at_least(0))  # 0: no such component
+    max_length: Optional[int] = field(default=None, metadata=at_least(1))  # L_max; None: rollout.max_tokens
+    cache: int = field(default=4, metadata=at_least(1))  # L_cache: the soft-penalty zone before L_max
 
 
 @dataclass
@@ -239,6 +275,10 @@ class TrainConfig:
     # Asynchronous GRPO (grpo/async_rollout.py): rollouts of the next k steps are generated while
     # the trainer trains, on weights at most k versions old. 0: the synchronous loop.
     max_staleness: int = field(default=0, metadata=at_least(0))
+    # DAPO's dynamic sampling (grpo/dynamic_sampling.py): drop groups whose rewards all tie and
+    # sample more prompts, at most max_sampling_rounds rounds of prompts_per_step each.
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = field(default=4, metadata=at_least(1))
 
 
 @dataclass
@@ -281,6 +321,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    overlong: OverlongConfig = field(default_factory=OverlongConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -46,7 +46,7 @@ class PhaseTimer:
         try:
             yield
         finally:
-            self.seconds[name] = time.perf_counter() - start
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start  # summed over rounds
 
 
 class RunLogger:

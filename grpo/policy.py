@@ -143,14 +143,17 @@ class Policy:
             return token_logprobs(self.model, batch.input_ids.to(self.device),
                                   batch.attention_mask.to(self.device), batch.prompt_len, self.temperature)
 
-    def logprobs_and_entropy(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """`logprobs(batch)` [B, C] plus the entropy [B, C] (no grad) of the distribution each
-        token was sampled from, at the rollout temperature, from the same forward's logits."""
+    def logprobs_and_entropy(self, batch: Batch, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """`logprobs(batch)` [B, C] plus the entropy [B, C] of the distribution each token was
+        sampled from, at the rollout temperature, from the same forward's logits: a metric (no
+        grad, chunked), or with `grad` a term the loss trains on (the entropy bonus)."""
         input_ids = batch.input_ids.to(self.device)
         with self.compute_context():
             logits = completion_logits(self.model, input_ids, batch.attention_mask.to(self.device),
                                        batch.prompt_len, self.temperature)
             logp, lse = gathered_logprobs(logits, input_ids[:, batch.prompt_len:])
+        if grad:  # outside autocast, as below
+            return logp, lse - ((logits - lse.unsqueeze(-1)).exp() * logits).sum(-1)
         return logp, token_entropy(logits, lse)  # outside autocast: its matmul stays fp32
 
     def load_reference(self) -> None:

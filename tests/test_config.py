@@ -79,6 +79,14 @@ BAD = [
     ("loss.epsilon_high=-0.2", "loss.epsilon_high"),
     ("loss.is_cap=0.5", "loss.is_cap"),
     ("loss.beta=-0.04", "loss.beta"),  # was silently ignored: only beta > 0 added the KL term
+    ("loss.loss_type=cispo", "loss.epsilon_high"),  # cispo's cap 0.2 would cut on-policy tokens
+    ("loss.delta=1.1", "loss.delta"),
+    ("loss.top_entropy_quantile=0", "loss.top_entropy_quantile"),
+    ("loss.importance_sampling_level=batch", "loss.importance_sampling_level"),
+    ("advantage.estimator=ppo", "advantage.estimator"),
+    ("overlong.weight=-1", "overlong.weight"),
+    ("overlong.cache=0", "overlong.cache"),
+    ("advantage.estimator=reinforce_pp", "advantage.scale_rewards"),  # no group std without a group baseline
     ("mode.sync_every=0", "mode.sync_every"),
     ("model.max_model_len=0", "model.max_model_len"),
     ("hardware.vllm_tp=0", "hardware.vllm_tp"),
@@ -103,6 +111,22 @@ def test_lora_rank_below_one_is_named(tmp_path):
                                       "loss.beta=0", "loss.is_cap=1", "scheduler.decay=cosine"])
 def test_boundary_values_are_accepted(override):
     validate(make_cfg(override))
+
+
+@pytest.mark.parametrize("group", ["loss", "advantage"])
+def test_every_loss_and_advantage_preset_builds(group):
+    """`python train.py -m loss=grpo,cispo,...`: each preset composes and its options pass the checks."""
+    from grpo.advantages import check_estimator
+    from grpo.loss import GRPOLoss
+    from hydra.utils import instantiate
+
+    presets = sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml"))
+    assert len(presets) >= 3
+    for preset in presets:
+        cfg = make_cfg(f"{group}={preset}")
+        validate(cfg)
+        check_estimator(cfg.advantage.estimator, cfg.advantage.scale_rewards)
+        assert isinstance(instantiate(cfg.loss), GRPOLoss)
 
 
 def test_missing_data_file_fails_before_server_start(tmp_path):

@@ -63,7 +63,8 @@ def small_run(tmp_path) -> Run:
     optimizer = torch.optim.AdamW(policy.model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     return Run(cfg=None, run_dir=tmp_path, env=DigitsEnv(num_prompts=8), policy=policy, server=None, client=None,
-               bridge=None, loss=None, optimizer=optimizer, scheduler=scheduler, logger=None,
+               bridge=None, loss=GRPOLoss(use_adaptive_entropy=True), optimizer=optimizer, scheduler=scheduler,
+               logger=None,
                guard=RestartGuard(None, "m", resync=lambda step: None))
 
 
@@ -74,6 +75,7 @@ def test_checkpoint_round_trip_restores_cursor_rng_and_optimizer(tmp_path):
     run.env.sample(3)
     torch.manual_seed(5)
     run.guard.restarts = 2
+    run.loss.entropy_bonus.coef, run.loss.entropy_bonus.last_entropy = 0.035, 0.125  # the adaptive bonus's state
     ckpt = checkpoint.save(run, 7)
     expected_prompts, expected_draw = run.env.sample(2), torch.rand(3)
 
@@ -84,6 +86,7 @@ def test_checkpoint_round_trip_restores_cursor_rng_and_optimizer(tmp_path):
     assert torch.equal(torch.rand(3), expected_draw)
     assert other.optimizer.state_dict()["state"][0]["step"] == 1
     assert other.guard.restarts == 2
+    assert other.loss.state_dict() == {"entropy_bonus": {"coef": 0.035, "last_entropy": 0.125}}
 
 
 def test_partial_checkpoints_are_never_picked(tmp_path):

@@ -112,3 +112,28 @@ def test_a_missing_reward_is_left_out_and_counted_never_a_zero(tmp_path, tiny_mo
     assert metrics["skipped_updates"] == 0 and math.isfinite(metrics["loss"])
     rewards = [s["reward"] for s in read_jsonl(tmp_path / "samples.jsonl")]
     assert rewards == [1.0, "nan", 0.0, "nan"] + ["nan"] * 4  # samples.jsonl says which were missing
+
+
+def test_a_step_with_every_loss_option_trains_and_logs_them(tmp_path, tiny_model_path):
+    """VESPO with the entropy bonus (adaptive), the entropy and off-policy masks, two passes, the
+    overlong component and dynamic sampling through train_step: each shows in the metrics."""
+    from envs.overlong import OverlongPenalty
+    from grpo.loss import GRPOLoss
+
+    run = serverless_run(tmp_path, tiny_model_path, make_cfg(*QUIET, "train.num_iterations=2",
+                                                             "train.dynamic_sampling=true"))
+    run.loss = GRPOLoss(loss_type="vespo", entropy_coef=0.01, use_adaptive_entropy=True, entropy_target=100.0,
+                        top_entropy_quantile=0.5, off_policy_mask_threshold=0.0, max_completion_length=8)
+    run.overlong = OverlongPenalty(weight=0.5, cache=6, default_length=8)  # FakeClient's 4 tokens: -1/3
+    run.env.score = lambda prompts, completions: [[{"digits": r} for r in (0.0, 1.0, 0.5, 0.25)]
+                                                  for _ in prompts]
+    metrics = train_step(run, 1)
+    run.logger.close()
+    assert metrics["skipped_updates"] == 0 and metrics["grad_norm"] > 0
+    assert metrics["reward/overlong"] == pytest.approx(-1 / 3)
+    assert metrics["reward_mean"] == pytest.approx(1.75 / 4 - 0.5 / 3)
+    assert metrics["entropy_masked_frac"] == pytest.approx(0.5, abs=0.15)
+    assert 0 < metrics["off_policy_masked_frac"] < 1  # vLLM's -1.0 logprobs vs the trainer's
+    assert metrics["ratio_min"] <= metrics["ratio_mean"] <= metrics["ratio_max"]
+    assert run.loss.entropy_bonus.coef == pytest.approx(0.01 + 2 * 0.005)  # two updates below the target
+    assert metrics["dynamic/rounds"] == 1 and metrics["dynamic/groups_kept"] == 2

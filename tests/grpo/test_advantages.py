@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from grpo.advantages import group_advantages, reward_tensor
+from grpo.advantages import check_estimator, estimate_advantages, group_advantages, reward_tensor
 
 TOL = dict(rtol=0.0, atol=1e-12)
 # Group 0 has mean 0.5 and unbiased std sqrt(1/3); group 1 mean 0.25, unbiased std 0.5.
@@ -83,3 +83,44 @@ def test_reward_tensor_turns_none_into_nan_not_zero():
     rewards = reward_tensor([[1.0, None], [0, 0.5]])
     assert rewards.dtype == torch.float32 and rewards.shape == (2, 2)
     assert math.isnan(rewards[0, 1]) and rewards[1, 0] == 0.0 and rewards[0, 0] == 1.0
+
+
+# --- estimators: RLOO and REINFORCE++ ----------------------------------------------------------
+
+def test_rloo_subtracts_the_mean_of_the_other_samples():
+    # Ahmadian et al. 2024 (arXiv 2402.14740), eq. 5: A_i = r_i - 1/(k-1) sum_{j != i} r_j.
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [3.0, 1.0, 2.0, 6.0]], dtype=torch.float64)
+    expected = torch.tensor([[1 - 1 / 3, 0 - 2 / 3, 0 - 2 / 3, 1 - 1 / 3],
+                             [3 - 9 / 3, 1 - 11 / 3, 2 - 10 / 3, 6 - 6 / 3]], dtype=torch.float64)
+    torch.testing.assert_close(estimate_advantages(rewards, "rloo", "none"), expected, **TOL)
+    # = G/(G-1) times the group-centred reward, and scaled by the same std as GRPO's
+    torch.testing.assert_close(estimate_advantages(rewards, "rloo", "none"), 4 / 3 * group_advantages(rewards, "none"),
+                               **TOL)
+    torch.testing.assert_close(estimate_advantages(rewards, "rloo", "group"), 4 / 3 * group_advantages(rewards, "group"),
+                               **TOL)
+
+
+def test_rloo_leaves_a_missing_reward_out_of_every_baseline():
+    rewards = torch.tensor([[1.0, math.nan, 0.0, 2.0], [5.0, math.nan, math.nan, math.nan]], dtype=torch.float64)
+    got = estimate_advantages(rewards, "rloo", "none")
+    expected = torch.tensor([[1 - 1.0, 0.0, 0 - 1.5, 2 - 0.5], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(got, expected, **TOL)  # a lone given reward has no baseline: 0
+
+
+def test_reinforce_pp_normalises_over_the_batch_without_group_statistics():
+    # Hu 2025 (arXiv 2501.03262), outcome reward, gamma 1: A = (r - mean_batch) / std_batch.
+    rewards = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    mean, std = 4 / 6, torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 1.0], dtype=torch.float64).std().item()
+    expected = (rewards - mean) / (std + 1e-4)
+    torch.testing.assert_close(estimate_advantages(rewards, "reinforce_pp", "batch"), expected, **TOL)
+    # A tied group still moves (the batch baseline is not its own): GRPO would give it 0.
+    assert (estimate_advantages(rewards, "reinforce_pp", "batch")[0] > 0).all()
+    torch.testing.assert_close(estimate_advantages(rewards, "reinforce_pp", "none"), rewards - mean, **TOL)
+
+
+@pytest.mark.parametrize("estimator, scale, key", [("rlooo", "none", "advantage.estimator"),
+                                                   ("reinforce_pp", "group", "advantage.scale_rewards"),
+                                                   ("rloo", "median", "advantage.scale_rewards")])
+def test_bad_estimator_or_pair_names_the_key(estimator, scale, key):
+    with pytest.raises(ValueError, match=key):
+        check_estimator(estimator, scale)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from grpo.loss import _LOSSES, GRPOLoss, get_loss, grpo_loss, importance_weights, kl_k3
+from grpo.loss import AGGREGATIONS, LOSS_TYPES, GRPOLoss, get_aggregation, grpo_loss, importance_weights, kl_k3
 
 F64 = torch.float64
 TOL = dict(rtol=0.0, atol=1e-12)
@@ -21,8 +21,9 @@ PER_TOKEN = t([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
 RAGGED = t([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])  # masked sum = 3 + 15 = 18 over 5 tokens
 
 
-def test_registry_holds_exactly_the_four_losses():
-    assert sorted(_LOSSES) == ["bnpo", "dapo", "dr_grpo", "grpo"]
+def test_registries_hold_trls_aggregations_and_loss_types():
+    assert sorted(AGGREGATIONS) == ["bnpo", "dapo", "dr_grpo", "grpo", "luspo"]
+    assert sorted(LOSS_TYPES) == ["bnpo", "cispo", "dapo", "dr_grpo", "grpo", "luspo", "sapo", "vespo"]
 
 
 @pytest.mark.parametrize(
@@ -35,18 +36,19 @@ def test_registry_holds_exactly_the_four_losses():
         ("dapo", {"num_items_in_batch": 9}, 18 / 9),
         ("dapo", {"num_items_in_batch": torch.tensor(9.0)}, 18 / 9),
         ("dapo", {}, 18 / 5),  # falls back to this micro-batch's tokens
+        ("luspo", {}, (3.0 + 15.0) / 2),  # row sums, averaged over rows
     ],
 )
 def test_aggregations_on_a_ragged_mask(name, kwargs, expected):
-    got = get_loss(name)(PER_TOKEN, RAGGED, **kwargs)
+    got = get_aggregation(name)(PER_TOKEN, RAGGED, **kwargs)
     torch.testing.assert_close(got, torch.tensor(expected, dtype=F64), **TOL)
 
 
 def test_padding_never_reaches_any_aggregation():
     poisoned = PER_TOKEN.clone()
     poisoned[0, 2] = 1e6
-    for name in _LOSSES:
-        torch.testing.assert_close(get_loss(name)(poisoned, RAGGED), get_loss(name)(PER_TOKEN, RAGGED), **TOL)
+    for name in AGGREGATIONS:
+        torch.testing.assert_close(get_aggregation(name)(poisoned, RAGGED), get_aggregation(name)(PER_TOKEN, RAGGED), **TOL)
 
 
 @pytest.mark.parametrize("loss_type, expected", [("grpo", (-1.0 + 2.0) / 2), ("bnpo", (-2.0 + 6.0) / 5)])
@@ -230,13 +232,15 @@ def test_grpo_loss_component_rejects_bad_options_naming_the_key(kwargs, key):
         GRPOLoss(**kwargs)
 
 
-@pytest.mark.parametrize("loss_type, expected", [("grpo", 0.25), ("bnpo", 0.25), ("dr_grpo", 0.25), ("dapo", 1.0)])
-def test_each_loss_type_carries_its_micro_batch_weight(loss_type, expected):
+@pytest.mark.parametrize("aggregation, expected", [("grpo", 0.25), ("bnpo", 0.25), ("dr_grpo", 0.25), ("dapo", 1.0),
+                                                    ("luspo", 0.25)])
+def test_each_aggregation_carries_its_micro_batch_weight(aggregation, expected):
     # dapo already divides by the whole step's token count; the others are means over their rows.
-    assert GRPOLoss(loss_type=loss_type).micro_weight(2, 8) == expected
+    loss = GRPOLoss(aggregation=aggregation, importance_sampling_level="sequence")
+    assert loss.micro_weight(2, 8) == expected
 
 
-@pytest.mark.parametrize("loss_type", sorted(_LOSSES))
+@pytest.mark.parametrize("loss_type", sorted(set(LOSS_TYPES) - {"luspo"}))
 def test_weighted_micro_batches_give_the_full_batch_gradient(loss_type):
     # Four rows of unequal lengths in two micro-batches of two rows: weighted by its type's
     # micro_weight, the accumulated gradient is the one-batch gradient (bnpo only because both
@@ -245,7 +249,7 @@ def test_weighted_micro_batches_give_the_full_batch_gradient(loss_type):
     logp0 = -torch.rand(4, 3, dtype=F64)
     old, sampling, adv = logp0 - 0.05, logp0 - 0.1, t([1.0, -0.5, 0.25, 2.0])
     mask = t([[1, 1, 0], [1, 1, 0], [1, 1, 1], [1, 0, 0]])
-    loss = GRPOLoss(loss_type=loss_type, max_completion_length=3)
+    loss = GRPOLoss(loss_type=loss_type, max_completion_length=3, epsilon_high=5.0 if loss_type == "cispo" else 0.2)
     full = logp0.clone().requires_grad_()
     loss(full, old, sampling, None, adv, mask, num_items_in_batch=mask.sum()).loss.backward()
     parts = logp0.clone().requires_grad_()

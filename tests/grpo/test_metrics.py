@@ -66,6 +66,12 @@ def test_policy_entropy_comes_from_the_training_forward_at_the_sampling_temperat
     torch.testing.assert_close(entropy[0], expected, rtol=0, atol=1e-5)
     at_one = torch.distributions.Categorical(logits=logits).entropy()
     assert (entropy[0] - at_one).abs().max() > 0.01  # the temperature changes these numbers
+    # For the entropy bonus: the same numbers, with a gradient that reaches the weights.
+    logp_grad, trained = policy.logprobs_and_entropy(batch, grad=True)
+    torch.testing.assert_close(trained.detach(), entropy, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logp_grad.detach(), logp.detach(), rtol=0, atol=0)
+    trained.sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.trainable_parameters())
 
 
 def completion(n: int, finish: str) -> Completion:
