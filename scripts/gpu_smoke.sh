@@ -21,8 +21,8 @@
 # Modes: reload, legacy (restarts on the one served/ dir), lora_merge, lora_adapter, shared,
 # broadcast (one GPU: gloo through host memory); broadcast_nccl_tp1/tp2 need 2/3 GPUs.
 # Knobs: SMOKE_MODES (a subset, space-separated), SMOKE_LR / SMOKE_LORA_LR (steps big enough to
-# move bf16 weights: 1e-4 / 1e-3), SMOKE_SHARED_ARGS (shared's extra overrides; by default pure
-# bf16, model.master_dtype=bfloat16, once that key exists), SMOKE_DIR, PY.
+# move bf16 weights: 1e-4 / 1e-3), SMOKE_SHARED_ARGS (shared's extra overrides; none by default:
+# model.master_dtype=auto makes shared pure bf16, every other mode fp32 masters), SMOKE_DIR, PY.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 CPU=${GRPO_SMOKE_CPU:-0}
@@ -34,7 +34,7 @@ STEPS=${SMOKE_STEPS:-2}
 TOL=${SMOKE_TOL:-0.15}
 MOVED=${SMOKE_MOVED:-1e-3}
 MODES=${SMOKE_MODES:-reload legacy lora_merge lora_adapter shared broadcast broadcast_nccl_tp1 broadcast_nccl_tp2}
-SHARED_ARGS=${SMOKE_SHARED_ARGS-$(grep -q "master_dtype" grpo/config.py && echo model.master_dtype=bfloat16)}
+SHARED_ARGS=${SMOKE_SHARED_ARGS-}
 mkdir -p "$OUT"
 
 if [ "$CPU" = 1 ]; then
