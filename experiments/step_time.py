@@ -37,6 +37,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import hydra
 import torch
@@ -51,7 +52,7 @@ from experiments.schema import StepTimeBench, use_schema
 from experiments.sizes import config_columns, weight_columns
 from experiments.trl_grpo import require_trl, trl_steps
 from grpo import REPO_ROOT, distributed
-from grpo.precision import cpu_bf16_native, dtype_name, served_dtype
+from grpo.precision import Precision, cpu_bf16_native, dtype_name, served_dtype
 from serving.server import cpu_list
 from train import learn, model_path, open_run, produce, train_step
 
@@ -78,6 +79,7 @@ class Ours:
     def __init__(self):
         self.pids: tuple[int, ...] = ()
         self.threads = self.cpus = 0
+        self.precision: Optional[Precision] = None  # what our run computed and served in (TRL computes in the same)
 
     def __call__(self, cfg: DictConfig, run_dir: Path) -> dict:
         batch = cfg.train.prompts_per_step * cfg.train.group_size
@@ -86,6 +88,7 @@ class Ours:
             main = distributed.is_main()  # the others train their share; rank 0 talks to vLLM and times
             self.pids, self.threads = tuple(server_pids(run.server)) if main else (), torch.get_num_threads()
             self.cpus = len(os.sched_getaffinity(0))  # the trainer's cores, if the run pins them
+            self.precision = run.policy.precision  # an attached server's dtype included
             for step in range(1, cfg.train.steps + 1):
                 with CpuMeter(self.pids) as cpu:
                     t = time.perf_counter()
@@ -104,6 +107,7 @@ class Ours:
         timed = steps[cfg.bench.warmup:]
         row["train_ratio"] = statistics.median(s["train_s"] for s in timed) / row["train_alone_s"]
         return {**row, **medians(steps, cfg.bench.warmup), "threads": self.threads, "cpus": self.cpus,
+                "dtype": dtype_name(self.precision.served), "compute_dtype": dtype_name(self.precision.compute),
                 **{k: statistics.median(s[k] for s in timed)
                    for k in ("overlap_frac", "wait_rollout_s", "server_busy", "others_busy")}}
 
@@ -131,15 +135,17 @@ def measure_trl(cfg: DictConfig, run_dir: Path, ours: Ours) -> dict:
     """TRL on the prompts our run drew (a fresh env with the same seed draws them again), once
     our server is idle; its CPU use during TRL's steps is recorded, not assumed."""
     env = instantiate(cfg.env)
+    compute = ours.precision.compute if ours.precision else served_dtype(cfg.model.dtype, cfg.hardware.device)
     try:
         batches = [env.sample(cfg.train.prompts_per_step) for _ in range(cfg.train.steps)]
         waited = wait_quiet(ours.pids, cfg.bench.quiet_threshold, timeout_s=cfg.bench.quiet_timeout_s)
         with CpuMeter(ours.pids) as cpu:
             steps, model = trl_steps(cfg, model_path(cfg), batches, env, run_dir / "trl",
-                                     ours.threads or torch.get_num_threads())
+                                     ours.threads or torch.get_num_threads(), compute)
     finally:
         env.close()
     return {**weight_columns(model), **medians(steps, cfg.bench.warmup), "threads": torch.get_num_threads(),
+            "dtype": dtype_name(compute), "compute_dtype": dtype_name(compute),
             "cpus": len(os.sched_getaffinity(0)), "quiet_wait_s": waited, "server_busy": cpu.busy, "others_busy": cpu.others}
 
 
@@ -216,8 +222,7 @@ def main(cfg: DictConfig) -> list[dict]:
     # Every step of the run is either warm-up or timed (the last step syncs, as in training).
     cfg.train.steps = cfg.bench.warmup + cfg.bench.repeats
     base = {"size": cfg.bench.size if cfg.model.tiny is not None else cfg.model.path, **config_columns(cfg), "prompts": cfg.train.prompts_per_step,
-            "group_size": cfg.train.group_size, "max_tokens": cfg.rollout.max_tokens,
-            "dtype": dtype_name(served_dtype(cfg.model.dtype, cfg.hardware.device)), "cpu_bf16_native": cpu_bf16_native(),
+            "group_size": cfg.train.group_size, "max_tokens": cfg.rollout.max_tokens, "cpu_bf16_native": cpu_bf16_native(),
             "mode": cfg.mode.name, "trainer_procs": procs, "tp": cfg.hardware.vllm_tp, "dp": cfg.hardware.vllm_dp,
             "max_staleness": cfg.train.max_staleness, "trainer_cpus": cpu_set(cfg.hardware.trainer_cpus),
             "vllm_cpus": cpu_set(cfg.hardware.vllm_cpus), "compile": cfg.hardware.compile,

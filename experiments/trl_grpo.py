@@ -16,7 +16,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from envs.base import Env, Prompt
-from grpo.precision import served_dtype
 
 INSTALL = 'pip install -e ".[bench]"'
 
@@ -72,21 +71,20 @@ def env_reward(env: Env, prompts: list[Prompt]):
     return reward
 
 
-def trl_steps(cfg, path: str, batches: list[list[Prompt]], env: Env, out_dir, threads: int):
-    """Run TRL's GRPOTrainer for len(batches) optimizer steps, batch i as step i's prompts:
-    (one `StepTimes` dict per step, the trained model)."""
+def trl_steps(cfg, path: str, batches: list[list[Prompt]], env: Env, out_dir, threads: int, compute: torch.dtype):
+    """Run TRL's GRPOTrainer for len(batches) optimizer steps, batch i as step i's prompts, its
+    forward/backward in `compute` (our trainer's): (one `StepTimes` dict per step, the trained model)."""
     trl = require_trl()
     from datasets import Dataset
 
     prompts = [p for batch in batches for p in batch]
     dataset = Dataset.from_list([{"prompt": p.messages, "index": i} for i, p in enumerate(prompts)])
     P, G, T = cfg.train.prompts_per_step, cfg.train.group_size, cfg.rollout.max_tokens
-    served = served_dtype(cfg.model.dtype, cfg.hardware.device)  # TRL computes in what we serve
     args = trl.GRPOConfig(
         output_dir=str(out_dir),
         use_cpu=cfg.hardware.device == "cpu",
-        bf16=served == torch.bfloat16,  # GRPOConfig defaults to True; fp32 must say so
-        fp16=served == torch.float16,
+        bf16=compute == torch.bfloat16,  # GRPOConfig defaults to True; fp32 must say so
+        fp16=compute == torch.float16,
         per_device_train_batch_size=P * G,  # one generation batch = one optimizer step, as ours
         gradient_accumulation_steps=1,
         num_generations=G,

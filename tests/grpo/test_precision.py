@@ -139,11 +139,14 @@ def test_a_mode_that_trains_vllms_tensors_takes_their_dtype_as_masters():
 def test_an_attached_server_says_what_it_serves(vllm_server):
     """The session server serves fp32: auto takes it, an explicit other dtype is refused by key."""
     from conftest import make_cfg
-    from serving.server import served_dtype_name
+    from serving.server import served_dtype_name, server_from_config
 
-    url = f"server.base_url={vllm_server.base_url}"
+    def attached(*overrides):
+        cfg = make_cfg(f"server.base_url={vllm_server.base_url}", *overrides)
+        return cfg, server_from_config(cfg, "m", None)
+
     assert vllm_server.served_dtype() == "float32"
-    assert served_dtype_name(make_cfg(url), vllm_server) == "float32"
+    assert served_dtype_name(*attached()) == "float32"
     with pytest.raises(ValueError, match=r"model.dtype=bfloat16, but the server at http://127\.0\.0\.1:\d+ serves "
                                          r"float32: set model.dtype=float32 or auto"):
-        served_dtype_name(make_cfg(url, "model.dtype=bfloat16"), vllm_server)
+        served_dtype_name(*attached("model.dtype=bfloat16"))
