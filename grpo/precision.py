@@ -17,6 +17,7 @@ benchmarks. Comparisons of two runs of the trainer (one process vs two) use `run
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -171,17 +172,10 @@ class Precision:
         return {"master": dtype_name(self.master), "compute": dtype_name(self.compute),
                 "served": dtype_name(self.served), "cpu_bf16_native": cpu_bf16_native()}
 
-    def describe(self) -> str:
-        """One line for the run log, e.g. `trainer: float32 master weights, bfloat16 compute
-        (autocast); vLLM serves float32; CPU bf16 native: yes`."""
-        compute = f"{dtype_name(self.compute)} compute" + (" (autocast)" if self.autocast else "")
-        return (f"precision | trainer: {dtype_name(self.master)} master weights, {compute}; vLLM serves "
-                f"{dtype_name(self.served)} | CPU bf16 native: {'yes' if cpu_bf16_native() else 'no'}")
-
 
 def bf16_spacing(magnitude: float) -> float:
     """Distance between neighbouring bf16 numbers at |x| = magnitude (8 significant bits)."""
-    return 2.0 ** (torch.tensor(magnitude).log2().floor().item() - 7)
+    return 2.0 ** (math.floor(math.log2(magnitude)) - 7)
 
 
 def warn_if_update_rounds_away(model: torch.nn.Module, lr: float, master: torch.dtype) -> Optional[str]:
@@ -195,8 +189,10 @@ def warn_if_update_rounds_away(model: torch.nn.Module, lr: float, master: torch.
         return None
     sample = torch.cat([w[torch.linspace(0, len(w) - 1, min(len(w), 4096)).long()] for w in weights])
     median = float(sample.median())
+    if median <= 0:
+        return None
     spacing = bf16_spacing(median) if master == torch.bfloat16 else torch.finfo(master).eps * median
-    if median <= 0 or lr >= spacing / 2:
+    if lr >= spacing / 2:
         return None
     message = (f"optimizer.lr={lr:g} is below half the {dtype_name(master)} spacing ({spacing:.2g}) at the median "
                f"|weight| {median:.3g} of the trained matrices: most updates round away. Keep fp32 master weights "
