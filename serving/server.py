@@ -230,22 +230,16 @@ class VLLMServer:
         or stopped server never handles SIGTERM)."""
         if self.proc is None:
             return
-        if kill:
-            self.session.close()
+        # Our pooled keep-alive connections would hold vLLM's HTTP server in "Waiting for
+        # connections to close" until the timeout below (measured: 30 s, then SIGKILL).
+        self.session.close()
+        if kill or self.proc.poll() is not None:
+            # Hung, or the API server died (e.g. killed) and its engine-core children may outlive it.
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
             self.proc = None
             return
-        if self.proc.poll() is not None:
-            # The API server died (e.g. killed): its engine-core children may outlive it.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc = None
-            return
-        # Our pooled keep-alive connections would hold vLLM's HTTP server in "Waiting for
-        # connections to close" until the timeout below (measured: 30 s, then SIGKILL).
-        self.session.close()
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(timeout=30)
