@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from bridges.safetensors_mirror import storage_key
 from serving.server import VLLMServer
 from grpo import distributed
 from grpo.policy import Policy
@@ -119,8 +120,7 @@ class VerifiedBridge(Bridge):
         dtype, cast = self.policy.precision.served, {}
 
         def one(t: torch.Tensor) -> torch.Tensor:
-            local = t.to_local() if hasattr(t, "to_local") else t  # a shard of a sharded model
-            key = (local.data_ptr(), tuple(t.shape), t.dtype)
+            key = storage_key(t)
             if t.is_floating_point() and key not in cast:
                 cast[key] = t.to(dtype)
             return cast.get(key, t)

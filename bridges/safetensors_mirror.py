@@ -48,12 +48,19 @@ def tensor_slots(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], in
             for name, meta in header.items() if name != "__metadata__"}
 
 
+def storage_key(tensor: torch.Tensor) -> tuple:
+    """Where a tensor's values live (its local shard's, for a sharded model): equal for tensors
+    that alias each other, as a tied lm_head.weight and the embedding do."""
+    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    return local.device, local.data_ptr(), tensor.dtype, tuple(tensor.shape), local.stride()
+
+
 def distinct(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`state_dict` less each key whose tensor is an earlier key's memory (a tied lm_head.weight
     is the embedding's), as `save_pretrained` leaves them out of the file."""
     seen, kept = set(), {}
     for name, tensor in state_dict.items():
-        where = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+        where = storage_key(tensor)
         if tensor.numel() and where in seen:
             continue
         seen.add(where)
