@@ -52,7 +52,7 @@ from experiments.schema import StepTimeBench, use_schema
 from experiments.sizes import config_columns, weight_columns
 from experiments.trl_grpo import require_trl, trl_steps
 from grpo import REPO_ROOT, distributed
-from grpo.precision import Precision, cpu_bf16_native, dtype_name, served_dtype
+from grpo.precision import Precision, cpu_bf16_native, dtype_name
 from serving.server import cpu_list
 from train import learn, model_path, open_run, produce, train_step
 
@@ -135,7 +135,8 @@ def measure_trl(cfg: DictConfig, run_dir: Path, ours: Ours) -> dict:
     """TRL on the prompts our run drew (a fresh env with the same seed draws them again), once
     our server is idle; its CPU use during TRL's steps is recorded, not assumed."""
     env = instantiate(cfg.env)
-    compute = ours.precision.compute if ours.precision else served_dtype(cfg.model.dtype, cfg.hardware.device)
+    compute = (ours.precision or Precision.resolve(cfg.model.dtype, cfg.model.master_dtype, cfg.hardware.autocast,
+                                                   cfg.hardware.device)).compute
     try:
         batches = [env.sample(cfg.train.prompts_per_step) for _ in range(cfg.train.steps)]
         waited = wait_quiet(ours.pids, cfg.bench.quiet_threshold, timeout_s=cfg.bench.quiet_timeout_s)
