@@ -24,7 +24,7 @@ import torch
 
 from bridges.safetensors_mirror import storage_key
 from serving.server import VLLMServer
-from grpo import distributed
+from runtime import distributed
 from grpo.policy import Policy
 from serving.client import VLLMClient
 
@@ -135,7 +135,7 @@ class VerifiedBridge(Bridge):
         """Rank 0's comparison, on every rank (a sharded model's forward is a collective, and all
         ranks must take the same retry-or-stop branch)."""
         mine = self.policy.probe_logprobs(self.probe_ids)
-        distributed.reshard(self.policy.model)  # a no-grad forward: see grpo/distributed.py
+        distributed.reshard(self.policy.model)  # a no-grad forward: see runtime/distributed.py
         diff = None
         if distributed.is_main():
             self.served_probe = self.client.prompt_logprobs(self.probe_ids)

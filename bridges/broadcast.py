@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from bridges.base import VerifiedBridge
-from grpo import distributed
+from runtime import distributed
 from serving.server import free_port
 
 

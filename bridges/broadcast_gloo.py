@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from bridges.base import WeightSyncError
 from bridges.broadcast import BroadcastBridge
-from grpo import distributed
+from runtime import distributed
 from serving.server import Deadline, VLLMHungError, VLLMRequestError
 
 GROUP_PREFIX = "grpo-weights"  # the key prefix both sides use in the rendezvous store

@@ -5,7 +5,7 @@ the baseline the other bridges are measured against. vLLM always serves `<run_di
 rewritten in place before each restart like the reload bridge's files (only the changed tensors'
 bytes): the model path is part of vLLM's compile-cache key, so one fixed path lets every restart
 reuse the first start's compiled graphs, where a new directory per sync recompiled each time.
-It lives apart from the resume checkpoints (`checkpoints/`, written by grpo/checkpoint.py), so
+It lives apart from the resume checkpoints (`checkpoints/`, written by runtime/checkpoint.py), so
 neither side deletes or replaces the other's files.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bridges.reload import ReloadBridge
-from grpo import distributed
+from runtime import distributed
 
 
 class LegacyBridge(ReloadBridge):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import shutil
 
 from bridges.base import VerifiedBridge, dir_bytes
-from grpo import distributed
+from runtime import distributed
 
 
 class LoraBridge(VerifiedBridge):

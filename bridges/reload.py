@@ -22,7 +22,7 @@ import torch
 from bridges.base import VerifiedBridge, dir_bytes
 from bridges.safetensors_mirror import SafetensorsMirror, write_sharded
 from bridges.shared_memory import SHM, owned_dir
-from grpo import distributed
+from runtime import distributed
 from serving.server import is_loopback
 
 

@@ -13,7 +13,7 @@ Tied weights (Qwen2.5 ties lm_head to the embedding): `save_pretrained` writes t
 once, so the state-dict keys that alias an earlier key's memory are dropped before comparing
 with the saved layout (`distinct`); vLLM ties them again when it loads.
 
-A model sharded over trainer processes (grpo/distributed.py) never exists whole on one rank:
+A model sharded over trainer processes (runtime/distributed.py) never exists whole on one rank:
 `allocate` lays the file out from the tensors' names, dtypes and global shapes alone, and
 `write_part` copies each gathered bucket into it.
 """
@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from grpo import distributed
+from runtime import distributed
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
                       "F64": torch.float64, "I64": torch.int64, "I32": torch.int32,

@@ -28,7 +28,7 @@ from typing import Any, Iterable
 
 import torch
 
-from grpo.procfs import STARTTIME, STATE, stat_fields
+from runtime.procfs import STARTTIME, STATE, stat_fields
 
 SHM = Path("/dev/shm")
 

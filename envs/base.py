@@ -9,47 +9,11 @@ and every component is logged on its own, so a run shows which part of the rewar
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Optional, Protocol, Sequence, TypeVar
 
+from grpo.data import Prompt, RewardWeights, Scores
+
 T = TypeVar("T")
-Scores = list[list[dict[str, Optional[float]]]]  # [P][G] {component: value, None where not given}
-
-
-@dataclass
-class Prompt:
-    messages: list[dict]  # chat messages, rendered by the tokenizer's chat template
-    answer: str  # the reference the scorer compares against
-    meta: dict = field(default_factory=dict)
-
-
-class RewardWeights:
-    """An env's reward components and their weights; the reward is the weighted sum.
-
-    `defaults` names every component the env produces with its default weight; `overrides` (the
-    config's `env.reward_weights`) may reweight them but not invent one: a name the env does not
-    produce fails here, at start, naming its key.
-    """
-
-    def __init__(self, defaults: Mapping[str, float], overrides: Optional[Mapping[str, float]] = None):
-        overrides = dict(overrides or {})
-        for name in overrides:
-            if name not in defaults:
-                raise ValueError(f"env.reward_weights.{name}: this env has no reward component {name!r} "
-                                 f"(it produces {sorted(defaults)})")
-        self.weights = {**defaults, **overrides}
-        if not any(self.weights.values()):
-            raise ValueError(f"env.reward_weights={self.weights}: every weight is 0, nothing to train on")
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.weights)
-
-    def total(self, components: Mapping[str, T]) -> T:
-        """Weighted sum of the components (floats or [P, G] tensors); a 0-weight one is left out,
-        so a component the env could not give (NaN) spoils the total only if it counts."""
-        return sum(w * components[name] for name, w in self.weights.items() if w)
-
 
 class Env(Protocol):
     reward_weights: RewardWeights  # the components score() returns, and their weights

@@ -21,7 +21,8 @@ import re
 from pathlib import Path
 from typing import Iterator, Mapping, Optional
 
-from envs.base import Prompt, PromptListEnv, PromptSampler, RewardWeights, Scores, held_out
+from envs.base import PromptListEnv, PromptSampler, held_out
+from grpo.data import Prompt, RewardWeights, Scores
 from envs.verifier import MathVerifier
 from grpo import REPO_ROOT
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from envs.base import RewardWeights, Scores
-from serving.client import Completion
+from grpo.data import RewardWeights, Scores
+from grpo.data import Completion
 
 NAME = "overlong"
 

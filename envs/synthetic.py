@@ -18,7 +18,8 @@ from __future__ import annotations
 import random
 from typing import Iterator, Mapping, Optional
 
-from envs.base import Prompt, PromptListEnv, PromptSampler, RewardWeights, Scores, held_out
+from envs.base import PromptListEnv, PromptSampler, held_out
+from grpo.data import Prompt, RewardWeights, Scores
 
 PHRASES = ("Count on from {k}:", "Continue counting from {k}:", "Next numbers after {k}:", "Count up from {k}:")
 SYSTEM = "Answer with digits only."

@@ -39,7 +39,7 @@ def measure_point(cfg, run_dir: Path, row: dict, measure) -> dict:
 
 def record_point(cfg, run_dir: Path, row: dict, measure) -> dict:
     """Measure one grid point into `row` and append it to the sweep CSV."""
-    from experiments.csvlog import append_row, sweep_csv
+    from runtime.csvlog import append_row, sweep_csv
 
     append_row(sweep_csv(cfg.bench.name), measure_point(cfg, run_dir, row, measure))
     return row

@@ -1,4 +1,4 @@
-"""Reading what runs and sweeps wrote (grpo/logger.py, experiments/csvlog.py): the notebooks'
+"""Reading what runs and sweeps wrote (runtime/logger.py, runtime/csvlog.py): the notebooks'
 only inputs. A path the user typed starts from the directory they typed it in (`base`: the cwd,
 or a notebook's `shell_dir()`); one not given means the newest under that directory's outputs/ or
 multirun/, where train.py writes. A path that names nothing is an error naming it, never an empty

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterable
 from urllib.parse import urlparse
 
-from grpo.procfs import PPID, STIME, UTIME, stat_fields
+from runtime.procfs import PPID, STIME, UTIME, stat_fields
 
 TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 

@@ -35,7 +35,7 @@ from experiments.servers import shared_server
 from experiments.sizes import config_columns, weight_columns
 from grpo.policy import Policy
 from grpo.precision import Precision, dtype_name, served_dtype
-from train import model_path
+from serving.server import model_path
 
 BENCH = ThroughputBench
 use_schema(BENCH)

@@ -2,7 +2,7 @@
 
 A benchmark composes the same `conf/` groups as `train.py` (model, mode, env, hardware) plus a
 `bench` block. Each entry point registers `Config + bench` as the root schema of its own process,
-so a typo in `bench.*` fails at start by name, and `grpo/config.py` stays the training schema.
+so a typo in `bench.*` fails at start by name, and `runtime/config.py` stays the training schema.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from grpo.config import Config
+from runtime.config import Config
 
 
 @dataclass

@@ -17,7 +17,7 @@ of everything else on the machine (`others_busy`), and `ratio` = TRL step / our 
 is faster). Our row also re-times the train phase on one more rollout once vLLM is idle
 (`train_alone_s`), so `train_ratio` = in-run train / alone shows what contention still costs.
 
-Our side runs on `hardware.trainer_procs` trainer processes (grpo/distributed.py), or on as many
+Our side runs on `hardware.trainer_procs` trainer processes (runtime/distributed.py), or on as many
 as torchrun started. A job started as one process that asks for N > 1 runs the point as
 `torchrun --nproc_per_node=N -m experiments.step_time <its overrides>` in `<job dir>/torchrun/`
 and appends the rows that rank 0 wrote there to the sweep's CSV (a torchrun that dies without
@@ -45,16 +45,19 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from experiments.csvlog import append_row, sweep_csv
+from runtime.csvlog import append_row, sweep_csv
 from experiments.errors import describe, measure_point
 from experiments.quiet import CpuMeter, server_pids, wait_quiet
 from experiments.schema import StepTimeBench, use_schema
 from experiments.sizes import config_columns, weight_columns
 from experiments.trl_grpo import require_trl, trl_steps
-from grpo import REPO_ROOT, distributed
+from grpo import REPO_ROOT
+from runtime import distributed
 from grpo.precision import Precision, cpu_bf16_native, dtype_name
 from serving.server import cpu_list
-from train import learn, model_path, open_run, produce, train_step
+from lab.loop import learn, produce, train_step
+from lab.run import open_run
+from serving.server import model_path
 
 BENCH = StepTimeBench
 use_schema(BENCH)

@@ -28,7 +28,8 @@ from experiments.noise import perturb
 from experiments.quiet import server_pids, wait_quiet
 from experiments.schema import SyncGenerateBench, use_schema
 from experiments.sizes import config_columns, weight_columns
-from train import Run, open_run, rollout_seed
+from grpo.seeds import rollout_seed
+from lab.run import Run, open_run
 
 BENCH = SyncGenerateBench
 use_schema(BENCH)
@@ -44,7 +45,7 @@ def timed_step(run: Run, step: int) -> dict:
     prompt_ids = [run.policy.encode_chat(p.messages) for p in prompts]
     wait_quiet(pids)
     t = time.perf_counter()
-    groups = run.client.generate(prompt_ids, n=cfg.train.group_size, seed=rollout_seed(cfg, step))
+    groups = run.client.generate(prompt_ids, n=cfg.train.group_size, seed=rollout_seed(cfg.train.seed, step))
     generate_s = time.perf_counter() - t
     tokens = sum(len(c.token_ids) for group in groups for c in group)
     return {"bridge": stats.mode, "sync_ms": stats.ms, "verify_ms": stats.verify_ms, "bytes": stats.bytes,

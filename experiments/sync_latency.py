@@ -21,7 +21,7 @@ from experiments.errors import record_point
 from experiments.noise import perturb
 from experiments.schema import SyncBench, use_schema
 from experiments.sizes import config_columns, weight_columns
-from train import open_run
+from lab.run import open_run
 
 BENCH = SyncBench
 use_schema(BENCH)

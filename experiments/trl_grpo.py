@@ -15,7 +15,8 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from envs.base import Env, Prompt
+from envs.base import Env
+from grpo.data import Prompt
 
 INSTALL = 'pip install -e ".[bench]"'
 

@@ -12,9 +12,8 @@ from typing import Iterator, Optional
 
 import torch
 
-from envs.base import Prompt, RewardWeights, Scores
 from grpo.advantages import reward_tensor
-from serving.client import Completion
+from grpo.data import Completion, Prompt, RewardWeights, Scores
 
 
 @dataclass

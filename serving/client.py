@@ -8,18 +8,10 @@ text, and compares its logprobs with vLLM's sampled ones (`logprobs: 0`, server 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Optional
 
+from grpo.data import Completion
 from serving.server import Deadline, VLLMServer
-
-
-@dataclass
-class Completion:
-    token_ids: list[int]  # [C_i] sampled ids, EOS included when the model stopped
-    logprobs: list[float]  # [C_i] vLLM's logprob of each sampled id
-    text: str
-    finish_reason: str  # "stop" | "length"
 
 
 class VLLMClient:

@@ -5,7 +5,7 @@ The watchdog half runs by path, as the leader of the server's own session and pr
     python -I serving/lifeline.py <parent pid> [--cpus 0,1] -- <server command ...>
 
 With `--cpus` the watchdog first pins itself to those cores, so the whole server inherits them
-(`hardware.vllm_cpus`, grpo/cores.py). It starts the server as its child and waits on two pidfds, the parent's and the server's. When
+(`hardware.vllm_cpus`, runtime/cores.py). It starts the server as its child and waits on two pidfds, the parent's and the server's. When
 the parent is gone (SIGKILL included: the kernel wakes the pidfd of any process that exits) it
 stops the group: SIGTERM to every member, SIGKILL to what is left after `GRACE_S`. vLLM's
 engine-core and worker processes are in the group, so they go too (a signal to the API server

@@ -32,9 +32,9 @@ import torch
 from omegaconf import OmegaConf
 
 from grpo import REPO_ROOT
-from grpo.config import DeadlinesConfig
+from runtime.config import DeadlinesConfig
 from grpo.precision import dtype_name, served_dtype
-from grpo.tiny_model import build_tiny_model
+from runtime.tiny_model import build_tiny_model
 
 LIFELINE = Path(__file__).with_name("lifeline.py")
 
@@ -342,7 +342,7 @@ def require_key_beyond_loopback(host: str, base_url: Optional[str], api_key: Opt
         if not is_loopback(where):
             raise ValueError(f"server.base_url={base_url} is not on this machine (loopback) and server.api_key "
                              "is not set: a dev-mode vLLM server beyond loopback must require a key. Start it "
-                             "with `python -m serving.serve server.host=... server.api_key=<key>` and attach "
+                             "with `python -m lab.serve server.host=... server.api_key=<key>` and attach "
                              "with the same server.api_key.")
     elif not is_loopback(host):
         raise ValueError(f"server.host={host} makes vLLM's dev endpoints (/collective_rpc runs any worker "

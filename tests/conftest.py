@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 
 from serving.server import VLLMServer
 from grpo import REPO_ROOT
-from grpo.config import register_configs
+from runtime.config import register_configs
 from grpo.precision import Precision
 
 REPO = REPO_ROOT
@@ -37,7 +37,7 @@ def make_cfg(*overrides: str):
 
 @pytest.fixture(scope="session")
 def tiny_model_path() -> str:
-    from train import model_path
+    from serving.server import model_path
 
     return model_path(make_cfg())
 
@@ -69,7 +69,7 @@ def straight_run(tmp_path_factory, *overrides: str) -> list[dict]:
     """The per-step metrics of `train(overrides)`, run once per session: the tests that compare a
     disturbed run (resumed, its vLLM hung) with the undisturbed one share it."""
     if overrides not in _straight_runs:
-        from train import train
+        from lab.loop import train
 
         _straight_runs[overrides] = train(make_cfg(*overrides), tmp_path_factory.mktemp("straight"))
     return _straight_runs[overrides]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import make_cfg
-from grpo.async_rollout import RolloutPipeline, Schedule, check_mode
+from runtime.async_rollout import RolloutPipeline, Schedule, check_mode
 from grpo.loss import grpo_loss
 
 
@@ -164,7 +164,7 @@ def test_shared_and_legacy_refuse_staleness_at_start(mode):
 def test_build_refuses_shared_with_staleness_before_anything_starts(tmp_path):
     from contextlib import ExitStack
 
-    from train import build
+    from lab.run import build
 
     with ExitStack() as cleanup, pytest.raises(ValueError, match="mode=shared"):
         build(make_cfg("mode=shared", "train.max_staleness=1"), tmp_path, cleanup)
@@ -199,7 +199,7 @@ def read_jsonl(path):
 def test_staleness_1_run_repeats_itself_across_a_resume(attach, tmp_path):
     """Seeded k=1: a run stopped after step 3 and resumed from its step-2 checkpoint (with the
     rollout of step 3 that was in flight) repeats the uninterrupted run exactly."""
-    from train import train
+    from lab.loop import train
 
     straight = train(make_cfg(attach, *RUN, "train.steps=6"), tmp_path / "straight")
     split = tmp_path / "split"
@@ -225,7 +225,7 @@ def test_staleness_1_learns_digits(attach, tmp_path):
     """`python train.py train.max_staleness=1` learns Digits like k = 0, a few steps later
     (measured, default config: 0.086 at step 1, 0.79 at 10, 0.91 at 11, >= 0.99 from 15; k = 0 is
     0.90 at step 8): the 40-step default budget is far more than it needs, 14 steps check it."""
-    from train import train
+    from lab.loop import train
 
     history = train(make_cfg("mode=reload", attach, "train.max_staleness=1", "train.steps=14", "eval.enabled=false",
                              "log.wandb.mode=disabled", "log.progress=false"), tmp_path)

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from conftest import make_cfg, restore_pristine, run_precision
 from test_train import read_jsonl
-from train import train
+from lab.loop import train
 
 pytestmark = pytest.mark.slow
 

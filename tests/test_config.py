@@ -9,8 +9,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
 from conftest import REPO, make_cfg
-from grpo.config import validate
-from train import open_run
+from runtime.config import validate
+from lab.run import open_run
 
 GROUPS = {g: sorted(p.stem for p in (REPO / "conf" / g).glob("*.yaml")) for g in ("model", "mode", "env", "hardware")}
 

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import make_cfg
 from envs.synthetic import DigitsEnv
-from train import train
+from lab.loop import train
 
 pytestmark = pytest.mark.slow
 

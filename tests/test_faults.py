@@ -24,15 +24,18 @@ from bridges.reload import ReloadBridge
 from serving.server import VLLMServer, server_from_config
 from conftest import REPO, SEEDED, make_cfg, run_precision, straight_run
 from envs.synthetic import DigitsEnv
-from grpo import checkpoint
-from grpo.logger import RunLogger
+from runtime import checkpoint
+from runtime.logger import RunLogger
 from grpo.loss import GRPOLoss
 from grpo.policy import Policy
-from grpo.procfs import PGRP, PPID, STATE, stat_fields
-from serving.client import Completion, VLLMClient
+from runtime.procfs import PGRP, PPID, STATE, stat_fields
+from serving.client import VLLMClient
+from grpo.data import Completion
 from serving.guard import RestartGuard
 from serving.lifeline import group_members
-from train import Run, rollout_seed, train, train_step
+from grpo.seeds import rollout_seed
+from lab.loop import train, train_step
+from lab.run import Run
 
 QUIET = ("log.wandb.mode=disabled", "log.progress=false", "train.prompts_per_step=2", "train.group_size=4",
          "rollout.max_tokens=8")
@@ -288,7 +291,7 @@ def test_killed_vllm_with_a_rollout_in_flight_regenerates_it(tmp_path, monkeypat
     generate, killed = VLLMClient.generate, []
 
     def killing_generate(self, prompt_ids, n, seed=None):
-        if seed == rollout_seed(cfg, 4) and not killed:
+        if seed == rollout_seed(cfg.train.seed, 4) and not killed:
             os.killpg(self.server.proc.pid, sig)
             killed.append(time.time())
         return generate(self, prompt_ids, n, seed=seed)

@@ -11,11 +11,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import PROBE_TOL, make_cfg, perturb, restore_pristine
-from grpo import final
-from grpo.config import LoraConfig
+from lab import final
+from runtime.config import LoraConfig
 from grpo.policy import Policy, token_logprobs
 from serving.client import VLLMClient
-from train import train
+from lab.loop import train
 
 HF_TOL = 1e-4  # the same HF model and kernels on both sides: measured 0 in fp32
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import REPO, make_cfg
-from train import train
+from lab.loop import train
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import SEEDED as RUN
 from conftest import make_cfg, straight_run
-from train import train
+from lab.loop import train
 
 pytestmark = pytest.mark.slow
 

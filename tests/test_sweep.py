@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from conftest import REPO
-from grpo.sweep import SUMMARY, group_curves, override_columns, override_keys, read_summary, varying
+from runtime.sweep import SUMMARY, group_curves, override_columns, override_keys, read_summary, varying
 
 APP = '''
 import json
@@ -28,7 +28,7 @@ def main(cfg):
         raise RuntimeError("diverged at step 0")
     run_dir = Path(HydraConfig.get().runtime.output_dir)
 
-    def write(name, rows):  # the line format of grpo/logger.py (metrics, sync) and grpo/evaluate.py (eval)
+    def write(name, rows):  # the line format of runtime/logger.py (metrics, sync) and lab/evaluate.py (eval)
         (run_dir / name).write_text("".join(json.dumps(row) + "\\n" for row in rows))
 
     write("metrics.jsonl", [{"step": step, "reward_mean": cfg.seed + step / 10, "loss": 0.0, "time_generate": 0.5,
@@ -48,7 +48,7 @@ seed: 0
 lr: 0.1
 hydra:
   callbacks:
-    summary: {_target_: grpo.sweep.SweepSummary, task: app}
+    summary: {_target_: runtime.sweep.SweepSummary, task: app}
 """
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from grpo.tiny_model import TinySpec, _train_tokenizer
+from runtime.tiny_model import TinySpec, _train_tokenizer
 
 
 def test_tiny_model_loads_and_meets_vllm_cpu_constraints(tiny_model_path):

@@ -11,7 +11,7 @@ import torch
 
 from conftest import make_cfg, run_precision
 from test_faults import QUIET, serverless_run
-from train import train, train_step
+from lab.loop import train, train_step
 
 SHORT_RUN = ("train.steps=30", "log.wandb.mode=offline", "log.progress=false", "log.samples_every=10")
 

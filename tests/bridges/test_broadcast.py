@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from bridges.base import WeightSyncError
 from bridges.broadcast_gloo import GlooBroadcastBridge, buckets
 from bridges.broadcast_nccl import NcclBroadcastBridge, shared_gpus
-from grpo.config import DeadlinesConfig
+from runtime.config import DeadlinesConfig
 from serving.server import VLLMHungError, VLLMRequestError, VLLMServer
 from grpo.policy import Policy
 from serving.client import VLLMClient

@@ -15,9 +15,9 @@ import re
 import pytest
 
 from conftest import make_cfg, run_precision
-from grpo import checkpoint
+from runtime import checkpoint
 from test_faults import QUIET, read_jsonl
-from train import train
+from lab.loop import train
 
 
 def tensor_header_bytes(path) -> int:

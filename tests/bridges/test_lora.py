@@ -12,10 +12,10 @@ from transformers import AutoModelForCausalLM
 from bridges.lora import LoraBridge
 from conftest import PROBE_TOL as TOL
 from conftest import make_cfg, restore_pristine
-from grpo.config import LoraConfig
+from runtime.config import LoraConfig
 from grpo.policy import Policy
 from serving.client import VLLMClient
-from train import open_run
+from lab.run import open_run
 
 
 def lora_policy(path, **overrides) -> Policy:

@@ -16,11 +16,11 @@ from bridges.lora import LoraBridge
 from bridges.lora_merge import MergedLora, MergedLoraBridge, merged_state_dict
 from conftest import PROBE_TOL as TOL
 from conftest import make_cfg, restore_pristine
-from grpo.config import LoraConfig
+from runtime.config import LoraConfig
 from grpo.policy import Policy
 from serving.client import VLLMClient
 from test_lora import bump_adapter
-from train import model_path
+from serving.server import model_path
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])

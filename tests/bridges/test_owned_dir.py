@@ -9,7 +9,7 @@ import time
 
 from bridges.shared_memory import SHM, owned_dir
 from grpo import REPO_ROOT
-from grpo.procfs import STATE, stat_fields
+from runtime.procfs import STATE, stat_fields
 
 
 def test_stale_dirs_are_removed_and_a_clean_exit_removes_its_own():

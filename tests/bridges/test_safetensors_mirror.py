@@ -11,10 +11,10 @@ from transformers import AutoModelForCausalLM
 from bridges.lora_merge import MergedLora
 from bridges.safetensors_mirror import SafetensorsMirror, distinct
 from conftest import make_cfg
-from grpo.config import LoraConfig
+from runtime.config import LoraConfig
 from grpo.policy import Policy
 from test_lora import bump_adapter
-from train import model_path
+from serving.server import model_path
 
 
 def saved(out) -> dict[str, torch.Tensor]:

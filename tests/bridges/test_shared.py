@@ -29,13 +29,14 @@ from bridges.names import FUSED, NameMapError, hf_views, name_map
 from bridges.shared import SharedBridge, SharedWeightsError, attach, check_worker, meta_model
 from bridges.shared_memory import SHM, remove_stale, segment_name
 from conftest import REPO, make_cfg, run_precision
-from grpo import final
+from lab import final
 from grpo.policy import Policy, token_logprobs
 from serving.client import VLLMClient
 from test_faults import QUIET, start_trainer_and_kill
 from test_final import HF_TOL, hf_probe, max_diff, probe_ids, spy_final  # noqa: F401 (spy_final: a fixture)
 from test_train import SHORT_RUN, assert_learns, read_jsonl
-from train import model_path, train
+from lab.loop import train
+from serving.server import model_path
 
 TOL = 1e-3
 # fp32 on every CPU (model.dtype=auto would serve bf16, pure, where it is native): these tests check

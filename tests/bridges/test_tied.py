@@ -11,10 +11,11 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from conftest import PROBE_TOL, make_cfg, restore_pristine
-from grpo.config import LoraConfig
+from runtime.config import LoraConfig
 from serving.server import server_from_config
 from test_faults import QUIET, read_jsonl
-from train import model_path, train
+from lab.loop import train
+from serving.server import model_path
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import make_cfg
-from grpo import distributed
+from runtime import distributed
 
 
 def test_gpu_node_builds_on_gpu_and_needs_eight_gpus():

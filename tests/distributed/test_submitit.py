@@ -1,6 +1,6 @@
 """The SLURM launcher's local twin: a real 2-point Hydra multirun through hydra-submitit-launcher
 (`hydra/launcher=local`, conf/hydra/launcher/local.yaml), each point run as 2 tasks, i.e. 2
-trainer processes joined through submitit's task environment (grpo/distributed.py), as SLURM
+trainer processes joined through submitit's task environment (runtime/distributed.py), as SLURM
 would start them. Attached to the session vLLM server, wandb off."""
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import torch
 
 from conftest import REPO, make_cfg, restore_pristine, run_precision
 from grpo.precision import Precision
-from train import train
+from lab.loop import train
 
 RUN = ("log.wandb.mode=disabled", "log.progress=false", "eval.enabled=false", "train.steps=3",
        "train.prompts_per_step=2", "train.group_size=4", "rollout.max_tokens=8", "hardware.torch_threads=1")

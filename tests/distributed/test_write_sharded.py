@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from bridges.safetensors_mirror import SafetensorsMirror, write_sharded
-from grpo import distributed
+from runtime import distributed
 
 
 def test_buckets_fill_a_file_laid_out_from_shapes(tmp_path, tiny_model_path):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from envs.base import Prompt
+from grpo.data import Prompt
 from envs.overlong import OverlongPenalty, overlong_penalty
 from envs.synthetic import DigitsEnv
 from grpo.batch import Rollout
-from serving.client import Completion
+from grpo.data import Completion
 
 
 @pytest.mark.parametrize("length, expected", [

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from envs.base import RewardWeights
+from grpo.data import RewardWeights
 from grpo.batch import Rollout
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from multiprocessing import Pool
 
-from experiments.csvlog import append_row
+from runtime.csvlog import append_row
 
 
 def read(path):

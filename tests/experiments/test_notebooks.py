@@ -15,7 +15,7 @@ from nbclient import NotebookClient
 from bench_cli import QUIET, cli
 from conftest import REPO
 from experiments.outputs import read_jsonl
-from grpo.sweep import EVAL_METRIC, read_summary
+from runtime.sweep import EVAL_METRIC, read_summary
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from experiments import outputs
-from experiments.csvlog import append_row
+from runtime.csvlog import append_row
 from experiments.plot import main, ok_rows, plot_csv
 
 

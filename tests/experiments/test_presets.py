@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from conftest import REPO, make_cfg
 from experiments.schema import use_schema
-from grpo.config import register_configs
+from runtime.config import register_configs
 from bench_cli import PRESETS, QUIET, cli
 
 NAMES = [p.stem for p in PRESETS]

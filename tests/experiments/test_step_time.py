@@ -16,9 +16,9 @@ import pytest
 
 from bench_cli import QUIET, cli
 from conftest import REPO, make_cfg, restore_pristine
-from experiments.csvlog import append_row
+from runtime.csvlog import append_row
 from experiments.plot import plot_step_time
-from grpo.config import register_configs
+from runtime.config import register_configs
 
 P, G, T = 2, 4, 8  # prompts per step, group size, tokens per completion
 

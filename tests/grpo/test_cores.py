@@ -12,8 +12,8 @@ import pytest
 
 PROBE = """
 import json, os, sys, torch
-from grpo.config import cores
-from grpo.cores import pinned_trainer
+from runtime.config import cores
+from runtime.cores import pinned_trainer
 torch.set_num_threads(2)
 torch.randn(512, 512) @ torch.randn(512, 512)  # starts OpenMP's worker threads on every core
 
@@ -59,7 +59,7 @@ def test_no_cores_leaves_affinity_alone():
 
 def test_a_core_outside_the_machine_fails_by_name(tmp_path):
     from conftest import make_cfg
-    from grpo.config import validate
+    from runtime.config import validate
 
     with pytest.raises(ValueError, match=r"hardware.trainer_cpus=\[9\]: must be a non-empty list of the cores"):
         validate(make_cfg("hardware.trainer_cpus=[9]"))

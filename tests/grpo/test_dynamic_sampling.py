@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from envs.base import Prompt
+from grpo.data import Prompt
 from grpo.batch import Rollout
 from grpo.dynamic_sampling import check, sample_groups
-from serving.client import Completion
+from grpo.data import Completion
 
 
 def rollout_of(round_: int, rewards: list[list[float]]) -> Rollout:

@@ -1,5 +1,5 @@
 """Held-out evaluation: the pass@k estimator by hand, when evals run, bad eval config at start
-(before vLLM), and (slow) a real run's eval.jsonl and `python -m grpo.evaluate` on a model dir."""
+(before vLLM), and (slow) a real run's eval.jsonl and `python -m lab.evaluate` on a model dir."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pytest
 
 from conftest import REPO, make_cfg
 from envs.synthetic import DigitsEnv
-from grpo.evaluate import Evaluator, find_model, pass_at_k, served_model
-from grpo.logger import RunLogger
-from train import train
+from lab.evaluate import Evaluator, find_model, pass_at_k, served_model
+from runtime.logger import RunLogger
+from lab.loop import train
 
 
 def read_jsonl(path):
@@ -128,9 +128,9 @@ def test_run_evaluates_at_start_and_end(attach, tmp_path):
 
 @pytest.mark.slow
 def test_evaluate_cli_on_a_model_dir(tiny_model_path, tmp_path):
-    """`python -m grpo.evaluate <model dir>` starts its own vLLM, evaluates, stops it."""
+    """`python -m lab.evaluate <model dir>` starts its own vLLM, evaluates, stops it."""
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "grpo.evaluate", tiny_model_path, "--out", str(out),
+    proc = subprocess.run([sys.executable, "-m", "lab.evaluate", tiny_model_path, "--out", str(out),
                            "eval.num_prompts=4", "eval.n=2", "eval.k=2"],
                           cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

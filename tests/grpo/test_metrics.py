@@ -12,14 +12,14 @@ import pytest
 import torch
 
 from conftest import make_cfg
-from envs.base import Prompt
+from grpo.data import Prompt
 from grpo import policy as policy_module
 from grpo.advantages import group_advantages
 from grpo.batch import Rollout, build_batch
 from grpo.policy import Policy, token_entropy
-from serving.client import Completion
+from grpo.data import Completion
 from test_faults import QUIET, read_jsonl, serverless_run
-from train import generate, optimize, score, train_step
+from lab.loop import generate, optimize, score, train_step
 
 
 def entropy_of(logits: torch.Tensor) -> torch.Tensor:
@@ -137,7 +137,7 @@ def test_the_silent_logger_answers_every_call_the_run_logger_takes():
     """Ranks > 0 log through SilentLogger: a RunLogger method it lacks would fail only there."""
     import inspect
 
-    from grpo.logger import RunLogger, SilentLogger
+    from runtime.logger import RunLogger, SilentLogger
 
     def calls(cls):
         return {name: inspect.signature(f) for name, f in vars(cls).items()

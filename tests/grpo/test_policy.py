@@ -11,7 +11,8 @@ import torch
 from conftest import restore_pristine
 from grpo.batch import Rollout, build_batch
 from grpo.policy import Policy
-from serving.client import Completion, VLLMClient
+from serving.client import VLLMClient
+from grpo.data import Completion
 
 PROMPT = [{"role": "user", "content": "Count on from 7:"}]
 

@@ -10,7 +10,7 @@ from grpo.batch import Rollout, build_batch
 from grpo.policy import Policy
 from grpo.precision import (Precision, autocast_dtype, bf16_spacing, cpu_bf16_native, logprob_tolerance, run_rtol,
                             served_dtype, warn_if_update_rounds_away)
-from serving.client import Completion
+from grpo.data import Completion
 
 F32, BF16 = torch.float32, torch.bfloat16
 

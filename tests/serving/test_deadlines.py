@@ -15,8 +15,8 @@ import pytest
 from bridges.reload import ReloadBridge
 from conftest import loopback_http, make_cfg
 from envs.synthetic import DigitsEnv
-from grpo.config import DeadlinesConfig, validate
-from grpo.evaluate import Evaluator
+from runtime.config import DeadlinesConfig, validate
+from lab.evaluate import Evaluator
 from grpo.policy import Policy
 from serving.client import VLLMClient
 from serving.guard import RestartGuard

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from grpo.procfs import STATE, stat_fields
+from runtime.procfs import STATE, stat_fields
 from serving.lifeline import exit_on_sigterm, group_members
 from serving.server import LIFELINE, VLLMServer
 

@@ -1,4 +1,4 @@
-"""`python -m serving.serve` with an API key, against a real vLLM server: every route but /health
+"""`python -m lab.serve` with an API key, against a real vLLM server: every route but /health
 answers 401 without the key (vLLM's own --api-key guards only /v1), a trainer that attaches with
 the key trains through its bridge, and SIGTERM stops the server with all its processes."""
 
@@ -17,7 +17,7 @@ from conftest import REPO, make_cfg, run_precision
 from serving.lifeline import group_members
 from serving.server import free_port
 from test_faults import QUIET, read_jsonl, server_group
-from train import train
+from lab.loop import train
 
 pytestmark = pytest.mark.slow
 
@@ -34,9 +34,9 @@ GUARDED = [("POST", "/collective_rpc", {"method": "refresh_cpu_weights"}), ("POS
 
 @pytest.fixture
 def served(tmp_path):
-    """`python -m serving.serve server.api_key=...` on a free port; yields its URL and process."""
+    """`python -m lab.serve server.api_key=...` on a free port; yields its URL and process."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "serving.serve", f"server.port={port}", f"server.api_key={KEY}",
+    proc = subprocess.Popen([sys.executable, "-m", "lab.serve", f"server.port={port}", f"server.api_key={KEY}",
                              f"hydra.run.dir={tmp_path / 'serve'}"], cwd=REPO, stdout=open(tmp_path / "serve.log", "w"),
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

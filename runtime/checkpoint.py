@@ -28,7 +28,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
-from grpo import distributed
+from runtime import distributed
 
 MARKER = "COMPLETE"
 SHARDED = "dcp"  # the torch.distributed.checkpoint of a run with several trainer processes
@@ -88,7 +88,7 @@ def _trainer_state(run, step: int) -> dict:
         "env": run.env.state_dict(),
         "vllm_restarts": run.guard.restarts,
         "loss": run.loss.state_dict(),  # e.g. the adaptive entropy coefficient
-        # train.max_staleness > 0: the rollouts generated ahead, not yet trained on (grpo/async_rollout.py)
+        # train.max_staleness > 0: the rollouts generated ahead, not yet trained on (runtime/async_rollout.py)
         "rollouts": run.rollouts.in_flight(),
     }
 

@@ -8,7 +8,7 @@
 - `sync.jsonl`: one line per weight sync (mode, ms, bytes, probe difference);
 - `events.jsonl`: things that happened besides steps (skipped steps, server restarts);
 - `eval.jsonl`: one line per held-out eval (step, `eval/pass@1`, `eval/pass@<k>`, `eval/reward`,
-  `eval/reward/<component>`), `eval_samples.jsonl` one row per eval prompt (grpo/evaluate.py);
+  `eval/reward/<component>`), `eval_samples.jsonl` one row per eval prompt (lab/evaluate.py);
 - wandb (offline by default), a progress bar and one human line per step on the console.
 """
 

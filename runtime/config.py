@@ -18,12 +18,12 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from grpo.advantages import ESTIMATORS, SCALES
-from grpo.cores import MACHINE_CPUS
+from runtime.cores import MACHINE_CPUS
 from grpo.precision import DTYPES
 
 DTYPE_CHOICES = [*DTYPES, "auto"]
 from grpo.schedule import DECAYS
-from grpo.tiny_model import TinySpec
+from runtime.tiny_model import TinySpec
 
 Rule = Callable[[str, Any], None]
 
@@ -101,7 +101,7 @@ class LoraConfig:
     # The server's --max-lora-rank; r above it fails at start.
     max_lora_rank: int = field(default=64, metadata=at_least(1))
     # At the end of a run, final/merged/ beside the adapter in final/: the adapter merged into
-    # the base weights, a plain model any server loads (grpo/final.py).
+    # the base weights, a plain model any server loads (lab/final.py).
     merge_on_save: bool = True
 
 
@@ -121,7 +121,7 @@ class HardwareConfig:
     trainer_procs: Optional[int] = field(default=None, metadata=at_least(1))
     nodes: int = field(default=1, metadata=at_least(1))  # SLURM nodes (conf/hydra/launcher/)
     torch_threads: Optional[int] = None  # trainer intra-op threads (None: torch's default, or len(trainer_cpus))
-    # CPU: disjoint cores for the trainer and vLLM (grpo/cores.py), e.g. [1] and [0]; None: share all.
+    # CPU: disjoint cores for the trainer and vLLM (runtime/cores.py), e.g. [1] and [0]; None: share all.
     trainer_cpus: Optional[list[int]] = field(default=None, metadata=cores())
     vllm_cpus: Optional[list[int]] = field(default=None, metadata=cores())
     # With model.dtype=float32: forward/backward under torch.autocast to this dtype while vLLM
@@ -272,7 +272,7 @@ class TrainConfig:
     seed: int = field(default=0, metadata=at_least(0))  # also seeds each step's rollouts (exact resume)
     # Steps between checkpoints in <run_dir>/checkpoints (0: none).
     checkpoint_every: int = field(default=0, metadata=at_least(0))
-    # Asynchronous GRPO (grpo/async_rollout.py): rollouts of the next k steps are generated while
+    # Asynchronous GRPO (runtime/async_rollout.py): rollouts of the next k steps are generated while
     # the trainer trains, on weights at most k versions old. 0: the synchronous loop.
     max_staleness: int = field(default=0, metadata=at_least(0))
     # DAPO's dynamic sampling (grpo/dynamic_sampling.py): drop groups whose rewards all tie and
@@ -283,7 +283,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Held-out evaluation through the vLLM server (grpo/evaluate.py): at the start, every `every`
+    """Held-out evaluation through the vLLM server (lab/evaluate.py): at the start, every `every`
     steps and after the last; greedy pass@1 and sampled pass@k. `eval.n` < `eval.k` and a split
     the env does not have fail at start."""
 

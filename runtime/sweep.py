@@ -3,7 +3,7 @@
     python train.py -m mode=reload,lora train.seed=0,1
 
 Each job appends its row as it ends (`on_job_end` runs in the job's own process, so parallel
-launchers append under experiments/csvlog.py's lock). A job that raised still gets its row
+launchers append under runtime/csvlog.py's lock). A job that raised still gets its row
 (`status` failed, its `error`, whatever it logged before), and Hydra stops the sweep only after
 the batch, so no other job loses its row. A row holds one column per override key (`mode`,
 `train.seed`, ...) and what the job's files say (`job_row`); notebooks/sweep_analysis.ipynb
@@ -23,12 +23,12 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from experiments.csvlog import append_row
+from runtime.csvlog import append_row
 from experiments.outputs import read_jsonl
-from grpo import distributed
+from runtime import distributed
 
 SUMMARY = "summary.csv"
-EVAL_METRIC = "eval/pass@1"  # greedy pass@1, the headline of eval.jsonl (grpo/evaluate.py)
+EVAL_METRIC = "eval/pass@1"  # greedy pass@1, the headline of eval.jsonl (lab/evaluate.py)
 SEED = "train.seed"
 # The columns a row has besides its overrides (and `final_<metric>`, `best_<metric>`).
 FIELDS = ("job", "status", "steps", "final_reward", "best_eval_step", "step_s", "sync_ms", "error", "run_dir")

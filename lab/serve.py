@@ -1,9 +1,9 @@
-"""`python -m serving.serve [overrides]`: a vLLM server for trainers that attach to it (the
+"""`python -m lab.serve [overrides]`: a vLLM server for trainers that attach to it (the
 analogue of `trl vllm-serve`), built from the same config groups as train.py, so it gets the flags
 the trainer would give a server of its own: our worker extension, the mode's flags and
 environment (LoRA, NCCL weight transfer, eager mode for shared), hardware's TP/DP.
 
-    python -m serving.serve mode=broadcast server.host=0.0.0.0 server.port=8000 server.api_key=$KEY
+    python -m lab.serve mode=broadcast server.host=0.0.0.0 server.port=8000 server.api_key=$KEY
     python train.py mode=broadcast server.base_url=http://<that host>:8000 server.api_key=$KEY
 
 A host other than loopback needs `server.api_key` (every route but /health then requires it).
@@ -18,7 +18,7 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from grpo.config import register_configs
+from runtime.config import register_configs
 from serving.lifeline import exit_on_sigterm
 from serving.server import model_path, server_from_config
 

@@ -7,7 +7,7 @@ and with `mode.lora.merge_on_save` also `final/merged/`: W + (alpha/r) B A as pl
 same tensors the merge sync pushes to vLLM (bridges/lora_merge.py), for any server or tool.
 In mode=shared the trainer's parameters are views of vLLM's tensors (fused q/k/v, padded
 vocabulary); `save_pretrained` writes each view's own values, so final/ is an ordinary model.
-Written like a checkpoint: into a temp dir, fsynced, then renamed (grpo/checkpoint.py).
+Written like a checkpoint: into a temp dir, fsynced, then renamed (runtime/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 
 from bridges.lora_merge import merged_state_dict
 from bridges.safetensors_mirror import save_gathered
-from grpo import distributed
-from grpo.checkpoint import atomic_dir
+from runtime import distributed
+from runtime.checkpoint import atomic_dir
 from grpo.policy import Policy
 
 

@@ -16,7 +16,7 @@ prompt, `Env.eval_prompts`):
 
 On its own, for a saved model (starts and stops its own vLLM server):
 
-    python -m grpo.evaluate <run dir | checkpoint dir | HF model dir> [--out DIR] [key=value ...]
+    python -m lab.evaluate <run dir | checkpoint dir | HF model dir> [--out DIR] [key=value ...]
 
 A run dir means its `final/` (E2's end-of-run model) or else its newest complete checkpoint; the
 run's own overrides (`.hydra/overrides.yaml`) are applied first, the command line's after.
@@ -33,7 +33,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from envs.base import Env, Prompt
+from envs.base import Env
+from grpo.data import Prompt
 from grpo.batch import Rollout
 from serving.client import VLLMClient
 
@@ -117,7 +118,7 @@ def append_jsonl(path: Path, records: list[dict]) -> None:
 
 def find_model(target: Path) -> tuple[Path, Optional[Path], Optional[int]]:
     """(model dir, run dir or None, step or None) for a run dir, checkpoint dir or HF model dir."""
-    from grpo import checkpoint
+    from runtime import checkpoint
 
     if not target.exists():  # relative: from the cwd the command was typed in
         raise FileNotFoundError(f"{target}: no such file or directory ({target.absolute()})")
@@ -158,7 +159,7 @@ def compose_config(run_dir: Optional[Path], overrides: list[str]):
     from omegaconf import OmegaConf
 
     from grpo import REPO_ROOT
-    from grpo.config import register_configs
+    from runtime.config import register_configs
 
     register_configs()
     saved = run_dir / ".hydra" / "overrides.yaml" if run_dir else None
@@ -173,14 +174,14 @@ def evaluate_saved(target: str | Path, overrides: list[str] = (), out_dir: Optio
     from hydra.utils import instantiate
     from transformers import AutoTokenizer
 
-    from grpo.config import validate
+    from runtime.config import validate
     from grpo.policy import encode_chat
     from serving.server import server_from_config
 
     model_dir, run_dir, step = find_model(Path(target))
     cfg = compose_config(run_dir, list(overrides))
     if cfg.server.base_url:
-        raise ValueError("server.base_url: python -m grpo.evaluate serves the model it evaluates on its own server")
+        raise ValueError("server.base_url: python -m lab.evaluate serves the model it evaluates on its own server")
     validate(cfg)
     out = Path(out_dir or Path("outputs") / "eval" / time.strftime("%Y-%m-%d/%H-%M-%S"))
     out.mkdir(parents=True, exist_ok=True)
@@ -201,7 +202,7 @@ def evaluate_saved(target: str | Path, overrides: list[str] = (), out_dir: Optio
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m grpo.evaluate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lab.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("target", help="run dir, checkpoint dir (step-*), or HF model dir")
     parser.add_argument("overrides", nargs="*", help="config overrides, as for train.py (env=gsm8k eval.n=8 ...)")
     parser.add_argument("--out", help="output dir (default outputs/eval/<date>/<time>)")
