@@ -26,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from serving.server import server_from_config
+from lab.server import build_server
 from experiments.errors import record_point
 from experiments.hf_baseline import hf_generate
 from experiments.quiet import CpuMeter, server_pids, wait_quiet
@@ -35,7 +35,7 @@ from experiments.servers import shared_server
 from experiments.sizes import config_columns, weight_columns
 from grpo.policy import Policy
 from grpo.precision import Precision, dtype_name, served_dtype
-from serving.server import model_path
+from lab.server import model_path
 
 BENCH = ThroughputBench
 use_schema(BENCH)
@@ -55,7 +55,7 @@ def measure(cfg: DictConfig, run_dir: Path) -> dict:
     policy.model.eval()
     prompt_ids = [policy.encode_chat(p.messages) for p in prompts]
 
-    server = server_from_config(cfg, path, run_dir)
+    server = build_server(cfg, run_dir, model=path)
     t = time.perf_counter()
     server, reused = shared_server(server)
     row = {**weight_columns(policy.model), "server_start_s": 0.0 if reused else time.perf_counter() - t,

@@ -55,9 +55,9 @@ from grpo import REPO_ROOT
 from runtime import distributed
 from grpo.precision import Precision, cpu_bf16_native, dtype_name
 from serving.server import cpu_list
-from lab.loop import learn, produce, train_step
+from lab.loop import learn, train_step
 from lab.run import open_run
-from serving.server import model_path
+from lab.server import model_path
 
 BENCH = StepTimeBench
 use_schema(BENCH)
@@ -122,7 +122,7 @@ def train_alone(run, cfg: DictConfig, pids: tuple[int, ...]) -> dict:
     step = cfg.train.steps + 1
     rollout = None
     if distributed.is_main():
-        rollout, _ = produce(run, step)
+        rollout, _ = run.sampler(step)
         wait_quiet(pids, cfg.bench.quiet_threshold, timeout_s=cfg.bench.quiet_timeout_s)
     rollout = distributed.broadcast_object(rollout)
     times = []

@@ -1,28 +1,38 @@
-"""Seed arithmetic, in one place: every random draw of a run derives from `train.seed` and where
-it happens (step, sampling round, eval), so a resumed run draws exactly what the uninterrupted one
-did, and no two draws share a seed.
+"""Seed arithmetic, in one place: every sampling seed of a run derives from `train.seed` and
+where the draw happens (step, sampling round, prompt, sample; or held-out eval), so a resumed run
+draws exactly what the uninterrupted one did and no two draws share a seed.
 
-A rollout seed is `(seed << 40) + (step << 20) + i`: step s's samples get i in 0..P*n*rounds-1
-(< 2**20); held-out eval draws from the band at bit 39, never a training step's.
+    sample j of prompt i in round r of step s:  (seed << 40) + (s << 20) + r*P*n + i*n + j
+    eval sample j of prompt i:                  (seed << 40) + (1 << 39) + i*n + j
+
+A step's samples (all its rounds) stay below 2**20, steps below 2**19, so eval's band is clear of
+every training step's. vLLM gives sample j of a request seed + j, so a request carries one prompt.
 """
 
 from __future__ import annotations
 
-STEP_BITS = 20  # samples of one step (all its sampling rounds) < 2**20
-RUN_BITS = 40  # steps of one run < 2**19: (step << 20) stays below the eval band at 2**39
+STEP_BITS = 20
+RUN_BITS = 40
+SAMPLES_PER_STEP = 1 << STEP_BITS
 EVAL_OFFSET = 1 << 39
 
 
-def rollout_seed(seed: int, step: int, round_: int = 0, per_round: int = 0) -> int:
-    """Base sampling seed of a step's sampling round (its samples get base + 0..per_round-1)."""
-    return (seed << RUN_BITS) + (step << STEP_BITS) + round_ * per_round
+def rollout_seed(seed: int, step: int, round_: int = 0, samples_per_round: int = 0) -> int:
+    """Base seed of a step's sampling round (its samples: base + 0..samples_per_round-1)."""
+    return (seed << RUN_BITS) + (step << STEP_BITS) + round_ * samples_per_round
 
 
 def eval_seed(seed: int) -> int:
-    """Base seed of held-out eval's samples: clear of every training step's band."""
+    """Base seed of held-out eval's samples, the same at every eval."""
     return (seed << RUN_BITS) + EVAL_OFFSET
 
 
-def fits_step(samples: int) -> bool:
-    """Whether a step's samples (every sampling round's) fit below the next step's seeds."""
-    return samples < 1 << STEP_BITS
+def prompt_seeds(base: int, num_prompts: int, n: int) -> list[int]:
+    """The seed of each prompt's request: prompt i's n samples get base + i*n + 0..n-1."""
+    return [base + i * n for i in range(num_prompts)]
+
+
+def check_step_samples(samples: int, key: str) -> None:
+    """At start: a step's samples (every sampling round's) must get seeds of their own step."""
+    if samples > SAMPLES_PER_STEP:
+        raise ValueError(f"{key}: {samples} samples per step exceed the {SAMPLES_PER_STEP} seeds a step has")

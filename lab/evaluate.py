@@ -36,11 +36,9 @@ from typing import Callable, Optional
 from envs.base import Env
 from grpo.data import Prompt
 from grpo.batch import Rollout
+from grpo.seeds import eval_seed
 from serving.client import VLLMClient
 
-# Sampled eval requests draw seeds from here on (prompt i, sample j: + i*n + j): the same at every
-# eval, and apart from training rollouts' seeds ((seed << 40) + (step << 20), steps < 2**19).
-EVAL_SEED_OFFSET = 1 << 39
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
 
 
@@ -62,7 +60,7 @@ class Evaluator:
         self.env = env
         self.prompts: list[Prompt] = env.eval_prompts(split, num_prompts)  # a bad split fails here
         self.n, self.k, self.max_tokens, self.temperature, self.every = n, k, max_tokens, temperature, every
-        self.seed = (seed << 40) + EVAL_SEED_OFFSET
+        self.seed = eval_seed(seed)  # apart from every training step's (grpo/seeds.py)
         self._prompt_ids: Optional[list[list[int]]] = None
 
     @classmethod
@@ -176,7 +174,7 @@ def evaluate_saved(target: str | Path, overrides: list[str] = (), out_dir: Optio
 
     from runtime.config import validate
     from grpo.policy import encode_chat
-    from serving.server import server_from_config
+    from lab.server import build_server
 
     model_dir, run_dir, step = find_model(Path(target))
     cfg = compose_config(run_dir, list(overrides))
@@ -190,7 +188,7 @@ def evaluate_saved(target: str | Path, overrides: list[str] = (), out_dir: Optio
         evaluator = Evaluator.from_config(cfg, env)  # a bad split or n < k fails before vLLM starts
         path, args, adapter = served_model(model_dir)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        with server_from_config(cfg, str(path), out, extra_args=tuple(args)) as server:
+        with build_server(cfg, out, model=str(path), extra_args=tuple(args)) as server:
             client = VLLMClient(server, adapter or cfg.model.served_name)
             metrics, rows = evaluator(client, lambda messages: encode_chat(tokenizer, messages))
     finally:

@@ -1,9 +1,11 @@
-"""The GRPO loop: sample -> score -> advantages -> loss -> step -> sync -> log."""
+"""The GRPO loop: sample -> score -> advantages -> loss -> step -> sync -> log.
+
+`train(cfg)` is what `python train.py` runs: it opens the run (lab/run.py builds every part once),
+then each step takes its scored rollout (lab/sampler.py, inline or from the async producer),
+computes advantages, trains, syncs the weights into vLLM, logs, evaluates and checkpoints.
+"""
 
 from __future__ import annotations
-
-from lab.run import Run, open_run
-from grpo.seeds import rollout_seed as _seed
 
 import time
 from pathlib import Path
@@ -12,11 +14,11 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from grpo import dynamic_sampling
-from lab import final
-from runtime import checkpoint, distributed
 from grpo.advantages import estimate_advantages
 from grpo.batch import Batch, Rollout, build_batch
+from lab import final
+from lab.run import Run, open_run
+from runtime import checkpoint, distributed
 from runtime.logger import PhaseTimer
 
 
@@ -71,17 +73,6 @@ def optimize(run: Run, batch: Batch, step: int) -> dict:
     return {**totals, "grad_norm": float(grad_norm), "skipped_updates": skipped, "lr": lr}
 
 
-def generate(run: Run, step: int, round_: int = 0) -> Rollout:
-    """The step's prompts and vLLM's `group_size` completions of each (seeded by the step, and
-    the sampling round: dynamic sampling draws more than one)."""
-    cfg = run.cfg
-    prompts = run.env.sample(cfg.train.prompts_per_step)
-    prompt_ids = [run.policy.encode_chat(p.messages) for p in prompts]
-    seed = _seed(cfg.train.seed, step) + round_ * cfg.train.prompts_per_step * cfg.train.group_size
-    groups = run.guard.call(step, lambda: run.client.generate(prompt_ids, n=cfg.train.group_size, seed=seed))
-    return Rollout(prompts, prompt_ids, groups)
-
-
 def sync_weights(run: Run, step: int) -> dict:
     """Every `mode.sync_every` steps and at the last: push the weights into vLLM, verified."""
     if step % run.cfg.mode.sync_every and step != run.cfg.train.steps:
@@ -90,28 +81,6 @@ def sync_weights(run: Run, step: int) -> dict:
     stats = run.guard.call(step, lambda: run.bridge.sync(step))
     run.logger.sync(stats.to_dict())
     return {"sync_ms": stats.ms, "sync_bytes": stats.bytes, "probe_max_diff": stats.probe_max_diff}
-
-
-def score(run: Run, rollout: Rollout) -> None:
-    """The env's reward components and their weighted sum, each [P, G]; one it could not give is NaN, never 0."""
-    scores = run.overlong.add(run.env.score(rollout.prompts, rollout.texts), rollout.groups)
-    rollout.set_scores(scores, run.overlong.weights(run.env.reward_weights))
-
-
-def produce(run: Run, step: int) -> tuple[Rollout, dict]:
-    """Steps 1-2 of a step (rank 0): its rollout, generated and scored, and the phases' seconds."""
-    timer = PhaseTimer()
-
-    def draw(round_: int) -> Rollout:
-        with timer("time_generate"):  # 1. vLLM samples group_size completions per prompt
-            rollout = generate(run, step, round_)
-        with timer("time_score"):  # 2. rewards [P, G]; one the env could not give is NaN, never 0
-            score(run, rollout)
-        return rollout
-
-    # One round, or with train.dynamic_sampling as many as it takes to fill the step with untied groups
-    rollout = dynamic_sampling.sample_groups(draw, run.cfg.train, distributed.world_size())
-    return rollout, timer.seconds
 
 
 def learn(run: Run, rollout: Rollout, step: int) -> tuple[Batch, dict]:
@@ -177,7 +146,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> list[dict]:
             history.append(metrics)
             evaluate(run, step)
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-                checkpoint.save(run, step)
+                checkpoint.save(run.run_dir, step, run.policy, run.optimizer, run.stateful())
         # Inside the run: in mode=shared the weights are vLLM's memory, gone once it stops.
         out = final.save(run.policy, run.run_dir, merge_lora=bool(cfg.mode.lora and cfg.mode.lora.merge_on_save))
         run.logger.event(cfg.train.steps, "final_model", path=str(out))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -14,14 +14,14 @@ from omegaconf import DictConfig
 
 from bridges.base import Bridge
 from envs.base import Env
-from envs.overlong import OverlongPenalty
 from grpo import dynamic_sampling
 from runtime import checkpoint, distributed
 from runtime.cores import pinned_trainer
-from runtime.async_rollout import InlineRollouts, RolloutPipeline, Rollouts, Schedule, check_mode
+from runtime.async_rollout import InlineRollouts, RolloutPipeline, Rollouts, Schedule, WeightVersions, check_mode
 from grpo.advantages import check_estimator
 from runtime.config import validate
 from lab.evaluate import Evaluator
+from lab.sampler import Sampler
 from runtime.logger import RunLogger, SilentLogger
 from grpo.loss import GRPOLoss
 from grpo.policy import Policy
@@ -29,15 +29,19 @@ from grpo.precision import Precision, dtype_name, warn_if_update_rounds_away
 from serving.client import VLLMClient
 from serving.guard import RestartGuard, Unguarded
 from serving.lifeline import exit_on_sigterm
-from serving.server import VLLMServer, model_path, served_dtype_name, server_from_config
+from serving.server import VLLMServer
+from lab.server import model_path, served_dtype_name
+from lab.server import build_server
 
 
-@dataclass
+@dataclass(frozen=True)
 class Run:
-    """Everything the loop needs, built once at start (bad config fails here, before any step)."""
+    """Everything the loop needs, built once at start, complete (bad config fails there, before
+    any step) and never reassigned."""
 
     cfg: DictConfig
     run_dir: Path
+    precision: Precision
     env: Env
     policy: Policy
     server: VLLMServer
@@ -46,18 +50,18 @@ class Run:
     loss: GRPOLoss
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    logger: RunLogger
+    logger: RunLogger | SilentLogger
+    guard: RestartGuard | Unguarded  # restarts our vLLM if it dies or hangs (one trainer process)
+    sampler: Sampler  # a step's rollout, generated and scored (rank 0)
+    rollouts: Rollouts  # inline (k = 0) or the producer thread (train.max_staleness > 0, rank 0)
+    evaluator: Optional[Evaluator]  # held-out eval (eval.enabled, rank 0)
     start_step: int = 0  # the step a resumed run's checkpoint ended with
-    guard: Optional[RestartGuard] = None  # restarts our vLLM if it dies; set by build()
-    evaluator: Optional[Evaluator] = None  # held-out eval (eval.enabled); set by build()
-    rollouts: Optional[Rollouts] = None  # the producer thread (train.max_staleness > 0, rank 0); else inline
-    overlong: OverlongPenalty = field(default_factory=OverlongPenalty)  # `overlong:` shaping (weight 0: none)
 
-    def __post_init__(self):
-        from lab.loop import produce
-
-        if self.rollouts is None:  # k = 0: each step's rollout is generated when train_step asks
-            self.rollouts = InlineRollouts(lambda step: produce(self, step))
+    def stateful(self) -> dict[str, checkpoint.Stateful]:
+        """The parts a checkpoint saves and restores, beside the policy and the optimizer; the
+        RNGs last, so a resumed run draws what the saved one would have drawn."""
+        return {"scheduler": self.scheduler, "env": self.env, "loss": self.loss, "guard": self.guard,
+                "rollouts": self.rollouts, "rng": checkpoint.RandomState()}
 
 
 def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
@@ -65,31 +69,35 @@ def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
     with `cleanup` as soon as it exists, so a failure half-way through leaves nothing running."""
     validate(cfg)  # every range and choice, by its key, before anything starts
     check_estimator(cfg.advantage.estimator, cfg.advantage.scale_rewards)  # e.g. reinforce_pp has no group std
-    dynamic_sampling.check(cfg.train)  # every sampling round's seeds fit in its step's
+    dynamic_sampling.check(cfg.train.dynamic_sampling, cfg.train.max_sampling_rounds, cfg.train.prompts_per_step,
+                           cfg.train.group_size)  # every sampling round's seeds fit in its step's
     check_mode(cfg.mode.name, cfg.train.max_staleness)  # shared/legacy cannot keep weights fixed during a request
     loss = instantiate(cfg.loss, max_completion_length=cfg.rollout.max_tokens)  # checks its options
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     # Before any compute starts threads; given back at the end (a multirun's next job starts unpinned).
     cleanup.enter_context(pinned_trainer(cfg.hardware.trainer_cpus, cfg.hardware.torch_threads))
-    ckpt = checkpoint.newest_complete(cfg.resume) if cfg.resume else None  # a bad path fails before vLLM starts
+    # Read once; a bad path fails before vLLM starts.
+    saved = checkpoint.read(checkpoint.newest_complete(cfg.resume)) if cfg.resume else None
+    start_step = saved.step if saved else 0
     env = instantiate(cfg.env)  # a missing data file fails here, before vLLM starts
     cleanup.callback(env.close)
     overlong = instantiate(cfg.overlong, default_length=cfg.rollout.max_tokens)  # checks its keys
     overlong.weights(env.reward_weights)  # a clash with the env's component names fails now
+    main = distributed.is_main()  # rank 0 alone talks to vLLM and writes the run's records
     # Its held-out prompts are read now: a missing split or eval.n < eval.k fails before vLLM starts.
-    evaluator = Evaluator.from_config(cfg, env) if cfg.eval.enabled and distributed.is_main() else None  # rank 0 asks vLLM
+    evaluator = Evaluator.from_config(cfg, env) if cfg.eval.enabled and main else None
     procs = distributed.world_size()  # torchrun's trainer processes (runtime/distributed.py)
     distributed.check_rows(cfg.train.prompts_per_step * cfg.train.group_size)
     distributed.check_devices(cfg.hardware, torch.cuda.device_count())
     device = distributed.device(cfg.hardware.device)
-    path = distributed.broadcast_object(model_path(cfg) if distributed.is_main() else None)  # rank 0 builds it
+    path = distributed.broadcast_object(model_path(cfg) if main else None)  # rank 0 builds it
     bridge: Bridge = instantiate(cfg.mode.bridge)  # a setup the bridge cannot serve fails before vLLM starts
     bridge.check_trainer_procs(procs)
-    server = server_from_config(cfg, path, run_dir, extra_args=bridge.server_args(), extra_env=bridge.server_env())
+    server = build_server(cfg, run_dir, bridge=bridge, model=path)
     cleanup.callback(server.stop)
     cleanup.callback(bridge.close)
-    served = distributed.broadcast_object(served_dtype_name(cfg, server) if distributed.is_main() else None)
+    served = distributed.broadcast_object(served_dtype_name(cfg, server) if main else None)
     precision = Precision.resolve(served, cfg.model.master_dtype, cfg.hardware.autocast, device,
                                   shared_by=cfg.mode.name if bridge.shares_weights else None)
     policy = Policy(path, precision, device, cfg.model.gradient_checkpointing,
@@ -100,38 +108,36 @@ def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
         policy.load_reference()
     if procs > 1 and policy.lora is None:
         distributed.shard_model(policy.model)  # FSDP2; LoRA's adapters stay replicated
-    if ckpt:
-        checkpoint.load_policy_weights(policy, ckpt)
-    if distributed.is_main():  # rank 0 alone talks to vLLM; the other ranks' server is never started
+    if saved:
+        checkpoint.load_policy_weights(policy, saved.path)
+    if main:  # the other ranks' server is never started
         server.start()  # a no-op if the bridge started it to build the model on vLLM's weights
     client = instantiate(cfg.rollout, server=server, model=cfg.model.served_name)
     bridge.setup(policy, server, client, run_dir)
-    bridge.initial_sync(checkpoint.saved_step(ckpt) if ckpt else None)
+    bridge.initial_sync(start_step if saved else None)
     optimizer = instantiate(cfg.optimizer, policy.trainable_parameters())
     scheduler = instantiate(cfg.scheduler, optimizer, total_steps=cfg.train.steps)
-    run = Run(cfg, run_dir, env, policy, server, client, bridge, loss, optimizer, scheduler, None, evaluator=evaluator,
-              overlong=overlong)
-    run.guard = Unguarded() if procs > 1 else \
-        RestartGuard(server, path, resync=bridge.sync,
-                     on_restart=lambda step, **info: run.logger.event(step, "vllm_restart", **info))
-    if ckpt:  # last: the RNG states must be the saved ones, whatever building drew from them
-        run.start_step = checkpoint.load_trainer_state(run, ckpt)
-    run.logger = RunLogger(run_dir, cfg, total_steps=cfg.train.steps, start_step=run.start_step) \
-        if distributed.is_main() else SilentLogger()
-    cleanup.callback(run.logger.close)
-    run.logger.event(run.start_step, "precision", **precision.to_dict())
-    if ckpt:
-        run.logger.event(run.start_step, "resumed", checkpoint=str(ckpt))
-    if cfg.train.max_staleness and distributed.is_main():  # last: it samples the env and talks to vLLM
-        from lab.loop import produce
-
-        run.rollouts = RolloutPipeline(lambda step: produce(run, step),
-                                       Schedule(cfg.train.max_staleness, cfg.mode.sync_every, run.start_step),
-                                       cfg.train.steps, ready=checkpoint.saved_rollouts(ckpt) if ckpt else None)
-        if isinstance(run.guard, RestartGuard):
-            run.guard.resync = run.rollouts.resync(run.guard.resync)
-        cleanup.callback(run.rollouts.stop)
-        run.rollouts.start()
+    logger = RunLogger(run_dir, cfg, total_steps=cfg.train.steps, start_step=start_step) if main else SilentLogger()
+    cleanup.callback(logger.close)
+    # A vLLM restart re-pushes the trainer's weights between optimizer steps, never during one.
+    versions = WeightVersions(start_step)
+    guard = Unguarded() if procs > 1 else \
+        RestartGuard(server, path, resync=versions.resync(bridge.sync),
+                     on_restart=lambda step, **info: logger.event(step, "vllm_restart", **info))
+    sample = Sampler(env, policy.encode_chat, client, guard, overlong, cfg.train, procs)
+    if cfg.train.max_staleness and main:
+        rollouts = RolloutPipeline(sample, Schedule(cfg.train.max_staleness, cfg.mode.sync_every, start_step),
+                                   cfg.train.steps, versions)
+        cleanup.callback(rollouts.stop)
+    else:  # k = 0: each step's rollout is generated when train_step asks
+        rollouts = InlineRollouts(sample)
+    run = Run(cfg, run_dir, precision, env, policy, server, client, bridge, loss, optimizer, scheduler, logger, guard,
+              sample, rollouts, evaluator, start_step)
+    logger.event(start_step, "precision", **precision.to_dict())
+    if saved:  # last: the RNG states must be the saved ones, whatever building drew from them
+        checkpoint.restore(saved, policy, optimizer, run.stateful())
+        logger.event(start_step, "resumed", checkpoint=str(saved.path))
+    rollouts.start()  # last: it samples the env and talks to vLLM
     return run
 
 

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from runtime.config import register_configs
 from serving.lifeline import exit_on_sigterm
-from serving.server import model_path, server_from_config
+from lab.server import build_server
 
 register_configs()
 DEFAULT_PORT = 8000  # vLLM's own default
@@ -38,8 +38,7 @@ def main(cfg: DictConfig) -> None:
                          "set server.host / server.port instead")
     cfg.server.port = cfg.server.port or DEFAULT_PORT
     bridge = instantiate(cfg.mode.bridge)  # its flags, and its checks of the setup
-    server = server_from_config(cfg, model_path(cfg), None, extra_args=bridge.server_args(),
-                                extra_env=bridge.server_env())
+    server = build_server(cfg, None, bridge=bridge)
     with exit_on_sigterm(), server:
         key = " server.api_key=<key>" if cfg.server.api_key else ""
         print(f"vLLM serves {server.model} at {server.base_url}. Attach with:\n"

@@ -47,8 +47,14 @@ class Rollouts(Protocol):
     def update(self, step: int) -> ContextManager[None]:
         """Around the trainer's optimizer step."""
 
-    def in_flight(self) -> dict:
+    def state_dict(self) -> dict:
         """Rollouts generated ahead and not yet trained on (saved in checkpoints)."""
+
+    def load_state_dict(self, state: dict) -> None:
+        """Before `start`: the rollouts a checkpoint holds are taken, not generated again."""
+
+    def start(self) -> None:
+        """Begin producing (after every part of the run is restored)."""
 
     def busy(self, start: float, end: float) -> float:
         """Seconds of [start, end] (perf_counter) in which rollouts were being generated or scored
@@ -74,8 +80,14 @@ class InlineRollouts:
     def update(self, step: int) -> ContextManager[None]:
         return nullcontext()
 
-    def in_flight(self) -> dict:
+    def state_dict(self) -> dict:
         return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def start(self) -> None:
+        pass
 
     def busy(self, start: float, end: float) -> float:
         return 0.0  # generated while the trainer waits, never beside it
@@ -114,29 +126,57 @@ class Produced:
     seconds: dict  # time_generate, time_score, time_wait_weights of the producer
 
 
+class WeightVersions:
+    """Which weights the trainer holds, and the lock held while they change: a vLLM restart's
+    re-sync (serving/guard.py) pushes only whole weights and records the version it pushed. Built
+    before the guard and the producer, which both use it."""
+
+    def __init__(self, start: int = 0):
+        self.trainer = start  # the step the trainer's weights are
+        self.resynced = -1  # the version a vLLM restart pushed (the trainer's weights then)
+        self.updating = threading.Lock()  # held while the trainer changes its weights
+
+    @contextmanager
+    def update(self, step: int) -> Iterator[None]:
+        with self.updating:
+            yield
+            self.trainer = step
+
+    def resync(self, push: Callable[[int], object]) -> Callable[[int], object]:
+        """`push` (the guard's re-sync after a vLLM restart) run between optimizer steps, recording
+        the version vLLM then serves: a restart's regenerated rollout is tagged with it."""
+
+        def locked(step: int):  # the caller's step; the weights pushed are the trainer's version
+            with self.updating:
+                out = push(self.trainer)
+                self.resynced = self.trainer
+                return out
+
+        return locked
+
+
 class RolloutPipeline:
     """The producer thread and its version-tagged buffer. `produce(step) -> (rollout, seconds)`
     is the synchronous loop's generate + score of that step (seeded by the step)."""
 
-    def __init__(self, produce: Callable[[int], tuple], schedule: Schedule, steps: int,
-                 ready: Optional[dict[int, Produced]] = None):
-        self.produce, self.schedule, self.steps = produce, schedule, steps
+    def __init__(self, produce: Callable[[int], tuple], schedule: Schedule, steps: int, versions: WeightVersions):
+        self.produce, self.schedule, self.steps, self.versions = produce, schedule, steps, versions
         self.published = -1  # the newest step the trainer is done with (none yet: the producer waits)
-        self.trainer_version = schedule.start  # the step the trainer's weights are
-        self.resynced = -1  # the version a vLLM restart pushed (the trainer's weights then)
-        self.ready: dict[int, Produced] = dict(ready or {})  # step -> finished rollout, not yet taken
-        self.next_step = max(self.ready, default=schedule.start) + 1  # the next step to generate
+        self.ready: dict[int, Produced] = {}  # step -> finished rollout, not yet taken
+        self.next_step = schedule.start + 1  # the next step to generate
         self.idle = False  # the producer waits for a version (nothing in flight)
         self.spans: list[tuple[float, float]] = []  # (start, end) of each produce, the last maybe open
         self.error: Optional[BaseException] = None
         self.stopping = False
         self.cond = threading.Condition()
-        self.updating = threading.Lock()  # held while the trainer changes its weights
         self.thread = threading.Thread(target=self._loop, name="rollout-producer", daemon=True)
 
-    def start(self) -> "RolloutPipeline":
+    def load_state_dict(self, state: dict[int, Produced]) -> None:
+        self.ready = dict(state)
+        self.next_step = max(self.ready, default=self.schedule.start) + 1
+
+    def start(self) -> None:
         self.thread.start()
-        return self
 
     def _loop(self) -> None:
         try:
@@ -156,7 +196,7 @@ class RolloutPipeline:
                 rollout, seconds = self.produce(step)
                 with self.cond:
                     self.spans[-1] = (began, time.perf_counter())
-                    version = max(self.schedule.version_for(step), self.resynced)  # a restart pushed newer
+                    version = max(self.schedule.version_for(step), self.versions.resynced)  # a restart pushed newer
                     self.ready[step] = Produced(rollout, version,
                                                 {**seconds, "time_wait_weights": waited})
                     self.next_step = step + 1
@@ -192,25 +232,9 @@ class RolloutPipeline:
         last = min(self.schedule.last_before(version), self.steps)
         self._wait(lambda: self.next_step > last)
 
-    @contextmanager
-    def update(self, step: int) -> Iterator[None]:
+    def update(self, step: int) -> ContextManager[None]:
         """Around the trainer's optimizer step: a vLLM restart in the producer re-syncs only whole weights."""
-        with self.updating:
-            yield
-            self.trainer_version = step
-
-    def resync(self, push: Callable[[int], object]) -> Callable[[int], object]:
-        """`push` (the guard's re-sync after a vLLM restart) run between optimizer steps, recording
-        the version vLLM then serves: a restart's regenerated rollout is tagged with it."""
-
-        def locked(step: int):  # the producer's step; the weights pushed are the trainer's version
-            with self.updating:
-                out = push(self.trainer_version)
-                with self.cond:
-                    self.resynced = self.trainer_version
-                return out
-
-        return locked
+        return self.versions.update(step)
 
     def publish(self, step: int) -> None:
         """The trainer is done with `step` (its sync, eval and checkpoint): the producer may
@@ -224,7 +248,7 @@ class RolloutPipeline:
             self.spans = [s for s in self.spans if s[1] > start]  # the trainer asks in time order
             return sum(max(0.0, min(e, end) - max(b, start)) for b, e in self.spans)
 
-    def in_flight(self) -> dict[int, Produced]:
+    def state_dict(self) -> dict[int, Produced]:
         """The finished rollouts not yet trained on, once the producer is idle (for a checkpoint)."""
         self._wait(lambda: self.idle)
         with self.cond:

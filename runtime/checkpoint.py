@@ -1,7 +1,8 @@
 """Checkpoints that make a resumed run continue exactly where the saved one stopped.
 
 `<run_dir>/checkpoints/step-XXXXXX/` holds the policy (`Policy.save`: the full model, or the
-LoRA adapter), `trainer.pt` (optimizer, scheduler, torch/python RNG states, env cursor, step)
+LoRA adapter), `trainer.pt` (the step, the optimizer, and every stateful part's `state_dict()`: scheduler, env
+cursor, loss, guard, rollouts in flight, RNGs)
 and, written last, `COMPLETE` (a JSON manifest). It is built in a `.tmp-*` directory, fsynced,
 then renamed into place, so a crash mid-save leaves only a temp dir that is never picked.
 Nothing else writes under `checkpoints/` (mode=legacy serves its copies from `<run_dir>/served/`),
@@ -21,7 +22,8 @@ import random
 import shutil
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Protocol
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -79,18 +81,35 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _trainer_state(run, step: int) -> dict:
-    return {
-        "step": step,
-        "scheduler": run.scheduler.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "python_rng": random.getstate(),
-        "env": run.env.state_dict(),
-        "vllm_restarts": run.guard.restarts,
-        "loss": run.loss.state_dict(),  # e.g. the adaptive entropy coefficient
-        # train.max_staleness > 0: the rollouts generated ahead, not yet trained on (runtime/async_rollout.py)
-        "rollouts": run.rollouts.in_flight(),
-    }
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class RandomState:
+    """The torch and python RNGs as a part with state: restored last, so the run draws what the
+    saved one would have drawn, whatever building it drew."""
+
+    def state_dict(self) -> dict:
+        return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+    def load_state_dict(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        random.setstate(state["python"])
+
+
+@dataclass(frozen=True)
+class Saved:
+    """A complete checkpoint, read once: its step, and each part's state by name."""
+
+    path: Path
+    step: int
+    parts: dict[str, dict]
+
+    @property
+    def sharded(self) -> bool:
+        return (self.path / SHARDED).is_dir()
 
 
 def _mark_complete(tmp: Path, step: int) -> None:
@@ -99,33 +118,36 @@ def _mark_complete(tmp: Path, step: int) -> None:
     (tmp / MARKER).write_text(json.dumps({"step": step, "files": files}))  # last: after the files are durable
 
 
-def save(run, step: int) -> Path:
-    """Write the checkpoint of `step` atomically; returns its directory."""
-    final = checkpoint_dir(run.run_dir, step)
+def save(run_dir: Path, step: int, policy, optimizer, parts: Mapping[str, Stateful]) -> Path:
+    """Write the checkpoint of `step` atomically: the policy's weights, the optimizer, and every
+    part's `state_dict()` (scheduler, env cursor, loss, guard, rollouts in flight, RNGs); returns
+    its directory."""
+    final = checkpoint_dir(run_dir, step)
+    states = {"step": step, **{name: part.state_dict() for name, part in parts.items()}}
     if distributed.world_size() > 1:
-        return save_sharded(run, step, final)
+        return save_sharded(policy, optimizer, states, step, final)
     with atomic_dir(final) as tmp:
-        run.policy.save(tmp / "policy")
-        torch.save({**_trainer_state(run, step), "optimizer": run.optimizer.state_dict()}, tmp / "trainer.pt")
+        policy.save(tmp / "policy")
+        torch.save({**states, "optimizer": optimizer.state_dict()}, tmp / "trainer.pt")
         _mark_complete(tmp, step)
     return final
 
 
-def _sharded_state(run) -> dict:
-    model, optimizer = get_state_dict(run.policy.model, run.optimizer, options=TRAINED)
-    return {"model": model, "optimizer": optimizer}
+def _sharded_state(policy, optimizer) -> dict:
+    model, optim = get_state_dict(policy.model, optimizer, options=TRAINED)
+    return {"model": model, "optimizer": optim}
 
 
-def save_sharded(run, step: int, final: Path) -> Path:
+def save_sharded(policy, optimizer, states: dict, step: int, final: Path) -> Path:
     """Every rank writes its shards into rank 0's temp dir (a filesystem all ranks see); rank 0
     marks it complete once `dcp.save` has returned, i.e. once every rank's files are written, and
     renames it into place. A rank dying mid-save leaves a `.tmp-*` dir without a marker."""
     main = distributed.is_main()
     with atomic_dir(final) if main else nullcontext() as tmp:
         tmp = Path(distributed.broadcast_object(str(tmp) if main else None))
-        dcp.save(_sharded_state(run), checkpoint_id=tmp / SHARDED)
+        dcp.save(_sharded_state(policy, optimizer), checkpoint_id=tmp / SHARDED)
         if main:
-            torch.save(_trainer_state(run, step), tmp / "trainer.pt")
+            torch.save(states, tmp / "trainer.pt")
             _mark_complete(tmp, step)
     distributed.barrier()  # no rank goes on before the checkpoint is in place
     return final
@@ -175,25 +197,20 @@ def load_policy_weights(policy, ckpt: Path) -> None:
     policy.model.load_state_dict(saved.state_dict())
 
 
-def saved_rollouts(ckpt: Path) -> dict:
-    """The rollouts a run with train.max_staleness > 0 had generated ahead at the checkpoint."""
-    return torch.load(Path(ckpt) / "trainer.pt", weights_only=False).get("rollouts", {})
-
-
-def load_trainer_state(run, ckpt: Path) -> int:
-    """Restore optimizer, scheduler, env cursor and RNGs; returns the checkpoint's step."""
+def read(ckpt: Path) -> Saved:
+    """The checkpoint's trainer state, read once (its policy weights: `load_policy_weights`)."""
     state = torch.load(Path(ckpt) / "trainer.pt", weights_only=False)
-    if (Path(ckpt) / SHARDED).is_dir():
-        sharded = _sharded_state(run)
-        dcp.load(sharded, checkpoint_id=Path(ckpt) / SHARDED)
-        set_state_dict(run.policy.model, run.optimizer, model_state_dict=sharded["model"],
+    return Saved(Path(ckpt), state.pop("step"), state)
+
+
+def restore(saved: Saved, policy, optimizer, parts: Mapping[str, Stateful]) -> None:
+    """Load the optimizer and every part from `saved`, in `parts`' order (put the RNGs last)."""
+    if saved.sharded:
+        sharded = _sharded_state(policy, optimizer)
+        dcp.load(sharded, checkpoint_id=saved.path / SHARDED)
+        set_state_dict(policy.model, optimizer, model_state_dict=sharded["model"],
                        optim_state_dict=sharded["optimizer"], options=LOAD_TRAINED)
     else:
-        run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.env.load_state_dict(state["env"])
-    run.guard.restarts = state["vllm_restarts"]
-    run.loss.load_state_dict(state["loss"])
-    torch.set_rng_state(state["torch_rng"])
-    random.setstate(state["python_rng"])
-    return state["step"]
+        optimizer.load_state_dict(saved.parts["optimizer"])
+    for name, part in parts.items():
+        part.load_state_dict(saved.parts[name])

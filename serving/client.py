@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 from grpo.data import Completion
+from grpo.seeds import prompt_seeds
 from serving.server import Deadline, VLLMServer
 
 
@@ -36,12 +37,13 @@ class VLLMClient:
         self.ignore_eos = ignore_eos  # every completion runs to max_tokens (benchmarks: equal token counts)
 
     def generate(self, prompt_ids: list[list[int]], n: int, seed: Optional[int] = None) -> list[list[Completion]]:
-        """With `seed`, sample j of prompt i uses seed + i*n + j (vLLM gives sample j seed + j).
-        A request has one seed for all its prompts, and equal seeds make different prompts draw
-        near-identical completions, so seeded prompts go as concurrent requests (vLLM batches them)."""
+        """With `seed`, each prompt's request gets its own (grpo/seeds.py prompt_seeds). A request
+        has one seed for all its prompts, and equal seeds make different prompts draw near-identical
+        completions, so seeded prompts go as concurrent requests (vLLM batches them)."""
         if seed is not None and len(prompt_ids) > 1:
             with ThreadPoolExecutor(len(prompt_ids)) as pool:
-                parts = pool.map(lambda i: self.generate([prompt_ids[i]], n, seed + i * n), range(len(prompt_ids)))
+                parts = pool.map(lambda ps: self.generate([ps[0]], n, ps[1]),
+                                 zip(prompt_ids, prompt_seeds(seed, len(prompt_ids), n)))
                 return [group for part in parts for group in part]
         payload = {
             "model": self.model,

@@ -49,6 +49,12 @@ class RestartGuard:
             self.on_restart(step, reason=reason[:500], **info, restarts=self.restarts,
                             restart_s=round(time.perf_counter() - t, 1))
 
+    def state_dict(self) -> dict:
+        return {"restarts": self.restarts}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.restarts = state["restarts"]
+
     def call(self, step: int, fn: Callable[[], T]) -> T:
         if not self.server.external and not self.server.alive():
             self.restart(step, "server process not alive")
@@ -70,6 +76,12 @@ class Unguarded:
     it would re-sync from rank 0 alone, while a sharded model's sync is a collective of all ranks."""
 
     restarts = 0
+
+    def state_dict(self) -> dict:
+        return {"restarts": 0}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
     def call(self, step: int, fn: Callable[[], T]) -> T:
         return fn()

@@ -28,13 +28,9 @@ from typing import Any, Optional
 from urllib.parse import urlparse
 
 import requests
-import torch
-from omegaconf import OmegaConf
 
 from grpo import REPO_ROOT
 from runtime.config import DeadlinesConfig
-from grpo.precision import dtype_name, served_dtype
-from runtime.tiny_model import build_tiny_model
 
 LIFELINE = Path(__file__).with_name("lifeline.py")
 
@@ -350,16 +346,6 @@ def require_key_beyond_loopback(host: str, base_url: Optional[str], api_key: Opt
                          "/health then requires it), or keep server.host=127.0.0.1.")
 
 
-def model_path(cfg) -> str:
-    """The weights vLLM serves and the trainer starts from: the locally built tiny model, or
-    `model.path` (a hub id or a local dir)."""
-    if cfg.model.tiny is not None:
-        return str(build_tiny_model(OmegaConf.to_object(cfg.model.tiny)))
-    if not cfg.model.path:
-        raise ValueError("set model.path (hub id or local dir) or model.tiny")
-    return cfg.model.path
-
-
 def cpu_list(cpus: list[int]) -> str:
     """`0,2,3`: the form vLLM's thread binding and the lifeline's `--cpus` read."""
     return ",".join(map(str, cpus))
@@ -373,60 +359,3 @@ def cpu_binding(workers: int, cpus: list[int]) -> str:
         size = len(cpus) // workers
         return "|".join(cpu_list(cpus[i * size:(i + 1) * size]) for i in range(workers))
     return "|".join(str(cpus[i % len(cpus)]) for i in range(workers))
-
-
-def served_dtype_name(cfg, server: VLLMServer) -> str:
-    """`model.dtype` as served: for a server we start, `auto` resolved on hardware.device; an
-    attached server is asked, and `auto` takes what it serves (an explicit dtype must match it)."""
-    if not server.external:
-        return dtype_name(served_dtype(cfg.model.dtype, cfg.hardware.device))
-    server.start()  # waits until it answers
-    actual = server.served_dtype()
-    if cfg.model.dtype not in ("auto", actual):
-        raise ValueError(f"model.dtype={cfg.model.dtype}, but the server at {server.base_url} serves {actual}: "
-                         f"set model.dtype={actual} or auto, or start the server with model.dtype={cfg.model.dtype}")
-    return actual
-
-
-def server_from_config(cfg, model_path: str, run_dir: Optional[Path], extra_args: tuple[str, ...] = (),
-                       extra_env: Optional[dict[str, str]] = None) -> VLLMServer:
-    """Build the server from the `model`, `hardware` and `server` groups; `extra_args` and
-    `extra_env` are what the mode's bridge needs (`Bridge.server_args()`/`server_env()`).
-    vLLM logs to `<run_dir>/vllm.log`, or to our stdout without a run dir."""
-    hw, srv = cfg.hardware, cfg.server
-    args = [
-        "--served-model-name", cfg.model.served_name,
-        "--dtype", dtype_name(served_dtype(cfg.model.dtype, hw.device)),
-        "--max-model-len", str(cfg.model.max_model_len),
-        "--gpu-memory-utilization", str(hw.gpu_memory_utilization),
-        "--tensor-parallel-size", str(hw.vllm_tp),
-        "--data-parallel-size", str(hw.vllm_dp),
-        "--max-num-seqs", str(hw.max_num_seqs),
-        "--seed", str(cfg.train.seed),
-        # Sampled logprobs after temperature, as the trainer computes them.
-        "--logprobs-mode", "processed_logprobs",
-        "--worker-extension-cls", "bridges.vllm_worker.WorkerExtension",
-        *hw.server_args,
-        *extra_args,
-        *srv.extra_args,  # the user's, last
-    ]
-    env = {"VLLM_SERVER_DEV_MODE": "1"}
-    if (hw.vllm_cpus or hw.vllm_tp * hw.vllm_dp > 1) and not torch.cuda.is_available():
-        cpus = sorted(hw.vllm_cpus or os.sched_getaffinity(0))
-        env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_binding(hw.vllm_tp * hw.vllm_dp, cpus)
-    env.update({**hw.server_env, **(extra_env or {})})  # explicit settings win
-    if hw.vllm_devices is not None:
-        env["CUDA_VISIBLE_DEVICES"] = hw.vllm_devices
-    return VLLMServer(
-        model_path,
-        args=args,
-        env=env,
-        log_path=run_dir / "vllm.log" if run_dir else None,
-        host=srv.host,
-        port=srv.port,
-        base_url=srv.base_url,
-        api_key=srv.api_key,
-        startup_timeout_s=srv.startup_timeout_s,
-        deadlines=OmegaConf.to_object(srv.deadlines),
-        cpus=None if torch.cuda.is_available() else hw.vllm_cpus,
-    )

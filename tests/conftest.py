@@ -37,7 +37,7 @@ def make_cfg(*overrides: str):
 
 @pytest.fixture(scope="session")
 def tiny_model_path() -> str:
-    from serving.server import model_path
+    from lab.server import model_path
 
     return model_path(make_cfg())
 
@@ -46,13 +46,13 @@ def tiny_model_path() -> str:
 def vllm_server(tiny_model_path, tmp_path_factory):
     """A real vLLM server on the tiny model, LoRA enabled so the LoRA tests can share it. It serves
     fp32 on every CPU (the bridges' exact checks); a run attached to it with model.dtype=auto
-    takes that dtype from it (serving/server.py served_dtype_name)."""
+    takes that dtype from it (lab/server.py served_dtype_name)."""
     from bridges.lora import LoraBridge
-    from serving.server import server_from_config
+    from lab.server import build_server
 
     lora = LoraBridge()  # the flags and environment mode=lora starts its server with
-    server = server_from_config(make_cfg("mode=reload", "model.dtype=float32"), tiny_model_path, tmp_path_factory.mktemp("vllm"),
-                                extra_args=lora.server_args(), extra_env=lora.server_env())
+    server = build_server(make_cfg("mode=reload", "model.dtype=float32"), tmp_path_factory.mktemp("vllm"), bridge=lora,
+                      model=tiny_model_path)
     server.start()
     yield server
     server.stop()

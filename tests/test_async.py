@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import make_cfg
-from runtime.async_rollout import RolloutPipeline, Schedule, check_mode
+from runtime.async_rollout import RolloutPipeline, Schedule, WeightVersions, check_mode
 from grpo.loss import grpo_loss
 
 
@@ -32,6 +32,14 @@ def test_schedule_with_sync_every_uses_the_last_synced_version():
     schedule = Schedule(1, sync_every=2)
     assert [schedule.version_for(s) for s in range(1, 9)] == [0, 0, 0, 2, 2, 4, 4, 6]
     assert schedule.last_before(2) == 3 and schedule.last_before(4) == 5
+
+
+def started(produce, schedule: Schedule, steps: int, ready: dict | None = None) -> RolloutPipeline:
+    """A running producer, resumed with the `ready` rollouts a checkpoint held."""
+    pipeline = RolloutPipeline(produce, schedule, steps, WeightVersions(schedule.start))
+    pipeline.load_state_dict(ready or {})
+    pipeline.start()
+    return pipeline
 
 
 class FakeLoop:
@@ -69,14 +77,14 @@ class FakeLoop:
                     self.syncs_during_request += self.in_request
                     self.served = step
             if step == checkpoint_at:
-                saved = pipeline.in_flight()
+                saved = pipeline.state_dict()
         return trained, saved
 
 
 @pytest.mark.parametrize("k", [1, 2])
 def test_pipeline_generates_each_step_on_its_scheduled_version(k):
     loop = FakeLoop(k, steps=8)
-    pipeline = RolloutPipeline(loop.produce, Schedule(k), loop.steps).start()
+    pipeline = started(loop.produce, Schedule(k), loop.steps)
     try:
         trained, _ = loop.run(pipeline)
     finally:
@@ -92,14 +100,14 @@ def test_pipeline_generates_each_step_on_its_scheduled_version(k):
 def test_in_flight_rollouts_resume_the_same_schedule():
     k, steps = 2, 7
     straight_loop = FakeLoop(k, steps)
-    pipeline = RolloutPipeline(straight_loop.produce, Schedule(k), steps).start()
+    pipeline = started(straight_loop.produce, Schedule(k), steps)
     straight, saved = straight_loop.run(pipeline, checkpoint_at=3)
     pipeline.stop()
     assert sorted(saved) == [4, 5]  # generated ahead on versions 1 and 2, not yet trained on
 
     resumed_loop = FakeLoop(k, steps)
     resumed_loop.served = 3  # the resumed run's initial sync installs the checkpoint's weights
-    pipeline = RolloutPipeline(resumed_loop.produce, Schedule(k, start=3), steps, ready=saved).start()
+    pipeline = started(resumed_loop.produce, Schedule(k, start=3), steps, ready=saved)
     resumed, _ = resumed_loop.run(pipeline, first=4)
     pipeline.stop()
     assert resumed == straight[3:]
@@ -114,7 +122,7 @@ def test_schedule_after_resume_between_syncs_uses_the_checkpoint_version():
 def test_rollouts_after_resume_between_syncs_are_tagged_with_what_vllm_served():
     loop = FakeLoop(1, steps=8, sync_every=2)
     loop.served = 3  # the resumed run's initial sync installs the checkpoint's weights
-    pipeline = RolloutPipeline(loop.produce, Schedule(1, sync_every=2, start=3), loop.steps).start()
+    pipeline = started(loop.produce, Schedule(1, sync_every=2, start=3), loop.steps)
     try:
         trained, _ = loop.run(pipeline, first=4)
     finally:
@@ -130,7 +138,7 @@ def test_busy_counts_the_generation_that_ran_beside_the_trainer():
         time.sleep(0.3)
         return step, {"time_generate": 0.3, "time_score": 0.0}
 
-    pipeline = RolloutPipeline(produce, Schedule(1), steps=3).start()
+    pipeline = started(produce, Schedule(1), steps=3)
     try:
         pipeline.take(1)  # publishes version 0: step 2's rollout starts now, step 3's waits for version 1
         start = time.perf_counter()
@@ -146,7 +154,7 @@ def test_a_producer_failure_reaches_the_trainer():
     def produce(step):
         raise ConnectionError("vLLM is gone")
 
-    pipeline = RolloutPipeline(produce, Schedule(1), steps=3).start()
+    pipeline = started(produce, Schedule(1), steps=3)
     with pytest.raises(RuntimeError, match="producer failed") as info:
         pipeline.take(1)
     assert isinstance(info.value.__cause__, ConnectionError)

@@ -40,11 +40,11 @@ CASES = {
 def bf16_server(tiny_model_path, tmp_path_factory):
     """A bf16 vLLM server on the tiny model, started with mode=lora's flags so LoRA can attach."""
     from bridges.lora import LoraBridge
-    from serving.server import server_from_config
+    from lab.server import build_server
 
     lora = LoraBridge()
-    server = server_from_config(make_cfg("mode=reload", *BF16), tiny_model_path, tmp_path_factory.mktemp("vllm-bf16"),
-                                extra_args=lora.server_args(), extra_env=lora.server_env())
+    server = build_server(make_cfg("mode=reload", *BF16), tmp_path_factory.mktemp("vllm-bf16"), bridge=lora,
+                      model=tiny_model_path)
     server.start()
     yield server
     server.stop()

@@ -4,6 +4,8 @@ is only exposed as configured."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import contextlib
 import json
 import os
@@ -18,10 +20,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import instantiate
 
 from bridges.base import SyncStats
 from bridges.reload import ReloadBridge
-from serving.server import VLLMServer, server_from_config
+from serving.server import VLLMServer
+from lab.server import build_server
 from conftest import REPO, SEEDED, make_cfg, run_precision, straight_run
 from envs.synthetic import DigitsEnv
 from runtime import checkpoint
@@ -36,6 +40,8 @@ from serving.lifeline import group_members
 from grpo.seeds import rollout_seed
 from lab.loop import train, train_step
 from lab.run import Run
+from lab.sampler import Sampler
+from runtime.async_rollout import InlineRollouts
 
 QUIET = ("log.wandb.mode=disabled", "log.progress=false", "train.prompts_per_step=2", "train.group_size=4",
          "rollout.max_tokens=8")
@@ -61,29 +67,42 @@ class SavingPolicy:
         torch.save(self.model.state_dict(), Path(out) / "weights.pt")
 
 
-def small_run(tmp_path) -> Run:
-    policy = SavingPolicy()
-    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    return Run(cfg=None, run_dir=tmp_path, env=DigitsEnv(num_prompts=8), policy=policy, server=None, client=None,
-               bridge=None, loss=GRPOLoss(use_adaptive_entropy=True), optimizer=optimizer, scheduler=scheduler,
-               logger=None,
-               guard=RestartGuard(None, "m", resync=lambda step: None))
+@dataclass
+class Trainer:
+    """What a checkpoint saves: a policy, its optimizer and the parts with state, all real."""
+
+    policy: SavingPolicy = field(default_factory=SavingPolicy)
+    env: DigitsEnv = field(default_factory=lambda: DigitsEnv(num_prompts=8))
+    loss: GRPOLoss = field(default_factory=lambda: GRPOLoss(use_adaptive_entropy=True))
+    guard: RestartGuard = field(default_factory=lambda: RestartGuard(None, "m", resync=lambda step: None))
+
+    def __post_init__(self):
+        self.optimizer = torch.optim.AdamW(self.policy.model.parameters(), lr=0.1)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0)
+
+    def parts(self) -> dict:
+        return {"scheduler": self.scheduler, "env": self.env, "loss": self.loss, "guard": self.guard,
+                "rng": checkpoint.RandomState()}
+
+    def save(self, run_dir, step: int) -> Path:
+        return checkpoint.save(run_dir, step, self.policy, self.optimizer, self.parts())
 
 
 def test_checkpoint_round_trip_restores_cursor_rng_and_optimizer(tmp_path):
-    run = small_run(tmp_path)
+    run = Trainer()
     run.policy.model(torch.ones(1, 3)).sum().backward()
     run.optimizer.step()
     run.env.sample(3)
     torch.manual_seed(5)
     run.guard.restarts = 2
     run.loss.entropy_bonus.coef, run.loss.entropy_bonus.last_entropy = 0.035, 0.125  # the adaptive bonus's state
-    ckpt = checkpoint.save(run, 7)
+    ckpt = run.save(tmp_path, 7)
     expected_prompts, expected_draw = run.env.sample(2), torch.rand(3)
 
-    other = small_run(tmp_path)
-    assert checkpoint.load_trainer_state(other, checkpoint.newest_complete(tmp_path)) == 7
+    other = Trainer()
+    saved = checkpoint.read(checkpoint.newest_complete(tmp_path))
+    checkpoint.restore(saved, other.policy, other.optimizer, other.parts())
+    assert saved.step == 7
     assert ckpt.name == "step-000007" and json.loads((ckpt / "COMPLETE").read_text())["step"] == 7
     assert other.env.sample(2) == expected_prompts
     assert torch.equal(torch.rand(3), expected_draw)
@@ -93,9 +112,9 @@ def test_checkpoint_round_trip_restores_cursor_rng_and_optimizer(tmp_path):
 
 
 def test_partial_checkpoints_are_never_picked(tmp_path):
-    run = small_run(tmp_path)
-    checkpoint.save(run, 2)
-    checkpoint.save(run, 4)
+    run = Trainer()
+    run.save(tmp_path, 2)
+    run.save(tmp_path, 4)
     root = tmp_path / "checkpoints"
     (root / "step-000006").mkdir()  # renamed without a marker (cannot happen, but must not count)
     (root / ".tmp-step-000008-123").mkdir()  # a save killed half-way
@@ -108,7 +127,7 @@ def test_partial_checkpoints_are_never_picked(tmp_path):
 def test_resume_path_starts_from_the_cwd_and_must_name_something(tmp_path, monkeypatch):
     """resume=run typed in tmp_path is tmp_path/run (train.py keeps the cwd); typed elsewhere it
     names nothing, and says so with the path it looked at."""
-    checkpoint.save(small_run(tmp_path / "run"), 3)
+    Trainer().save(tmp_path / "run", 3)
     monkeypatch.chdir(tmp_path)
     assert checkpoint.newest_complete("run") == Path("run/checkpoints/step-000003")
     monkeypatch.chdir(tmp_path / "run")
@@ -117,15 +136,15 @@ def test_resume_path_starts_from_the_cwd_and_must_name_something(tmp_path, monke
 
 
 def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    run = small_run(tmp_path)
-    checkpoint.save(run, 2)
+    run = Trainer()
+    run.save(tmp_path, 2)
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpoint.torch, "save", crash)
     with pytest.raises(OSError, match="disk full"):
-        checkpoint.save(run, 4)
+        run.save(tmp_path, 4)
     assert not (tmp_path / "checkpoints" / "step-000004").exists()
     assert checkpoint.newest_complete(tmp_path) == tmp_path / "checkpoints" / "step-000002"
 
@@ -156,11 +175,16 @@ def serverless_run(tmp_path, tiny_model_path, cfg) -> Run:
     policy = Policy(tiny_model_path)
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-2)
     attached = VLLMServer("m", args=[], env={}, log_path=tmp_path / "vllm.log", base_url="http://127.0.0.1:9")
-    return Run(cfg=cfg, run_dir=tmp_path, env=DigitsEnv(), policy=policy, server=attached, client=FakeClient(),
-               bridge=FakeBridge(), loss=GRPOLoss(), optimizer=optimizer,
+    env, client, guard = DigitsEnv(), FakeClient(), RestartGuard(attached, "m", resync=lambda step: None)
+    overlong = instantiate(cfg.overlong, default_length=cfg.rollout.max_tokens)
+    sample = Sampler(env, policy.encode_chat, client, guard, overlong, cfg.train)
+    return Run(cfg=cfg, run_dir=tmp_path, precision=policy.precision, env=env, policy=policy, server=attached,
+               client=client, bridge=FakeBridge(), optimizer=optimizer,
+               loss=instantiate(cfg.loss, max_completion_length=cfg.rollout.max_tokens),
                scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
-               logger=RunLogger(tmp_path, cfg, total_steps=2),
-               guard=RestartGuard(attached, "m", resync=lambda step: None))
+               logger=RunLogger(tmp_path, cfg, total_steps=2), guard=guard, sampler=sample,
+               rollouts=InlineRollouts(sample),
+               evaluator=None)
 
 
 def test_non_finite_gradient_skips_the_update_logs_it_and_the_run_goes_on(tmp_path, tiny_model_path):
@@ -200,10 +224,10 @@ class HeaderEcho(BaseHTTPRequestHandler):
 
 
 def test_server_binds_loopback_unless_configured(tmp_path):
-    default = server_from_config(make_cfg(), "m", tmp_path).command()
+    default = build_server(make_cfg(), tmp_path, model="m").command()
     assert default[default.index("--host") + 1] == "127.0.0.1"
     assert "--api-key" not in default and "--middleware" not in default
-    wide = server_from_config(make_cfg("server.host=0.0.0.0", "server.api_key=k"), "m", tmp_path).command()
+    wide = build_server(make_cfg("server.host=0.0.0.0", "server.api_key=k"), tmp_path, model="m").command()
     assert wide[wide.index("--host") + 1] == "0.0.0.0"
 
 
@@ -212,17 +236,17 @@ def test_server_binds_loopback_unless_configured(tmp_path):
 def test_no_server_beyond_loopback_without_a_key(tmp_path, override):
     key = override.split("=")[0]
     with pytest.raises(ValueError, match=rf"{key}=.*server\.api_key"):
-        server_from_config(make_cfg(override), "m", tmp_path)
-    server_from_config(make_cfg(override, "server.api_key=k"), "m", tmp_path)  # with a key: fine
+        build_server(make_cfg(override), tmp_path, model="m")
+    build_server(make_cfg(override, "server.api_key=k"), tmp_path, model="m")  # with a key: fine
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:8000", "http://localhost:8000", "http://[::1]:8000"])
 def test_loopback_attach_needs_no_key(tmp_path, url):
-    assert server_from_config(make_cfg(f"server.base_url='{url}'"), "m", tmp_path).external
+    assert build_server(make_cfg(f"server.base_url='{url}'"), tmp_path, model="m").external
 
 
 def test_api_key_guards_every_route_and_goes_into_every_request(tmp_path):
-    server = server_from_config(make_cfg("server.api_key=s3cret"), "m", tmp_path)
+    server = build_server(make_cfg("server.api_key=s3cret"), tmp_path, model="m")
     cmd = server.command()
     assert cmd[cmd.index("--middleware") + 1] == "serving.auth.RequireApiKey"
     assert "s3cret" not in " ".join(cmd)  # the key goes by environment, not where `ps` shows it

@@ -117,14 +117,11 @@ def test_a_missing_reward_is_left_out_and_counted_never_a_zero(tmp_path, tiny_mo
 def test_a_step_with_every_loss_option_trains_and_logs_them(tmp_path, tiny_model_path):
     """VESPO with the entropy bonus (adaptive), the entropy and off-policy masks, two passes, the
     overlong component and dynamic sampling through train_step: each shows in the metrics."""
-    from envs.overlong import OverlongPenalty
-    from grpo.loss import GRPOLoss
-
-    run = serverless_run(tmp_path, tiny_model_path, make_cfg(*QUIET, "train.num_iterations=2",
-                                                             "train.dynamic_sampling=true"))
-    run.loss = GRPOLoss(loss_type="vespo", entropy_coef=0.01, use_adaptive_entropy=True, entropy_target=100.0,
-                        top_entropy_quantile=0.5, off_policy_mask_threshold=0.0, max_completion_length=8)
-    run.overlong = OverlongPenalty(weight=0.5, cache=6, default_length=8)  # FakeClient's 4 tokens: -1/3
+    run = serverless_run(tmp_path, tiny_model_path, make_cfg(
+        *QUIET, "train.num_iterations=2", "train.dynamic_sampling=true", "loss=vespo", "loss.entropy_coef=0.01",
+        "loss.use_adaptive_entropy=true", "loss.entropy_target=100.0", "loss.top_entropy_quantile=0.5",
+        "loss.off_policy_mask_threshold=0.0",
+        "overlong.weight=0.5", "overlong.cache=6"))  # rollout.max_tokens=8, FakeClient's 4 tokens: -1/3
     run.env.score = lambda prompts, completions: [[{"digits": r} for r in (0.0, 1.0, 0.5, 0.25)]
                                                   for _ in prompts]
     metrics = train_step(run, 1)

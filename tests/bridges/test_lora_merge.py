@@ -20,7 +20,7 @@ from runtime.config import LoraConfig
 from grpo.policy import Policy
 from serving.client import VLLMClient
 from test_lora import bump_adapter
-from serving.server import model_path
+from lab.server import model_path
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])

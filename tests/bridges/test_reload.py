@@ -8,7 +8,7 @@ import pytest
 
 from bridges.legacy import LegacyBridge
 from bridges.reload import ReloadBridge
-from serving.server import server_from_config
+from lab.server import build_server
 from conftest import PROBE_TOL as TOL
 from conftest import make_cfg, perturb, restore_pristine
 from grpo.policy import Policy
@@ -41,7 +41,7 @@ def test_reload_bridge_serves_new_weights(vllm_server, tiny_model_path, tmp_path
 
 @pytest.mark.heavy  # two server starts; CI restarts legacy in tests/bridges/test_legacy.py
 def test_legacy_bridge_restarts_on_checkpoint(tiny_model_path, tmp_path):
-    server = server_from_config(make_cfg("mode=legacy", "model.dtype=float32"), tiny_model_path, tmp_path).start()
+    server = build_server(make_cfg("mode=legacy", "model.dtype=float32"), tmp_path, model=tiny_model_path).start()
     try:
         first_url = server.base_url
         stats = check_bridge(LegacyBridge(probe_tolerance=TOL), Policy(tiny_model_path), server, tmp_path)

@@ -14,7 +14,7 @@ from conftest import make_cfg
 from runtime.config import LoraConfig
 from grpo.policy import Policy
 from test_lora import bump_adapter
-from serving.server import model_path
+from lab.server import model_path
 
 
 def saved(out) -> dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ import torch
 from hydra.utils import instantiate
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from serving.server import server_from_config
+from lab.server import build_server
 from bridges.names import FUSED, NameMapError, hf_views, name_map
 from bridges.shared import SharedBridge, SharedWeightsError, attach, check_worker, meta_model
 from bridges.shared_memory import SHM, remove_stale, segment_name
@@ -36,7 +36,7 @@ from test_faults import QUIET, start_trainer_and_kill
 from test_final import HF_TOL, hf_probe, max_diff, probe_ids, spy_final  # noqa: F401 (spy_final: a fixture)
 from test_train import SHORT_RUN, assert_learns, read_jsonl
 from lab.loop import train
-from serving.server import model_path
+from lab.server import model_path
 
 TOL = 1e-3
 # fp32 on every CPU (model.dtype=auto would serve bf16, pure, where it is native): these tests check
@@ -182,8 +182,7 @@ def big_server(tmp_path_factory):
     still computes from its packed GEMM weights, before the first export switches to F.linear."""
     cfg = make_cfg("mode=shared", FP32, *BIG)
     path = model_path(cfg)
-    server = server_from_config(cfg, path, tmp_path_factory.mktemp("vllm-shared"),
-                                extra_args=SharedBridge().server_args()).start()
+    server = build_server(cfg, tmp_path_factory.mktemp("vllm-shared"), bridge=SharedBridge(), model=path).start()
     try:
         server.packed_tokens_per_s = generated_tokens_per_s(server)
         yield server, path

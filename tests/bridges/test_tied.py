@@ -12,10 +12,10 @@ from transformers import AutoModelForCausalLM
 
 from conftest import PROBE_TOL, make_cfg, restore_pristine
 from runtime.config import LoraConfig
-from serving.server import server_from_config
+from lab.server import build_server
 from test_faults import QUIET, read_jsonl
 from lab.loop import train
-from serving.server import model_path
+from lab.server import model_path
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +25,7 @@ TIED = ("model.tiny.tie_word_embeddings=true", "model.dtype=float32", "hardware.
 @pytest.fixture(scope="module")
 def tied_server(tmp_path_factory):
     path = model_path(make_cfg(*TIED))
-    server = server_from_config(make_cfg(*TIED), path, tmp_path_factory.mktemp("vllm-tied")).start()
+    server = build_server(make_cfg(*TIED), tmp_path_factory.mktemp("vllm-tied"), model=path).start()
     try:
         yield server, path
     finally:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
@@ -27,14 +25,18 @@ TIED, SPREAD = [1.0, 1.0], [0.0, 1.0]
 ROUNDS = [[TIED, SPREAD, TIED, SPREAD], [SPREAD, TIED, TIED, TIED], [TIED, SPREAD, SPREAD, TIED]]
 
 
-def cfg(**kw):
-    return SimpleNamespace(**{"dynamic_sampling": True, "max_sampling_rounds": 4, "prompts_per_step": 4,
-                              "group_size": 2, **kw})
+def cfg(**kw) -> dict:
+    return {"dynamic_sampling": True, "max_sampling_rounds": 4, "prompts_per_step": 4, "group_size": 2, **kw}
+
+
+def sizes(c: dict) -> tuple[int, int, int]:
+    """sample_groups' (want, group_size, max_rounds) for train settings `c`."""
+    return c["prompts_per_step"], c["group_size"], c["max_sampling_rounds"] if c["dynamic_sampling"] else 0
 
 
 def test_keeps_untied_groups_in_order_until_the_step_is_full():
     drawn = []
-    out = sample_groups(lambda r: drawn.append(r) or rollout_of(r, ROUNDS[r]), cfg())
+    out = sample_groups(lambda r: drawn.append(r) or rollout_of(r, ROUNDS[r]), *sizes(cfg()))
     assert drawn == [0, 1, 2]  # round 2 fills it; no fourth round
     assert [p.answer for p in out.prompts] == ["0.1", "0.3", "1.0", "2.1"]  # 2.2 is surplus
     assert not (out.rewards[:, 0] == out.rewards[:, 1]).any()
@@ -43,25 +45,25 @@ def test_keeps_untied_groups_in_order_until_the_step_is_full():
 
 
 def test_after_max_rounds_trains_on_what_it_has_and_says_so():
-    out = sample_groups(lambda r: rollout_of(r, ROUNDS[r]), cfg(max_sampling_rounds=2))
+    out = sample_groups(lambda r: rollout_of(r, ROUNDS[r]), *sizes(cfg(max_sampling_rounds=2)))
     assert [p.answer for p in out.prompts] == ["0.1", "0.3", "1.0"]
     assert out.sampling["dynamic/filled"] == 0.0 and out.sampling["dynamic/groups_kept"] == 3
 
 
 def test_rows_split_evenly_over_trainer_processes():
     # 3 groups of 2 rows over 4 processes: 2 groups (4 rows) are kept
-    out = sample_groups(lambda r: rollout_of(r, ROUNDS[r]), cfg(max_sampling_rounds=2), trainer_procs=4)
+    out = sample_groups(lambda r: rollout_of(r, ROUNDS[r]), *sizes(cfg(max_sampling_rounds=2)), trainer_procs=4)
     assert [p.answer for p in out.prompts] == ["0.1", "0.3"]
 
 
 def test_all_tied_trains_on_the_last_round_and_off_draws_once():
-    out = sample_groups(lambda r: rollout_of(r, [TIED] * 4), cfg(max_sampling_rounds=2))
+    out = sample_groups(lambda r: rollout_of(r, [TIED] * 4), *sizes(cfg(max_sampling_rounds=2)))
     assert [p.answer for p in out.prompts] == ["1.0", "1.1", "1.2", "1.3"] and out.sampling["dynamic/groups_kept"] == 0
     drawn = []
-    out = sample_groups(lambda r: drawn.append(r) or rollout_of(r, ROUNDS[r]), cfg(dynamic_sampling=False))
+    out = sample_groups(lambda r: drawn.append(r) or rollout_of(r, ROUNDS[r]), *sizes(cfg(dynamic_sampling=False)))
     assert drawn == [0] and len(out.prompts) == 4 and out.sampling == {}
 
 
 def test_too_many_rounds_for_a_steps_seeds_is_refused():
     with pytest.raises(ValueError, match="train.max_sampling_rounds"):
-        check(cfg(prompts_per_step=1024, group_size=64, max_sampling_rounds=17))
+        check(**cfg(prompts_per_step=1024, group_size=64, max_sampling_rounds=17))

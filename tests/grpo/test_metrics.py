@@ -19,7 +19,7 @@ from grpo.batch import Rollout, build_batch
 from grpo.policy import Policy, token_entropy
 from grpo.data import Completion
 from test_faults import QUIET, read_jsonl, serverless_run
-from lab.loop import generate, optimize, score, train_step
+from lab.loop import optimize, train_step
 
 
 def entropy_of(logits: torch.Tensor) -> torch.Tensor:
@@ -98,8 +98,8 @@ def test_a_train_step_reports_the_metrics_and_the_entropy_of_its_batch(tmp_path,
     """optimize()'s entropy is the token mean over the batch's sampled tokens of the policy that
     the step starts from (FakeClient: 4 tokens per completion, all cut at max_tokens)."""
     run = serverless_run(tmp_path, tiny_model_path, make_cfg(*QUIET, "train.micro_batch_size=3"))
-    rollout = generate(run, 1)
-    score(run, rollout)
+    rollout = run.sampler.generate(1)
+    run.sampler.score(rollout)
     batch = build_batch(rollout, group_advantages(rollout.rewards, "group"), run.policy.pad_id)
     with torch.no_grad():
         logits = run.policy.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits

@@ -139,11 +139,11 @@ def test_a_mode_that_trains_vllms_tensors_takes_their_dtype_as_masters():
 def test_an_attached_server_says_what_it_serves(vllm_server):
     """The session server serves fp32: auto takes it, an explicit other dtype is refused by key."""
     from conftest import make_cfg
-    from serving.server import served_dtype_name, server_from_config
+    from lab.server import served_dtype_name, build_server
 
     def attached(*overrides):
         cfg = make_cfg(f"server.base_url={vllm_server.base_url}", *overrides)
-        return cfg, server_from_config(cfg, "m", None)
+        return cfg, build_server(cfg, None, model="m")
 
     assert vllm_server.served_dtype() == "float32"
     assert served_dtype_name(*attached()) == "float32"

@@ -6,7 +6,8 @@ import os
 import subprocess
 import sys
 
-from serving.server import LIFELINE, cpu_binding, server_from_config
+from serving.server import LIFELINE, cpu_binding
+from lab.server import build_server
 from conftest import make_cfg
 
 
@@ -21,19 +22,18 @@ def test_more_workers_than_cores_share_them():
 
 
 def test_tp_on_cpu_gets_a_binding_and_a_user_binding_is_kept(tmp_path):
-    bound = server_from_config(make_cfg("hardware.vllm_tp=2"), "m", tmp_path)
+    bound = build_server(make_cfg("hardware.vllm_tp=2"), tmp_path, model="m")
     assert bound.env["VLLM_CPU_OMP_THREADS_BIND"].count("|") == 1
-    kept = server_from_config(make_cfg("hardware.vllm_tp=2", "+hardware.server_env.VLLM_CPU_OMP_THREADS_BIND=5|6"),
-                              "m", tmp_path)
+    kept = build_server(make_cfg("hardware.vllm_tp=2", "+hardware.server_env.VLLM_CPU_OMP_THREADS_BIND=5|6"), tmp_path, model="m")
     assert kept.env["VLLM_CPU_OMP_THREADS_BIND"] == "5|6"
-    single = server_from_config(make_cfg(), "m", tmp_path)
+    single = build_server(make_cfg(), tmp_path, model="m")
     assert "VLLM_CPU_OMP_THREADS_BIND" not in single.env
 
 
 def test_vllm_cpus_bind_the_server_and_its_compute_threads(tmp_path):
-    server = server_from_config(make_cfg("hardware=cpu_split"), "m", tmp_path)
+    server = build_server(make_cfg("hardware=cpu_split"), tmp_path, model="m")
     assert server.env["VLLM_CPU_OMP_THREADS_BIND"] == "0" and server.cpus == [0]
-    assert server_from_config(make_cfg(), "m", tmp_path).cpus is None
+    assert build_server(make_cfg(), tmp_path, model="m").cpus is None
 
 
 def test_the_lifeline_pins_the_whole_server_to_its_cores():
