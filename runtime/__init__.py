@@ -1,0 +1,1 @@
+"""Process plumbing: configs, trainer processes, cores, checkpoints, run records, the async producer, sweeps."""
