@@ -40,10 +40,10 @@ def sweep_dir(vllm_server, tmp_path_factory):
     """Throughput on 4 grid points with its own servers (TP 1 and 2; each reused for a second
     workload), and sync latency on the session server, into one sweep dir."""
     folder = tmp_path_factory.mktemp("sweep")
-    cli("-m", "experiments.rollout_throughput", "-m", "experiment=rollout_throughput", "hardware.vllm_tp=1,2",
+    cli("-m", "experiments.rollout_throughput", "-m", "bench=rollout_throughput", "hardware.vllm_tp=1,2",
         "hardware.vllm_dp=1", "train.group_size=2,4", "rollout.max_tokens=16", "train.prompts_per_step=4",
         "bench.repeats=2", f"hydra.sweep.dir={folder}")
-    cli("-m", "experiments.sync_latency", "-m", "experiment=sync_latency", "mode=reload",
+    cli("-m", "experiments.sync_latency", "-m", "bench=sync_latency", "mode=reload",
         "model.tiny.hidden_size=128", "bench.repeats=2", f"server.base_url={vllm_server.base_url}",
         f"hydra.sweep.dir={folder}")
     return folder

@@ -25,7 +25,7 @@ P, G, T = 2, 4, 8  # prompts per step, group size, tokens per completion
 
 @pytest.mark.slow
 def test_both_sides_time_the_same_work(attach, tmp_path):
-    cli("-m", "experiments.step_time", "-m", "experiment=step_time", "bench.size=toy", attach, *QUIET,
+    cli("-m", "experiments.step_time", "-m", "bench=step_time", "bench.size=toy", attach, *QUIET,
         "bench.warmup=2", "bench.repeats=3", f"train.prompts_per_step={P}", f"train.group_size={G}",
         f"rollout.max_tokens={T}", f"hydra.sweep.dir={tmp_path}")
     rows = pd.read_csv(tmp_path / "step_time.csv").set_index("side")
@@ -53,7 +53,7 @@ def test_both_sides_time_the_same_work(attach, tmp_path):
 def test_missing_trl_fails_at_start_naming_the_extra(tmp_path):
     """`sys.modules["trl"] = None` is how Python itself reports a package as absent on import."""
     code = ("import runpy, sys; sys.modules['trl'] = None; "
-            f"sys.argv = ['step_time', 'experiment=step_time', 'hydra.run.dir={tmp_path}']; "
+            f"sys.argv = ['step_time', 'bench=step_time', 'hydra.run.dir={tmp_path}']; "
             "runpy.run_module('experiments.step_time', run_name='__main__')")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
@@ -97,9 +97,9 @@ def test_scaling_plot_has_a_bar_per_layout_and_marks_the_failed_one(tmp_path):
 @pytest.mark.slow
 @pytest.mark.heavy
 def test_ours_on_two_trainer_processes(attach, vllm_server, tiny_model_path, tmp_path):
-    """experiment=step_scaling at 2 trainer processes: the job runs the point under torchrun and
+    """bench=step_scaling at 2 trainer processes: the job runs the point under torchrun and
     appends the row rank 0 wrote; 1 warm-up + 1 timed step, attached to the session server."""
-    cli("-m", "experiments.step_time", "-m", "experiment=step_scaling", "hardware.trainer_procs=2",
+    cli("-m", "experiments.step_time", "-m", "bench=step_scaling", "hardware.trainer_procs=2",
         "hardware.vllm_tp=1", "hardware.vllm_dp=1", attach, *QUIET, "bench.warmup=1", "bench.repeats=1",
         f"train.prompts_per_step={P}", f"train.group_size={G}", f"rollout.max_tokens={T}", f"hydra.sweep.dir={tmp_path}")
     restore_pristine(vllm_server, tiny_model_path)
