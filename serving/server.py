@@ -61,13 +61,17 @@ def start_hint(log_path) -> str:
     if log_path is None or not Path(log_path).exists():
         return ""
     last_start = Path(log_path).read_text(errors="replace").rsplit("\n==== ", 1)[-1]
+    # The start's command line heads its section: a sized cache is hardware.kv_cache_gb's.
+    sized = "--kv-cache-memory-bytes" in last_start.split("\n", 1)[0]
     if TOO_SMALL.search(last_start):
+        if sized:
+            return "hardware.kv_cache_gb is too small for this model: raise it or lower model.max_model_len."
         return ("vLLM's memory reservation leaves no room for the KV cache at this model size: raise "
-                "hardware.gpu_memory_utilization (on CPU the share of RAM vLLM reserves; the ~85M tiny model "
-                "needs ~0.25) or lower model.max_model_len.")
+                "hardware.gpu_memory_utilization (on CPU the share of RAM vLLM reserves), set hardware.kv_cache_gb "
+                "or lower model.max_model_len.")
     if TOO_LARGE.search(last_start):
-        return ("the machine has less free RAM than hardware.gpu_memory_utilization reserves for vLLM: lower it "
-                "or free memory.")
+        key = "hardware.kv_cache_gb" if sized else "hardware.gpu_memory_utilization"
+        return f"the machine has less free RAM than {key} reserves for vLLM: lower it or free memory."
     return ""
 
 
@@ -406,6 +410,7 @@ def server_from_config(cfg, model_path: str, run_dir: Optional[Path], extra_args
         # Sampled logprobs after temperature, as the trainer computes them.
         "--logprobs-mode", "processed_logprobs",
         "--worker-extension-cls", "bridges.vllm_worker.WorkerExtension",
+        *(["--kv-cache-memory-bytes", str(int(hw.kv_cache_gb * 2**30))] if hw.kv_cache_gb else []),
         *hw.server_args,
         *extra_args,
         *srv.extra_args,  # the user's, last

@@ -77,18 +77,17 @@ def test_sync_preset_scales_width(bench_schema):
 
 
 def test_step_time_sizes(bench_schema):
-    """toy / ~28M / ~85M as issue 12 measured them; vLLM-CPU needs a larger reservation at 85M."""
+    """toy / ~28M / ~85M as issue 12 measured them; vLLM's KV cache is the hardware's (on CPU a
+    size in GiB, hardware.kv_cache_gb, whatever the model's size)."""
     bench_schema("step_time")
     shapes = {}
     for size in ("toy", "28m", "85m"):
         cfg = bench_cfg("bench=step_time", f"bench.size={size}")
         t = cfg.model.tiny
         shapes[size] = (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads,
-                        t.intermediate_size, cfg.hardware.gpu_memory_utilization)
-    assert shapes == {"toy": (128, 2, 2, 2, 256, 0.1), "28m": (512, 8, 8, 8, 1536, 0.1),
-                      "85m": (768, 12, 12, 12, 2048, 0.25)}
-    assert bench_cfg("bench=step_time", "bench.size=85m", "hardware.gpu_memory_utilization=0.3") \
-        .hardware.gpu_memory_utilization == 0.3
+                        t.intermediate_size, cfg.hardware.kv_cache_gb)
+    assert shapes == {"toy": (128, 2, 2, 2, 256, 2), "28m": (512, 8, 8, 8, 1536, 2), "85m": (768, 12, 12, 12, 2048, 2)}
+    assert bench_cfg("bench=step_time", "bench.size=85m", "hardware.kv_cache_gb=4").hardware.kv_cache_gb == 4
 
 
 def test_step_scaling_points_are_trainer_procs_by_tp_by_dp(bench_schema):
