@@ -5,7 +5,6 @@ the message when TRL is not installed."""
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from conftest import REPO, make_cfg, restore_pristine
 from runtime.csvlog import append_row
 from experiments.plot import plot_step_time
 from runtime.config import register_configs
+from runtime.records import read_jsonl
 
 P, G, T = 2, 4, 8  # prompts per step, group size, tokens per completion
 
@@ -112,8 +112,8 @@ def test_ours_on_two_trainer_processes(attach, vllm_server, tiny_model_path, tmp
     assert row["threads"] == int(os.environ.get("OMP_NUM_THREADS", "1"))  # torchrun's default per process
     run_dir = Path(row["run_dir"])
     assert run_dir.name == "torchrun" and run_dir.parent.parent == tmp_path
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2]  # written once, by rank 0
-    syncs = [json.loads(line) for line in (run_dir / "sync.jsonl").read_text().splitlines()]
+    syncs = read_jsonl(run_dir / "sync.jsonl")
     assert len(syncs) >= 2 and all(s["probe_max_diff"] <= 1e-3 for s in syncs)
     assert (tmp_path / "step_scaling.png").stat().st_size > 10_000
