@@ -1,7 +1,7 @@
 """Rollout throughput of vLLM (generated tokens/s, prompts/s, latency) at one grid point, with
 HF `generate` on the same model and prompts as the baseline; one CSV row per Hydra job.
 
-    python -m experiments.rollout_throughput -m bench=rollout_throughput   # the TP x DP grid
+    python -m experiments.rollout_throughput -m bench=rollout_throughput        # the TP x DP grid
     python -m experiments.rollout_throughput hardware.vllm_tp=2 train.group_size=16   # one point
 
 Engines are timed alternately, `bench.repeats` times each, after `bench.warmup` untimed calls,

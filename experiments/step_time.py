@@ -1,9 +1,9 @@
 """One GRPO step, ours against TRL's `GRPOTrainer`, on the same workload: two CSV rows per Hydra job.
 
-    python -m experiments.step_time -m bench=step_time                  # toy, ~28M, ~85M
+    python -m experiments.step_time -m bench=step_time                     # toy, ~28M, ~85M
     python -m experiments.step_time bench=step_time bench.size=28m model.dtype=bfloat16
     python -m experiments.step_time model=qwen2.5-0.5b-instruct hardware=gpu rollout.ignore_eos=true  # a real model
-    python -m experiments.step_time -m bench=step_scaling   # ours over trainer procs x vLLM TP x DP
+    python -m experiments.step_time -m bench=step_scaling                  # ours over trainer procs x vLLM TP x DP
     torchrun --nproc_per_node=2 -m experiments.step_time bench=step_time bench.trl=false   # one point, 2 procs
 
 Ours is built and stepped exactly as train.py does (`open_run`, `train_step`); its time split is

@@ -1,6 +1,6 @@
 """Weight-sync latency of one bridge (`mode=`) on one model: one CSV row per Hydra job.
 
-    python -m experiments.sync_latency -m bench=sync_latency              # every mode x width
+    python -m experiments.sync_latency -m bench=sync_latency                   # every mode x width
     python -m experiments.sync_latency mode=legacy model.tiny.hidden_size=512  # one point
 
 The run is built exactly as `train.py` builds it (server, policy, bridge), then the weights are

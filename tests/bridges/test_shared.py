@@ -33,8 +33,8 @@ from lab import final
 from grpo.policy import Policy, token_logprobs
 from serving.client import VLLMClient
 from runtime.records import read_jsonl
-from support import (HF_TOL, QUIET, SHORT_RUN, assert_learns, hf_probe, max_diff, probe_ids,  # noqa: F401
-                     spy_final, start_trainer_and_kill)  # spy_final: a fixture
+from support import HF_TOL, QUIET, SHORT_RUN, assert_learns, hf_probe, max_diff, probe_ids, start_trainer_and_kill
+from support import spy_final  # noqa: F401 (a fixture)
 from lab.loop import train
 from serving.server import model_path
 

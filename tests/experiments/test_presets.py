@@ -115,8 +115,9 @@ def test_bench_typo_fails_at_start(bench_schema):
 @pytest.mark.slow
 @pytest.mark.heavy
 @pytest.mark.parametrize("name", NAMES)
-def test_every_preset_runs_briefly(name, attach, tmp_path):
+def test_every_preset_runs_briefly(name, attach, tmp_path, bench_schema):
     """The first grid point, one repeat, on the session's vLLM server: good rows and a plot."""
+    bench_schema(name)  # grid() composes the preset, in this process
     cli("-m", f"experiments.{entry(name)}", "-m", f"bench={name}", *grid(name)[0], attach, *QUIET,
         "bench.repeats=1", "train.prompts_per_step=2", f"hydra.sweep.dir={tmp_path}")
     rows = pd.read_csv(tmp_path / f"{name}.csv")
