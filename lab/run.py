@@ -15,12 +15,10 @@ from omegaconf import DictConfig
 from bridges.base import Bridge
 from envs.base import Env
 from envs.overlong import OverlongPenalty
-from grpo import dynamic_sampling
 from runtime import checkpoint, distributed
 from runtime.cores import pinned_trainer
-from runtime.async_rollout import InlineRollouts, RolloutPipeline, Rollouts, Schedule, check_mode
-from grpo.advantages import check_estimator
-from runtime.config import validate
+from runtime.async_rollout import InlineRollouts, RolloutPipeline, Rollouts, Schedule
+from lab import compose
 from lab.evaluate import Evaluator
 from runtime.logger import RunLogger, SilentLogger
 from grpo.loss import GRPOLoss
@@ -63,10 +61,7 @@ class Run:
 def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
     """Build every part; each one that holds a resource (vLLM, worker pools, files) is registered
     with `cleanup` as soon as it exists, so a failure half-way through leaves nothing running."""
-    validate(cfg)  # every range and choice, by its key, before anything starts
-    check_estimator(cfg.advantage.estimator, cfg.advantage.scale_rewards)  # e.g. reinforce_pp has no group std
-    dynamic_sampling.check(cfg.train)  # every sampling round's seeds fit in its step's
-    check_mode(cfg.mode.name, cfg.train.max_staleness)  # shared/legacy cannot keep weights fixed during a request
+    bridge = compose.check(cfg)  # every range and choice by its key; what the sync cannot serve, refused
     loss = instantiate(cfg.loss, max_completion_length=cfg.rollout.max_tokens)  # checks its options
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
@@ -84,16 +79,16 @@ def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
     distributed.check_devices(cfg.hardware, torch.cuda.device_count())
     device = distributed.device(cfg.hardware.device)
     path = distributed.broadcast_object(model_path(cfg) if distributed.is_main() else None)  # rank 0 builds it
-    bridge: Bridge = instantiate(cfg.mode.bridge)  # a setup the bridge cannot serve fails before vLLM starts
-    bridge.check_trainer_procs(procs)
     server = server_from_config(cfg, path, run_dir, extra_args=bridge.server_args(), extra_env=bridge.server_env())
     cleanup.callback(server.stop)
     cleanup.callback(bridge.close)
     served = distributed.broadcast_object(served_dtype_name(cfg, server) if distributed.is_main() else None)
     precision = Precision.resolve(served, cfg.model.master_dtype, cfg.hardware.autocast, device,
-                                  shared_by=cfg.mode.name if bridge.shares_weights else None)
+                                  shared_by=cfg.sync.name if bridge.capabilities.model_from_server else None)
+    if bridge.capabilities.model_from_server:
+        server.start()  # the trainer's model is built on vLLM's weights
     policy = Policy(path, precision, device, cfg.model.gradient_checkpointing,
-                    temperature=cfg.rollout.temperature, lora=cfg.mode.lora, compile=cfg.hardware.compile,
+                    temperature=cfg.rollout.temperature, lora=cfg.finetune.lora, compile=cfg.hardware.compile,
                     model=bridge.build_model(path, dtype_name(precision.served), device, server))
     warn_if_update_rounds_away(policy.model, cfg.optimizer.lr, precision.master)
     if loss.needs_reference:
@@ -103,8 +98,8 @@ def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
     if ckpt:
         checkpoint.load_policy_weights(policy, ckpt)
     if distributed.is_main():  # rank 0 alone talks to vLLM; the other ranks' server is never started
-        server.start()  # a no-op if the bridge started it to build the model on vLLM's weights
-    client = instantiate(cfg.rollout, server=server, model=cfg.model.served_name)
+        server.start()  # a no-op if started to build the model on vLLM's weights
+    client = instantiate(cfg.rollout, server=server, model=bridge.served_model or cfg.model.served_name)
     bridge.setup(policy, server, client, run_dir)
     bridge.initial_sync(checkpoint.saved_step(ckpt) if ckpt else None)
     optimizer = instantiate(cfg.optimizer, policy.trainable_parameters())
@@ -126,7 +121,7 @@ def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
         from lab.loop import produce
 
         run.rollouts = RolloutPipeline(lambda step: produce(run, step),
-                                       Schedule(cfg.train.max_staleness, cfg.mode.sync_every, run.start_step),
+                                       Schedule(cfg.train.max_staleness, cfg.sync.sync_every, run.start_step),
                                        cfg.train.steps, ready=checkpoint.saved_rollouts(ckpt) if ckpt else None)
         if isinstance(run.guard, RestartGuard):
             run.guard.resync = run.rollouts.resync(run.guard.resync)
