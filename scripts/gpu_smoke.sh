@@ -94,9 +94,9 @@ sys.exit(line) if c.torch_dtype != torch.bfloat16 or not c.tie_word_embeddings e
 fi
 check cuda_ipc 1 $PY -m pytest -q -m gpu tests/bridges/test_cuda_ipc.py
 mode_check reload 0 1 "$LR" "$HW" mode=reload
-mode_check legacy 0 1 "$LR" "$HW" mode=legacy mode.sync_every=1
-mode_check lora_merge 0 1 "$LORA_LR" "$HW" mode=lora mode/lora_sync=merge
-mode_check lora_adapter 0 0 "$LORA_LR" "$HW" mode=lora mode/lora_sync=adapter
+mode_check legacy 0 1 "$LR" "$HW" mode=legacy sync.sync_every=1
+mode_check lora_merge 0 1 "$LORA_LR" "$HW" mode=lora
+mode_check lora_adapter 0 0 "$LORA_LR" "$HW" mode=lora sync=adapter
 # shellcheck disable=SC2086  # SHARED_ARGS: zero or more overrides
 mode_check shared 0 0 "$LR" "$HW" mode=shared $SHARED_ARGS
 mode_check broadcast 0 0 "$LR" "$HW" mode=broadcast
