@@ -32,7 +32,7 @@ CASES = {
     "lora": (("mode=lora", "optimizer.lr=1e-2"), 4, True),
     "broadcast": (("mode=broadcast",), 4, True),
     "shared": (("mode=shared", "model.master_dtype=bfloat16"), 4, False),
-    "legacy": (("mode=legacy", "mode.sync_every=2"), 2, False),
+    "legacy": (("mode=legacy", "sync.sync_every=2"), 2, False),
 }
 
 
