@@ -1,4 +1,4 @@
-"""mode=broadcast: weights pushed over a gloo group into the real vLLM server's workers.
+"""sync=broadcast: weights pushed over a gloo group into the real vLLM server's workers.
 
 Tolerance: after a sync, max |logprob_vllm - logprob_trainer| over the probe <= 1e-3 (fp32).
 Failure handling is tested against a loopback stand-in server that answers vLLM's endpoints but
@@ -19,8 +19,9 @@ import torch
 from hydra.utils import instantiate
 
 from bridges.base import WeightSyncError
-from bridges.broadcast_gloo import GlooBroadcastBridge, buckets
+from bridges.broadcast_gloo import GlooBroadcastBridge
 from bridges.broadcast_nccl import NcclBroadcastBridge, shared_gpus
+from runtime import distributed
 from runtime.config import DeadlinesConfig
 from serving.server import VLLMHungError, VLLMRequestError, VLLMServer
 from grpo.policy import Policy
@@ -30,11 +31,11 @@ from conftest import loopback_http, make_cfg, perturb, restore_pristine
 
 
 def test_buckets_group_by_dtype_and_size():
-    named = [("a", torch.zeros(100)), ("b", torch.zeros(100)), ("c", torch.zeros(300)),
-             ("h", torch.zeros(10, dtype=torch.bfloat16))]
-    plan = buckets(named, bucket_bytes=1000)
-    assert [[n for n, _ in b] for b in plan] == [["a", "b"], ["c"], ["h"]]
-    assert [[n for n, _ in b] for b in buckets(named, 0)] == [["a"], ["b"], ["c"], ["h"]]
+    named = {"a": torch.zeros(100), "b": torch.zeros(100), "c": torch.zeros(300),
+             "h": torch.zeros(10, dtype=torch.bfloat16)}
+    plan = distributed.buckets(named, bucket_bytes=1000)
+    assert [list(b) for b in plan] == [["a", "b"], ["c"], ["h"]]
+    assert [list(b) for b in distributed.buckets(named, 0)] == [["a"], ["b"], ["c"], ["h"]]
 
 
 @pytest.mark.parametrize("hardware, bridge", [("cpu", GlooBroadcastBridge), ("gpu", GlooBroadcastBridge),
@@ -42,7 +43,7 @@ def test_buckets_group_by_dtype_and_size():
 def test_the_hardware_picks_the_mechanism(hardware, bridge):
     """One GPU (or none): gloo through host memory; separate GPUs: vLLM's NCCL engine, whose
     server needs the weight-transfer flag."""
-    built = instantiate(make_cfg("mode=broadcast", f"hardware={hardware}").mode.bridge)
+    built = instantiate(make_cfg("mode=broadcast", f"hardware={hardware}").sync.bridge)
     assert type(built) is bridge
     if bridge is NcclBroadcastBridge:
         assert "--weight-transfer-config" in built.server_args()
