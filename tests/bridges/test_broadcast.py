@@ -49,6 +49,29 @@ def test_the_hardware_picks_the_mechanism(hardware, bridge):
         assert "--weight-transfer-config" in built.server_args()
 
 
+def test_the_nccl_engine_reads_what_vllm_should_serve(tiny_model_path):
+    """No GPU needed: vLLM's engine iterates our source (HF names, served dtype, LoRA merged), and
+    its metadata agrees with the iteration element for element, as the engine requires."""
+    from bridges.broadcast_nccl import weight_source
+    from bridges.weights import Weights
+    from runtime.config import LoraConfig
+
+    policy = Policy(tiny_model_path, lora=LoraConfig())
+    with torch.no_grad():
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.01)
+    weights = Weights(policy)
+    source = weight_source(weights, bucket_bytes=1 << 20)
+    meta = source.metadata()
+    sent = dict(source)
+    assert [m.name for m in meta] == list(sent) and all(m.shape == tuple(sent[m.name].shape) for m in meta)
+    assert not any(".lora_" in n or "base_layer" in n for n in sent)  # plain HF names: the merge
+    expected = weights.merged.state_dict()
+    assert all(torch.equal(sent[n], expected[n]) for n in sent)
+    assert sum(len(names) for names, _ in source.iter_groups()) == len(meta)
+
+
 def test_a_trainer_gpu_among_vllm_gpus_is_found_by_uuid():
     workers = [{"device": "cuda:0", "device_uuid": "GPU-a"}, {"device": "cuda:1", "device_uuid": "GPU-b"}]
     assert shared_gpus("GPU-b", workers) == [workers[1]]
