@@ -34,7 +34,7 @@ def measure(cfg: DictConfig, run_dir: Path) -> dict:
             perturb(run, cfg.bench.noise)
             stats.append(run.bridge.sync(step))
             run.logger.sync(stats[-1].to_dict())
-        ms = [s.ms for s in stats]
+        ms = [s.ms + s.pause_ms for s in stats]  # sync=shared's cost is the pause around the step
         return {
             **weight_columns(run.policy.model),
             "sync_ms": statistics.median(ms),

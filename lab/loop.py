@@ -89,7 +89,8 @@ def sync_weights(run: Run, step: int) -> dict:
     run.rollouts.before_sync(step)  # never during a request: wait for those due on older weights
     stats = run.guard.call(step, lambda: run.bridge.sync(step))
     run.logger.sync(stats.to_dict())
-    return {"sync_ms": stats.ms, "sync_bytes": stats.bytes, "probe_max_diff": stats.probe_max_diff}
+    # What the sync cost the run: its push, plus generation paused for it (sync=shared).
+    return {"sync_ms": stats.ms + stats.pause_ms, "sync_bytes": stats.bytes, "probe_max_diff": stats.probe_max_diff}
 
 
 def score(run: Run, rollout: Rollout) -> None:
