@@ -1,4 +1,5 @@
-"""sync=broadcast over NCCL (hardware.collective=nccl): vLLM's own weight-transfer engine, trainer GPU -> vLLM's GPUs.
+"""sync=broadcast over NCCL (hardware.collective=nccl): vLLM's own weight-transfer engine,
+trainer GPU -> vLLM's GPUs.
 
 The server runs with `--weight-transfer-config '{"backend": "nccl"}'` (`server_args`); the
 trainer side is vLLM's `NCCLTrainerWeightTransferEngine`, built by vLLM's trainer factory from

@@ -1,8 +1,9 @@
 """sync=adapter (finetune=lora): hot-swap the trained PEFT adapter into the running vLLM.
 
 The other LoRA syncs, and mode=lora's default (sync=reload), merge the adapter and push the
-full weights (bridges/lora_merge.py): an adapter moves ~1000x fewer bytes, but vLLM then computes the LoRA
-path on every generated token, which on CPU made each step's generation several times slower.
+full weights (bridges/lora_merge.py): an adapter moves ~1000x fewer bytes, but vLLM then
+computes the LoRA path on every generated token, which on CPU made each step's generation
+several times slower.
 
 Each sync saves the adapter (a few MB even for large models) and calls
 `POST /v1/load_lora_adapter {"lora_name", "lora_path", "load_inplace": true}`: the first sync
@@ -15,7 +16,6 @@ sync runs at start (the adapter is then the identity: PEFT initialises B = 0).
 from __future__ import annotations
 
 import shutil
-
 from typing import Optional
 
 from bridges.base import Capabilities, VerifiedBridge, dir_bytes
