@@ -91,7 +91,8 @@ def check(cfg: DictConfig, procs: Optional[int] = None) -> Bridge:
                            cfg.train.group_size)  # every sampling round's seeds fit in its step's
     if cfg.finetune.name == "lora" and cfg.finetune.lora is None:
         raise Refused("finetune=lora needs finetune.lora (its settings; conf/finetune/lora.yaml sets them)")
-    bridge: Bridge = instantiate(cfg.sync.bridge)  # its own arguments fail here, by name
+    # Its own arguments fail here, by name; every bridge is verified (VerifiedBridge).
+    bridge: Bridge = instantiate(cfg.sync.bridge, probe_tolerance=cfg.sync.probe_tolerance)
     why = refusal(type(bridge).capabilities, cfg, procs or trainer_procs(cfg))
     if why:
         raise Refused(f"sync={cfg.sync.name} cannot run {why}")

@@ -124,6 +124,9 @@ class SyncConfig:
     name: str = MISSING  # the option's file name: reload | legacy | adapter | shared | broadcast
     bridge: Any = MISSING  # {_target_: bridges.<module>.<Bridge>, ...}
     sync_every: int = field(default=1, metadata=at_least(1))  # steps between weight syncs
+    # Every sync is verified: vLLM's logprobs of a probe sequence must match the trainer's within
+    # this (max |dlogprob|); None: follows the served dtype (grpo/precision.py logprob_tolerance).
+    probe_tolerance: Optional[float] = field(default=None, metadata=above(0))
 
 
 @dataclass

@@ -110,3 +110,10 @@ def test_the_lora_rate_is_the_models_and_the_command_line_wins():
     assert make_cfg("mode=lora", "model=qwen2.5-0.5b-instruct").optimizer.lr == 1e-5
     assert make_cfg("mode=lora", "optimizer.lr=3e-3").optimizer.lr == 3e-3
     assert make_cfg("mode=reload").optimizer.lr == 2e-4
+
+
+@pytest.mark.parametrize("sync", GROUPS["sync"])
+def test_the_probe_tolerance_is_every_syncs_and_follows_the_dtype_unless_set(sync):
+    finetune = "finetune=lora" if sync == "adapter" else "finetune=full"
+    assert check(make_cfg(f"sync={sync}", finetune)).probe_tolerance is None  # set at setup from the precision
+    assert check(make_cfg(f"sync={sync}", finetune, "sync.probe_tolerance=0.02")).probe_tolerance == 0.02
