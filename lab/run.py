@@ -10,7 +10,7 @@ from typing import Iterator, Optional
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from bridges.base import Bridge
 from envs.base import Env
@@ -19,7 +19,8 @@ from runtime import checkpoint, distributed
 from runtime.cores import pinned_trainer
 from runtime.async_rollout import InlineRollouts, RolloutPipeline, Rollouts, Schedule, WeightVersions, check_mode
 from grpo.advantages import check_estimator
-from runtime.config import validate
+from runtime.config import EPISODE_KEYS, max_sampled_tokens, validate
+from lab.episodes import build_turns
 from lab.evaluate import Evaluator
 from lab.sampler import Sampler
 from runtime.logger import RunLogger, SilentLogger
@@ -70,9 +71,9 @@ def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
     validate(cfg)  # every range and choice, by its key, before anything starts
     check_estimator(cfg.advantage.estimator, cfg.advantage.scale_rewards)  # e.g. reinforce_pp has no group std
     dynamic_sampling.check(cfg.train.dynamic_sampling, cfg.train.max_sampling_rounds, cfg.train.prompts_per_step,
-                           cfg.train.group_size)  # every sampling round's seeds fit in its step's
+                           cfg.train.group_size, cfg.rollout.max_turns)  # every round's (and turn's) seeds fit in its step's
     check_mode(cfg.mode.name, cfg.train.max_staleness)  # shared/legacy cannot keep weights fixed during a request
-    loss = instantiate(cfg.loss, max_completion_length=cfg.rollout.max_tokens)  # checks its options
+    loss = instantiate(cfg.loss, max_completion_length=max_sampled_tokens(cfg.rollout))  # checks its options
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     # Before any compute starts threads; given back at the end (a multirun's next job starts unpinned).
@@ -112,7 +113,8 @@ def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
         checkpoint.load_policy_weights(policy, saved.path)
     if main:  # the other ranks' server is never started
         server.start()  # a no-op if the bridge started it to build the model on vLLM's weights
-    client = instantiate(cfg.rollout, server=server, model=cfg.model.served_name)
+    client = instantiate(OmegaConf.masked_copy(cfg.rollout, [k for k in cfg.rollout if k not in EPISODE_KEYS]),
+                         server=server, model=cfg.model.served_name)  # the episode keys are the turn loop's
     bridge.setup(policy, server, client, run_dir)
     bridge.initial_sync(start_step if saved else None)
     optimizer = instantiate(cfg.optimizer, policy.trainable_parameters())
@@ -124,7 +126,8 @@ def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
     guard = Unguarded() if procs > 1 else \
         RestartGuard(server, path, resync=versions.resync(bridge.sync),
                      on_restart=lambda step, **info: logger.event(step, "vllm_restart", **info))
-    sample = Sampler(env, policy.encode_chat, client, guard, overlong, cfg.train, procs)
+    turns = build_turns(env, policy.tokenizer, policy.encode_chat, path, cfg.rollout)  # checks a multi-turn template
+    sample = Sampler(env, turns, client, guard, overlong, cfg.train, procs)
     if cfg.train.max_staleness and main:
         rollouts = RolloutPipeline(sample, Schedule(cfg.train.max_staleness, cfg.mode.sync_every, start_step),
                                    cfg.train.steps, versions)

@@ -40,6 +40,7 @@ from serving.lifeline import group_members
 from grpo.seeds import rollout_seed
 from lab.loop import train, train_step
 from lab.run import Run
+from lab.episodes import OneTurn
 from lab.sampler import Sampler
 from runtime.async_rollout import InlineRollouts
 
@@ -177,7 +178,7 @@ def serverless_run(tmp_path, tiny_model_path, cfg) -> Run:
     attached = VLLMServer("m", args=[], env={}, log_path=tmp_path / "vllm.log", base_url="http://127.0.0.1:9")
     env, client, guard = DigitsEnv(), FakeClient(), RestartGuard(attached, "m", resync=lambda step: None)
     overlong = instantiate(cfg.overlong, default_length=cfg.rollout.max_tokens)
-    sample = Sampler(env, policy.encode_chat, client, guard, overlong, cfg.train)
+    sample = Sampler(env, OneTurn(env, policy.encode_chat), client, guard, overlong, cfg.train)
     return Run(cfg=cfg, run_dir=tmp_path, precision=policy.precision, env=env, policy=policy, server=attached,
                client=client, bridge=FakeBridge(), optimizer=optimizer,
                loss=instantiate(cfg.loss, max_completion_length=cfg.rollout.max_tokens),
