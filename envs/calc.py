@@ -9,9 +9,11 @@ call ends the episode: it is the answer. `<calc>` and `</calc>` are single token
 model's tokenizer (`vocabulary`), and `</calc>` ends a turn (`stop_tokens`).
 
 Reward components: `correct` (the last number of the final turn, tool tags and their contents
-left out, equals the answer) and `used_tool` (the episode called the calculator at least once,
-whether or not the call evaluated; `tool_errors` counts those that did not). Eval split `test`:
-questions no training prompt has; a pass is a correct answer.
+left out, equals the answer) and `used_tool`: 1 if the episode made a call the calculator
+evaluated, 0.5 if its calls were all refused (`error: ...`; the metric `tool_errors` counts them),
+0 without a call. The half step makes the reward reachable for a random model: a bare `</calc>`
+is found by chance (~5 % of first episodes), a well-formed call only by climbing from there.
+Eval split `test`: questions no training prompt has; a pass is a correct answer.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import re
 from typing import Iterator, Mapping, Optional
 
 from envs.base import PromptListEnv, PromptSampler, held_out
-from envs.calculator import CalcError, Calculator
+from envs.calculator import ERROR, CalcError, Calculator
 from envs.episode import Reply, final_turn
 from grpo.data import Prompt, RewardWeights, Scores
 
@@ -37,6 +39,14 @@ def answer_of(text: str) -> Optional[str]:
     """The last number of `text` once its tool calls are cut out; None if it has none."""
     numbers = NUMBER.findall(CALL.sub(" ", text).replace(CLOSE, " "))
     return numbers[-1] if numbers else None
+
+
+def tool_use(messages: list[dict]) -> float:
+    """1.0 if a call evaluated, 0.5 if every call was refused, 0.0 without a call."""
+    replies = [m["content"] for m in messages if m["role"] == "tool"]
+    if not replies:
+        return 0.0
+    return 0.5 if all(r.startswith(ERROR) for r in replies) else 1.0
 
 
 class CalcEpisode:
@@ -95,8 +105,7 @@ class CalcEnv(PromptListEnv):
         return held_out(self.test_prompts, n, split)
 
     def score(self, prompts: list[Prompt], dialogues: list[list[list[dict]]]) -> Scores:
-        return [[{"correct": float(answer_of(final_turn(d)) == p.answer),
-                  "used_tool": float(any(m["role"] == "tool" for m in d))} for d in group]
+        return [[{"correct": float(answer_of(final_turn(d)) == p.answer), "used_tool": tool_use(d)} for d in group]
                 for p, group in zip(prompts, dialogues)]
 
     def success(self, components: Mapping[str, Optional[float]]) -> bool:

@@ -20,6 +20,9 @@ BINARY: dict[type, Callable[[Number, Number], Number]] = {
 UNARY: dict[type, Callable[[Number], Number]] = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 
 
+ERROR = "error: "  # how every refusal starts
+
+
 class CalcError(ValueError):
     """Input the calculator refuses; str(error) is what the model reads back."""
 
@@ -32,13 +35,13 @@ class Calculator:
         """The value of `expression` as text (an integral value without a decimal point)."""
         expression = expression.strip()
         if not expression:
-            raise CalcError("error: empty expression")
+            raise CalcError(ERROR + "empty expression")
         if len(expression) > self.max_chars:
-            raise CalcError(f"error: expression longer than {self.max_chars} characters")
+            raise CalcError(f"{ERROR}expression longer than {self.max_chars} characters")
         try:
             tree = ast.parse(expression, mode="eval")
         except SyntaxError:
-            raise CalcError("error: not an arithmetic expression") from None
+            raise CalcError(ERROR + "not an arithmetic expression") from None
         value = self._eval(tree.body)
         if isinstance(value, float) and value.is_integer():
             value = int(value)
@@ -52,17 +55,17 @@ class Calculator:
         if isinstance(node, ast.BinOp) and type(node.op) in BINARY:
             left, right = self._eval(node.left), self._eval(node.right)
             if isinstance(node.op, ast.Pow) and abs(right) > self.max_exponent:
-                raise CalcError(f"error: exponent above {self.max_exponent}")
+                raise CalcError(f"{ERROR}exponent above {self.max_exponent}")
             try:
                 return self._bounded(BINARY[type(node.op)](left, right))
             except ZeroDivisionError:
-                raise CalcError("error: division by zero") from None
+                raise CalcError(ERROR + "division by zero") from None
             except OverflowError:
-                raise CalcError(f"error: magnitude above {self.max_magnitude:g}") from None
-        raise CalcError("error: only numbers, + - * / // % ** and parentheses")
+                raise CalcError(f"{ERROR}magnitude above {self.max_magnitude:g}") from None
+        raise CalcError(ERROR + "only numbers, + - * / // % ** and parentheses")
 
     def _bounded(self, value: Number) -> Number:
         if isinstance(value, complex) or (isinstance(value, float) and not math.isfinite(value)) \
                 or abs(value) > self.max_magnitude:
-            raise CalcError(f"error: magnitude above {self.max_magnitude:g}")
+            raise CalcError(f"{ERROR}magnitude above {self.max_magnitude:g}")
         return value

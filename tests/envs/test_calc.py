@@ -50,10 +50,12 @@ def test_scores_correct_and_used_tool_by_hand():
     env = CalcEnv(seed=0, num_prompts=8)
     prompt = env.sample(1)[0]
     a = prompt.answer
-    called = [{"role": "assistant", "content": "<calc>x</calc>"}, {"role": "tool", "content": a},
+    called = [{"role": "assistant", "content": "<calc>x</calc>"}, {"role": "tool", "content": "error: only numbers"},
+              {"role": "assistant", "content": "<calc>6*7</calc>"}, {"role": "tool", "content": "42"},
               {"role": "assistant", "content": a}]
-    assert env.score([prompt], [[called, [{"role": "assistant", "content": a}], [{"role": "assistant", "content": "0"}]]]) \
-        == [[{"correct": 1.0, "used_tool": 1.0}, {"correct": 1.0, "used_tool": 0.0}, {"correct": 0.0, "used_tool": 0.0}]]
+    refused = called[:2] + [{"role": "assistant", "content": "0"}]
+    assert env.score([prompt], [[called, refused, [{"role": "assistant", "content": a}]]]) == \
+        [[{"correct": 1.0, "used_tool": 1.0}, {"correct": 0.0, "used_tool": 0.5}, {"correct": 1.0, "used_tool": 0.0}]]
     assert env.success({"correct": 1.0, "used_tool": 0.0}) and not env.success({"correct": 0.0, "used_tool": 1.0})
 
 
