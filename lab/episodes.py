@@ -79,10 +79,9 @@ class _Live:
 class Episodes:
     """Multi-turn episodes of `env` on the model whose tokenizer `template` wraps; see the module."""
 
-    def __init__(self, env: MultiTurnEnv, template: ChatTemplate, max_tokens: int, max_turns: int,
-                 max_total_tokens: Optional[int]):
+    def __init__(self, env: MultiTurnEnv, template: ChatTemplate, max_turns: int, max_total_tokens: Optional[int]):
         self.env, self.template, self.max_turns = env, template, max_turns
-        self.max_tokens, self.budget = max_tokens, max_total_tokens or 1 << 62
+        self.budget = max_total_tokens or 1 << 62
         template.check_prefix_preserving()  # refuses, naming the model, before any step
         tokenizer = template.tokenizer
         self.stop_ids = []
@@ -98,18 +97,19 @@ class Episodes:
 
     def generate(self, client: VLLMClient, prompts: list[Prompt], prompt_ids: list[list[int]], n: int,
                  seed: Optional[int], stride: int) -> list[list[Completion]]:
+        cap = client.max_tokens  # each turn's (rollout.max_tokens; eval.max_tokens in evals)
         seeds = prompt_seeds(seed or 0, len(prompts), n)
         live = [self._start(p, ids, s + j) for p, ids, s in zip(prompts, prompt_ids, seeds) for j in range(n)]
         turns = [c for group in client.generate(prompt_ids, n=n, seed=seed, stop_token_ids=self.stop_ids) for c in group]
         for e in live:
-            e.cap = self.max_tokens
+            e.cap = cap
         running = live
         for turn in range(1, self.max_turns + 1):
-            running = [e for e, out in zip(running, turns) if self._after_turn(e, out, turn)]
+            running = [e for e, out in zip(running, turns) if self._after_turn(e, out, turn, cap)]
             if not running:
                 break
             for e in running:
-                e.cap = min(self.max_tokens, self.budget - len(e.ids))
+                e.cap = min(cap, self.budget - len(e.ids))
             turns = client.continue_each([e.prompt_ids + e.ids for e in running],
                                          [turn_seed(e.seed, turn, stride) for e in running],
                                          [e.cap for e in running], self.stop_ids)
@@ -121,7 +121,7 @@ class Episodes:
         except Exception as exc:  # the env's bug ends its episode, not the run
             return _Live(prompt_ids, seed, None, list(prompt.messages), error=f"{type(exc).__name__}: {exc}")
 
-    def _after_turn(self, e: _Live, out: Completion, turn: int) -> bool:
+    def _after_turn(self, e: _Live, out: Completion, turn: int, max_tokens: int) -> bool:
         """Append the sampled turn, then the env's reply if the episode goes on; False once it stopped."""
         e.ids += out.token_ids
         e.logprobs += out.logprobs
@@ -132,7 +132,7 @@ class Episodes:
         if e.error is not None:
             return self._stop(e, "error")
         if out.finish_reason == "length":
-            return self._stop(e, "budget" if e.cap < self.max_tokens else "length")
+            return self._stop(e, "budget" if e.cap < max_tokens else "length")
         try:
             reply = e.episode.step(text)
         except Exception as exc:
@@ -179,5 +179,8 @@ def build_turns(env: Env, tokenizer, encode_chat: Callable[[list[dict]], list[in
     """`Episodes` for a multi-turn env (its template checked here, at start), `OneTurn` otherwise."""
     if not is_multi_turn(env):
         return OneTurn(env, encode_chat)
+    if rollout_cfg.max_total_tokens is not None and rollout_cfg.max_total_tokens < rollout_cfg.max_tokens:
+        raise ValueError(f"rollout.max_total_tokens={rollout_cfg.max_total_tokens} < rollout.max_tokens="
+                         f"{rollout_cfg.max_tokens}: the episode budget must hold at least the first turn")
     template = ChatTemplate(tokenizer, model_name, env.tools)
-    return Episodes(env, template, rollout_cfg.max_tokens, rollout_cfg.max_turns, rollout_cfg.max_total_tokens)
+    return Episodes(env, template, rollout_cfg.max_turns, rollout_cfg.max_total_tokens)

@@ -28,6 +28,8 @@ class ScriptedClient:
     """Every episode's turn k is script[k] = (text, ends with EOS); a turn longer than its cap is
     cut there (finish `length`), as vLLM does. Records each request's seeds and caps."""
 
+    max_tokens = 16
+
     def __init__(self, tokenizer, script: list[tuple[str, bool]]):
         self.tokenizer, self.script, self.requests = tokenizer, script, []
 
@@ -40,7 +42,7 @@ class ScriptedClient:
 
     def generate(self, prompt_ids, n, seed=None, stop_token_ids=()):
         self.requests.append(("first", seed, None))
-        return [[self._turn(0, 16) for _ in range(n)] for _ in prompt_ids]
+        return [[self._turn(0, self.max_tokens) for _ in range(n)] for _ in prompt_ids]
 
     def continue_each(self, prompt_ids, seeds, max_tokens, stop_token_ids=()):
         k = sum(kind == "next" for kind, *_ in self.requests) + 1
@@ -54,8 +56,8 @@ def tokenizer(calc_model_path):
 
 
 def episodes(tokenizer, env=None, max_turns=3, max_total_tokens=None) -> Episodes:
-    return Episodes(env or CalcEnv(num_prompts=8), ChatTemplate(tokenizer, "tiny-calc"), max_tokens=16,
-                    max_turns=max_turns, max_total_tokens=max_total_tokens)
+    return Episodes(env or CalcEnv(num_prompts=8), ChatTemplate(tokenizer, "tiny-calc"), max_turns=max_turns,
+                    max_total_tokens=max_total_tokens)
 
 
 def run(tokenizer, script, n=2, seed=100, **kwargs):

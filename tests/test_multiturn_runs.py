@@ -46,7 +46,7 @@ class Chatty(CalcEnv):
 def test_sampled_logprobs_match_the_trainers_on_the_stitched_sequence(attach, vllm_server, tiny_model_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
     env = Chatty(tokenizer)
-    loop = Episodes(env, ChatTemplate(tokenizer, "tiny"), max_tokens=12, max_turns=3, max_total_tokens=None)
+    loop = Episodes(env, ChatTemplate(tokenizer, "tiny"), max_turns=3, max_total_tokens=None)
     prompts = env.sample(4)
     prompt_ids = [loop.encode(p.messages) for p in prompts]
     client = VLLMClient(vllm_server, make_cfg().model.served_name, max_tokens=12)

@@ -46,6 +46,8 @@ def test_tool_calls_are_answered_in_order_and_bad_ones_get_an_error_message():
 
 
 class Scripted:
+    max_tokens = 64
+
     def __init__(self, tokenizer, turns):
         self.tokenizer, self.turns, self.k = tokenizer, turns, 0
 
@@ -72,7 +74,7 @@ def test_an_episode_in_a_qwen_style_template_is_stitched_and_its_final_turn_scor
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
     tokenizer.chat_template = QWEN_STYLE
     template = ChatTemplate(tokenizer, "qwen-style", env.tools)
-    loop = Episodes(env, template, max_tokens=64, max_turns=4, max_total_tokens=None)  # the template check passes
+    loop = Episodes(env, template, max_turns=4, max_total_tokens=None)  # the template check passes
     prompt = env.sample(1)[0]
     prompt_ids = loop.encode(prompt.messages)
     assert '"name": "calculator"' in tokenizer.decode(prompt_ids)  # the schema is in the prompt
