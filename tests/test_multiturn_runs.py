@@ -63,12 +63,11 @@ def test_sampled_logprobs_match_the_trainers_on_the_stitched_sequence(attach, vl
     assert [c.token_ids for g in again for c in g] == [c.token_ids for c in completions]
 
 
-def assert_learned_to_call(run_dir, history, after: int) -> None:
-    """Chance of a call is ~0.05 a sample at step 1 (measured); from `after` on, >= 0.8, in episodes of more than one turn."""
-    assert history[0]["reward/used_tool"] < 0.3
-    late = history[after - 1:]
-    assert min(m["reward/used_tool"] for m in late) >= 0.8, [m["reward/used_tool"] for m in history]
-    assert min(m["turns_mean"] for m in late) > 1.5
+def assert_learned_to_call(run_dir, history) -> None:
+    """From chance (a call in ~5 % of first episodes, measured) to a call the calculator evaluates
+    in >= 80 % of the last step's episodes, which then run more than one turn."""
+    used = [round(m["reward/used_tool"], 3) for m in history]
+    assert used[0] < 0.3 and used[-1] >= 0.8 and history[-1]["turns_mean"] > 1.5, used
     for m in history:
         assert sum(m[f"stop/{r}"] for r in ("eos", "length", "max_turns", "budget", "error")) == pytest.approx(1.0)
         assert m["completion_len_mean"] <= 3 * 16  # sampled tokens only: env tokens do not count
@@ -78,27 +77,33 @@ def assert_learned_to_call(run_dir, history, after: int) -> None:
     assert {"eval/pass@1", "eval/reward/used_tool"} <= set(read_jsonl(run_dir / "eval.jsonl")[-1])
 
 
-# CI: the shortest forms (reload, LoRA, async); the other weight paths are the heavy variants.
+# CI: the shortest forms (reload, LoRA, async), at a learning rate that climbs in a dozen steps
+# (`python train.py env=calc` takes 13 at its default, README); the other weight paths are heavy.
+FAST = "optimizer.lr=4e-4"
+
+
 @pytest.mark.parametrize("overrides, steps", [
-    (("mode=reload",), 8), (("mode=lora",), 8), (("mode=reload", "train.max_staleness=1"), 10),
-    pytest.param(("mode=lora", "mode/lora_sync=adapter"), 8, marks=pytest.mark.heavy),
-    pytest.param(("mode=broadcast",), 8, marks=pytest.mark.heavy),
+    (("mode=reload", FAST), 12), (("mode=lora", "optimizer.lr=3e-3"), 12),
+    (("mode=reload", FAST, "train.max_staleness=1"), 14),
+    pytest.param(("mode=lora", "mode/lora_sync=adapter", "optimizer.lr=3e-3"), 12, marks=pytest.mark.heavy),
+    pytest.param(("mode=broadcast", FAST), 12, marks=pytest.mark.heavy),
 ], ids=["reload", "lora", "async", "lora_adapter", "broadcast"])
 def test_calc_learns_to_call_its_tool(attach, tmp_path, overrides, steps):
     history = train(make_cfg(*overrides, attach, *QUIET, f"train.steps={steps}"), tmp_path)
-    assert_learned_to_call(tmp_path, history, after=steps - 1)
+    assert_learned_to_call(tmp_path, history)
 
 
 # Modes that start a server of their own (legacy restarts it; shared builds the trainer on its memory).
 @pytest.mark.heavy
 @pytest.mark.parametrize("overrides", [("mode=legacy",), ("mode=shared", "model.dtype=float32")], ids=["legacy", "shared"])
 def test_calc_runs_in_modes_with_a_server_of_their_own(tmp_path, overrides):
-    history = train(make_cfg(*overrides, *QUIET, "train.steps=8"), tmp_path)
-    assert_learned_to_call(tmp_path, history, after=7)
+    history = train(make_cfg(*overrides, FAST, *QUIET, "train.steps=12"), tmp_path)
+    assert_learned_to_call(tmp_path, history)
 
 
 def test_resumed_calc_run_repeats_its_episodes(attach, tmp_path):
-    run = (*QUIET, "eval.enabled=false", "train.prompts_per_step=2", "train.group_size=4", "model.dtype=float32",
+    # 32 episodes a step: a few run more than one turn from step 1 (~5 % call at chance).
+    run = (*QUIET, FAST, "eval.enabled=false", "train.prompts_per_step=4", "train.group_size=8", "model.dtype=float32",
            "hardware.autocast=null", "train.checkpoint_every=2")
     straight = train(make_cfg(attach, *run, "train.steps=4"), tmp_path / "straight")
     split = tmp_path / "split"
