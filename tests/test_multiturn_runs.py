@@ -77,16 +77,14 @@ def assert_learned_to_call(run_dir, history) -> None:
     assert {"eval/pass@1", "eval/reward/used_tool"} <= set(read_jsonl(run_dir / "eval.jsonl")[-1])
 
 
-# CI: the shortest forms (reload, LoRA, async), at a learning rate that climbs in a dozen steps
-# (`python train.py env=calc` takes 13 at its default, README); the other weight paths are heavy.
-FAST = "optimizer.lr=4e-4"
-
-
+# CI: the shortest forms (reload, LoRA, async); the other weight paths are the heavy variants. A
+# faster lr does not shorten a full-weight run: at 4e-4 the policy settles on the bare `</calc>`
+# (every call refused, used_tool 0.5 for all: tied groups) before it finds a call that evaluates.
 @pytest.mark.parametrize("overrides, steps", [
-    (("mode=reload", FAST), 12), (("mode=lora", "optimizer.lr=3e-3"), 12),
-    (("mode=reload", FAST, "train.max_staleness=1"), 14),
+    (("mode=reload",), 16), (("mode=lora", "optimizer.lr=3e-3"), 12),
+    (("mode=reload", "train.max_staleness=1"), 26),
     pytest.param(("mode=lora", "mode/lora_sync=adapter", "optimizer.lr=3e-3"), 12, marks=pytest.mark.heavy),
-    pytest.param(("mode=broadcast", FAST), 12, marks=pytest.mark.heavy),
+    pytest.param(("mode=broadcast",), 16, marks=pytest.mark.heavy),
 ], ids=["reload", "lora", "async", "lora_adapter", "broadcast"])
 def test_calc_learns_to_call_its_tool(attach, tmp_path, overrides, steps):
     history = train(make_cfg(*overrides, attach, *QUIET, f"train.steps={steps}"), tmp_path)
@@ -97,13 +95,13 @@ def test_calc_learns_to_call_its_tool(attach, tmp_path, overrides, steps):
 @pytest.mark.heavy
 @pytest.mark.parametrize("overrides", [("mode=legacy",), ("mode=shared", "model.dtype=float32")], ids=["legacy", "shared"])
 def test_calc_runs_in_modes_with_a_server_of_their_own(tmp_path, overrides):
-    history = train(make_cfg(*overrides, FAST, *QUIET, "train.steps=12"), tmp_path)
+    history = train(make_cfg(*overrides, *QUIET, "train.steps=16"), tmp_path)
     assert_learned_to_call(tmp_path, history)
 
 
 def test_resumed_calc_run_repeats_its_episodes(attach, tmp_path):
     # 32 episodes a step: a few run more than one turn from step 1 (~5 % call at chance).
-    run = (*QUIET, FAST, "eval.enabled=false", "train.prompts_per_step=4", "train.group_size=8", "model.dtype=float32",
+    run = (*QUIET, "eval.enabled=false", "train.prompts_per_step=4", "train.group_size=8", "model.dtype=float32",
            "hardware.autocast=null", "train.checkpoint_every=2")
     straight = train(make_cfg(attach, *run, "train.steps=4"), tmp_path / "straight")
     split = tmp_path / "split"
