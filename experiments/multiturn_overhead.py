@@ -9,7 +9,9 @@ env between them), replays exactly the same requests back to back with nothing b
 (`replay_s`: the sum of the turns' generation, the same prompts, seeds and caps, so the same
 tokens; `replay_same_tokens` checks it), scores and trains on the rollout (`train_s`).
 `overhead` = episode_s / replay_s is the per-turn cost of rendering, stitching and the env (the
-issue's bound: <= 1.2); `env_s` and `stitch_s` split it. Each timed phase starts on an idle server.
+issue's bound: <= 1.2); `env_s` and `stitch_s` split it, and `own_frac` is the episode's time
+outside its vLLM calls over the time in them (the same cost, free of the replay's own noise on a
+shared machine). Each timed phase starts on an idle server.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class Recorded:
 
     def __init__(self, client):
         self.client, self.calls, self.seconds = client, [], 0.0
+        self.max_tokens = client.max_tokens  # each turn's cap, as the episodes read it
 
     def _call(self, name: str, *args):
         t = time.perf_counter()
@@ -100,6 +103,7 @@ def timed_step(run: Run, step: int) -> dict:
     metrics = rollout.completion_metrics()
     return {"episode_s": episode_s, "generate_s": client.seconds, "replay_s": replay_s, "env_s": sum(env_s),
             "stitch_s": sum(stitch_s), "train_s": train_s, "overhead": episode_s / replay_s,
+            "own_frac": (episode_s - client.seconds) / client.seconds,  # the episode's time outside vLLM calls
             "replay_same_tokens": same, "requests": len(client.calls), "turns_mean": metrics["turns_mean"],
             "sampled_tokens": metrics["completion_len_mean"], "env_tokens": metrics["env_tokens_mean"]}
 

@@ -91,12 +91,17 @@ def test_calc_learns_to_call_its_tool(attach, tmp_path, overrides, steps):
     assert_learned_to_call(tmp_path, history)
 
 
-# Modes that start a server of their own (legacy restarts it; shared builds the trainer on its memory).
+# Modes that start a server of their own: shared (the trainer built on vLLM's memory) learns as
+# the others; legacy restarts vLLM at every sync (25-55 s here), so it runs 3 steps of episodes.
 @pytest.mark.heavy
-@pytest.mark.parametrize("overrides", [("mode=legacy",), ("mode=shared", "model.dtype=float32")], ids=["legacy", "shared"])
-def test_calc_runs_in_modes_with_a_server_of_their_own(tmp_path, overrides):
-    history = train(make_cfg(*overrides, *QUIET, "train.steps=16"), tmp_path)
-    assert_learned_to_call(tmp_path, history)
+@pytest.mark.parametrize("overrides, steps", [(("mode=legacy",), 3), (("mode=shared", "model.dtype=float32"), 16)],
+                         ids=["legacy", "shared"])
+def test_calc_runs_in_modes_with_a_server_of_their_own(tmp_path, overrides, steps):
+    history = train(make_cfg(*overrides, *QUIET, f"train.steps={steps}"), tmp_path)
+    if steps < 16:
+        assert len(history) == steps and all(m["turns_mean"] >= 1 and m["stop/error"] == 0 for m in history)
+    else:
+        assert_learned_to_call(tmp_path, history)
 
 
 def test_resumed_calc_run_repeats_its_episodes(attach, tmp_path):
