@@ -76,7 +76,9 @@ class CalcEnv(PromptListEnv):
     tools = None  # the syntax is in the system prompt: the tiny template renders no tools
 
     def __init__(self, seed: int = 0, num_prompts: int = 512, system_prompt: str = SYSTEM, max_tool_chars: int = 64,
-                 max_expression_chars: int = 64, reward_weights: Optional[Mapping[str, float]] = None):
+                 max_expression_chars: int = 64, reward_weights: Optional[Mapping[str, float]] = None,
+                 max_tokens: int = 16):
+        self.max_tokens = max_tokens  # a turn's token budget (what rollout.max_tokens defaults to where env.max_tokens is)
         rng = random.Random(seed)
         self.system_prompt, self.max_tool_chars = system_prompt, max_tool_chars
         self.prompts = [self._prompt(*_question(rng)) for _ in range(num_prompts)]
