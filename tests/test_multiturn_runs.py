@@ -81,7 +81,7 @@ def assert_learned_to_call(run_dir, history) -> None:
 # faster lr does not shorten a full-weight run: at 4e-4 the policy settles on the bare `</calc>`
 # (every call refused, used_tool 0.5 for all: tied groups) before it finds a call that evaluates.
 @pytest.mark.parametrize("overrides, steps", [
-    (("mode=reload",), 16), (("mode=lora", "optimizer.lr=3e-3"), 12),
+    (("mode=reload",), 16), (("mode=lora", "optimizer.lr=3e-3"), 16),
     (("mode=reload", "train.max_staleness=1"), 26),
     pytest.param(("mode=lora", "mode/lora_sync=adapter", "optimizer.lr=3e-3"), 12, marks=pytest.mark.heavy),
     pytest.param(("mode=broadcast",), 16, marks=pytest.mark.heavy),
