@@ -43,7 +43,7 @@ class OverlongPenalty:
         were when the weight is 0)."""
         if not self.weight:
             return scores
-        return [[{**s, NAME: overlong_penalty(len(c.token_ids), self.max_length, self.cache)}
+        return [[{**s, NAME: overlong_penalty(sum(c.sampled_mask), self.max_length, self.cache)}
                  for s, c in zip(row, group)] for row, group in zip(scores, groups)]
 
     def weights(self, env_weights: RewardWeights) -> RewardWeights:

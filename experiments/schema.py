@@ -63,6 +63,15 @@ class StepTimeBench:
     quiet_timeout_s: float = 60.0
 
 
+@dataclass
+class MultiTurnBench:
+    """A multi-turn step against its turns' generation alone (experiments/multiturn_overhead.py)."""
+
+    name: str = "multiturn_overhead"
+    train_steps: int = 8  # untimed training steps first, until the model calls its tool every turn
+    repeats: int = 3  # timed steps; figures are medians
+
+
 def use_schema(bench: type) -> None:
     """Make `Config + bench: <bench>` the root schema that conf/config.yaml composes onto."""
     schema = dataclasses.make_dataclass(

@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 import torch
 
 from grpo.advantages import reward_tensor
-from grpo.data import Completion, Prompt, RewardWeights, Scores
+from grpo.data import STOP_REASONS, Completion, Prompt, RewardWeights, Scores
 
 
 @dataclass
@@ -63,12 +63,26 @@ class Rollout:
         """What the completions look like and how much signal the step has: token lengths, the
         fraction cut at max_tokens (`truncated_frac`), and the fraction of groups whose given
         rewards all tie (`tied_group_frac`: advantage 0 for every sample, nothing to learn)."""
-        lengths = torch.tensor([len(c.token_ids) for group in self.groups for c in group], dtype=torch.float32)
-        truncated = [c.finish_reason == "length" for group in self.groups for c in group]
+        completions = [c for group in self.groups for c in group]
+        lengths = torch.tensor([sum(c.sampled_mask) for c in completions], dtype=torch.float32)  # env ids not counted
+        truncated = [c.finish_reason == "length" for c in completions]
         tied = tied_groups(self.rewards)
         return {"completion_len_min": lengths.min().item(), "completion_len_mean": lengths.mean().item(),
                 "completion_len_max": lengths.max().item(), "truncated_frac": sum(truncated) / len(truncated),
-                "tied_group_frac": tied.float().mean().item()}
+                "tied_group_frac": tied.float().mean().item(), **episode_metrics(completions)}
+
+
+def episode_metrics(completions: list[Completion]) -> dict:
+    """Multi-turn episodes' shape (none for single-turn rollouts): assistant turns and env tokens
+    per episode, tool calls and tool errors per episode, and the fraction stopped by each rule."""
+    dialogues = [c.dialogue for c in completions if c.dialogue is not None]
+    if not dialogues:
+        return {}
+    n = len(dialogues)
+    env_tokens = sum(len(c.token_ids) - sum(c.sampled_mask) for c in completions if c.dialogue is not None)
+    return {"turns_mean": sum(d.turns for d in dialogues) / n, "env_tokens_mean": env_tokens / n,
+            "tool_calls": sum(d.tool_calls for d in dialogues) / n, "tool_errors": sum(d.tool_errors for d in dialogues) / n,
+            **{f"stop/{reason}": sum(d.stop == reason for d in dialogues) / n for reason in STOP_REASONS}}
 
 
 def tied_groups(rewards: torch.Tensor) -> torch.Tensor:
@@ -84,7 +98,7 @@ def tied_groups(rewards: torch.Tensor) -> torch.Tensor:
 class Batch:
     input_ids: torch.Tensor  # [B, P+C] long: left-padded prompt ++ right-padded completion
     attention_mask: torch.Tensor  # [B, P+C] long
-    completion_mask: torch.Tensor  # [B, C] float: 1 on sampled tokens
+    completion_mask: torch.Tensor  # [B, C] float: 1 on sampled tokens, 0 on padding and env tokens (multi-turn)
     sampling_logp: torch.Tensor  # [B, C] float: vLLM's logprob of each sampled token
     advantages: torch.Tensor  # [B] float: one per sequence
     prompt_len: int  # P
@@ -121,7 +135,7 @@ def build_batch(rollout: Rollout, advantages: torch.Tensor, pad_id: int) -> Batc
         attention_mask[i, P - len(p) : P + n] = 1
         if n:
             input_ids[i, P : P + n] = torch.tensor(c.token_ids)
-            completion_mask[i, :n] = 1
+            completion_mask[i, :n] = torch.tensor(c.sampled_mask, dtype=completion_mask.dtype)
             sampling_logp[i, :n] = torch.tensor(c.logprobs)
     return Batch(
         input_ids=input_ids,

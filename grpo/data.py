@@ -52,8 +52,34 @@ class RewardWeights:
 
 
 @dataclass
+class Dialogue:
+    """What a multi-turn episode added after its prompt (lab/episodes.py): the messages in order
+    (assistant turns as sampled, env messages as sent), why it stopped, and its tool use."""
+
+    messages: list[dict]  # [{"role": "assistant" | "tool" | "user", "content": str}, ...]
+    stop: str  # eos | length | max_turns | budget | error (STOP_REASONS)
+    tool_calls: int = 0
+    tool_errors: int = 0
+    error: Optional[str] = None  # what the env raised (stop == "error")
+    spans: list[tuple[str, int]] = field(default_factory=list)  # the completion's text in runs of its mask: (text, 1 sampled | 0 env)
+
+    @property
+    def turns(self) -> int:
+        return sum(m["role"] == "assistant" for m in self.messages)
+
+
+STOP_REASONS = ("eos", "length", "max_turns", "budget", "error")
+
+
+@dataclass
 class Completion:
-    token_ids: list[int]  # [C_i] sampled ids, EOS included when the model stopped
-    logprobs: list[float]  # [C_i] vLLM's logprob of each sampled id
+    token_ids: list[int]  # [C_i] sampled ids, EOS included when the model stopped (multi-turn: + env ids)
+    logprobs: list[float]  # [C_i] vLLM's logprob of each sampled id (0.0 at env positions)
     text: str
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" (multi-turn: the last turn's)
+    mask: Optional[list[int]] = None  # [C_i] 1 on sampled ids, 0 on env ids; None: every id sampled
+    dialogue: Optional[Dialogue] = None  # the turns of a multi-turn episode; None: one turn
+
+    @property
+    def sampled_mask(self) -> list[int]:
+        return [1] * len(self.token_ids) if self.mask is None else self.mask

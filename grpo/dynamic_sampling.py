@@ -14,10 +14,12 @@ from typing import Callable
 from grpo import seeds
 from grpo.batch import Rollout, tied_groups
 
-def check(dynamic_sampling: bool, max_sampling_rounds: int, prompts_per_step: int, group_size: int) -> None:
-    """At start: every round's samples must get seeds of their own step."""
+def check(dynamic_sampling: bool, max_sampling_rounds: int, prompts_per_step: int, group_size: int,
+          max_turns: int = 1) -> None:
+    """At start: every round's samples (every turn of their episodes) must get seeds of their own step."""
     rounds = max_sampling_rounds if dynamic_sampling else 1
-    seeds.check_step_samples(rounds * prompts_per_step * group_size, f"train.max_sampling_rounds={max_sampling_rounds}")
+    seeds.check_step_samples(rounds * prompts_per_step * group_size * max_turns,
+                             f"train.max_sampling_rounds={max_sampling_rounds}, rollout.max_turns={max_turns}")
 
 
 def sample_groups(draw: Callable[[int], Rollout], want: int, group_size: int, max_rounds: int,

@@ -88,7 +88,7 @@ def check(cfg: DictConfig, procs: Optional[int] = None) -> Bridge:
     validate(cfg)  # every range and choice, by its key, before anything starts
     check_estimator(cfg.advantage.estimator, cfg.advantage.scale_rewards)  # e.g. reinforce_pp has no group std
     dynamic_sampling.check(cfg.train.dynamic_sampling, cfg.train.max_sampling_rounds, cfg.train.prompts_per_step,
-                           cfg.train.group_size)  # every sampling round's seeds fit in its step's
+                           cfg.train.group_size, cfg.rollout.max_turns)  # every round's (and turn's) seeds fit in its step's
     if cfg.finetune.name == "lora" and cfg.finetune.lora is None:
         raise Refused("finetune=lora needs finetune.lora (its settings; conf/finetune/lora.yaml sets them)")
     # Its own arguments fail here, by name; every bridge is verified (VerifiedBridge).

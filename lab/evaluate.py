@@ -31,12 +31,13 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from envs.base import Env
 from grpo.data import Prompt
 from grpo.batch import Rollout
 from grpo.seeds import eval_seed
+from lab.episodes import Turns, build_turns
 from serving.client import VLLMClient
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
@@ -73,21 +74,23 @@ class Evaluator:
         """Before training (step 0), every `every` steps, and after the last step."""
         return step in (0, last) or bool(self.every and step % self.every == 0)
 
-    def __call__(self, client: VLLMClient, encode: Callable[[list[dict]], list[int]]) -> tuple[dict, list[dict]]:
-        """(metrics `eval/...`, one row per prompt) for the model `client` names on its server."""
+    def __call__(self, client: VLLMClient, turns: Turns) -> tuple[dict, list[dict]]:
+        """(metrics `eval/...`, one row per prompt) for the model `client` names on its server; a
+        multi-turn env's completions are whole episodes (`turns`: lab/episodes.py)."""
         start = time.perf_counter()
         if self._prompt_ids is None:
-            self._prompt_ids = [encode(p.messages) for p in self.prompts]
+            self._prompt_ids = [turns.encode(p.messages) for p in self.prompts]
 
         def sampler(temperature: float) -> VLLMClient:
             out = VLLMClient(client.server, client.model, max_tokens=self.max_tokens, temperature=temperature)
             out.deadline = client.server.deadline("eval_s")
             return out
 
-        greedy = sampler(0.0).generate(self._prompt_ids, n=1)
-        sampled = sampler(self.temperature).generate(self._prompt_ids, n=self.n, seed=self.seed)
+        stride = len(self.prompts) * self.n  # an episode's later turns' seed bands (grpo/seeds.py)
+        greedy = turns.generate(sampler(0.0), self.prompts, self._prompt_ids, 1, None, stride)
+        sampled = turns.generate(sampler(self.temperature), self.prompts, self._prompt_ids, self.n, self.seed, stride)
         # One score call for both, so a verifier pool scores them all in parallel.
-        scores = self.env.score(self.prompts, [[c.text for c in g + s] for g, s in zip(greedy, sampled)])
+        scores = turns.score(self.prompts, [g + s for g, s in zip(greedy, sampled)])
         rollout = Rollout(self.prompts, self._prompt_ids, greedy)
         rollout.set_scores([row[:1] for row in scores], self.env.reward_weights)
         passes = [sum(self.env.success(s) for s in row[1:]) for row in scores]
@@ -188,9 +191,10 @@ def evaluate_saved(target: str | Path, overrides: list[str] = (), out_dir: Optio
         evaluator = Evaluator.from_config(cfg, env)  # a bad split or n < k fails before vLLM starts
         path, args, adapter = served_model(model_dir)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        turns = build_turns(env, tokenizer, lambda messages: encode_chat(tokenizer, messages), str(model_dir), cfg.rollout)
         with build_server(cfg, out, model=str(path), extra_args=tuple(args)) as server:
             client = VLLMClient(server, adapter or cfg.model.served_name)
-            metrics, rows = evaluator(client, lambda messages: encode_chat(tokenizer, messages))
+            metrics, rows = evaluator(client, turns)
     finally:
         env.close()
     record = {"step": step, "model": str(model_dir), **metrics}

@@ -130,7 +130,7 @@ def evaluate(run: Run, step: int) -> None:
     eval.jsonl, eval_samples.jsonl, wandb `eval/...` and a console line."""
     if run.evaluator is None or not run.evaluator.due(step, run.cfg.train.steps):
         return
-    metrics, rows = run.guard.call(step, lambda: run.evaluator(run.client, run.policy.encode_chat))
+    metrics, rows = run.guard.call(step, lambda: run.evaluator(run.client, run.sampler.turns))
     run.logger.eval(step, metrics, rows)
 
 

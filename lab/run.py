@@ -10,14 +10,16 @@ from typing import Iterator, Optional
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from bridges.base import Bridge
 from envs.base import Env
 from runtime import checkpoint, distributed
 from runtime.cores import pinned_trainer
 from runtime.async_rollout import InlineRollouts, RolloutPipeline, Rollouts, Schedule, WeightVersions
+from runtime.config import EPISODE_KEYS, max_sampled_tokens
 from lab import compose
+from lab.episodes import build_turns
 from lab.evaluate import Evaluator
 from lab.sampler import Sampler
 from runtime.logger import RunLogger, SilentLogger
@@ -66,7 +68,7 @@ def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
     """Build every part; each one that holds a resource (vLLM, worker pools, files) is registered
     with `cleanup` as soon as it exists, so a failure half-way through leaves nothing running."""
     bridge = compose.check(cfg)  # every range and choice by its key; what the sync cannot serve, refused
-    loss = instantiate(cfg.loss, max_completion_length=cfg.rollout.max_tokens)  # checks its options
+    loss = instantiate(cfg.loss, max_completion_length=max_sampled_tokens(cfg.rollout))  # checks its options
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     # Before any compute starts threads; given back at the end (a multirun's next job starts unpinned).
@@ -106,7 +108,8 @@ def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
         checkpoint.load_policy_weights(policy, saved.path)
     if main:  # the other ranks' server is never started
         server.start()  # a no-op if started to build the model on vLLM's weights
-    client = instantiate(cfg.rollout, server=server, model=bridge.served_model or cfg.model.served_name)
+    client = instantiate(OmegaConf.masked_copy(cfg.rollout, [k for k in cfg.rollout if k not in EPISODE_KEYS]),
+                         server=server, model=bridge.served_model or cfg.model.served_name)  # the episode keys are the turn loop's
     bridge.setup(policy, server, client, run_dir)
     bridge.initial_sync(start_step if saved else None)
     optimizer = instantiate(cfg.optimizer, policy.trainable_parameters())
@@ -118,7 +121,8 @@ def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
     guard = Unguarded() if procs > 1 else \
         RestartGuard(server, path, resync=versions.resync(bridge.sync),
                      on_restart=lambda step, **info: logger.event(step, "vllm_restart", **info))
-    sample = Sampler(env, policy.encode_chat, client, guard, overlong, cfg.train, procs)
+    turns = build_turns(env, policy.tokenizer, policy.encode_chat, path, cfg.rollout)  # checks a multi-turn template
+    sample = Sampler(env, turns, client, guard, overlong, cfg.train, procs)
     if cfg.train.max_staleness and main:
         rollouts = RolloutPipeline(sample, Schedule(cfg.train.max_staleness, cfg.sync.sync_every, start_step),
                                    cfg.train.steps, versions)

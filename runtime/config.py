@@ -205,6 +205,22 @@ class RolloutConfig:
     top_p: float = field(default=1.0, metadata=in_unit())
     ignore_eos: bool = False  # sample on past EOS to max_tokens (benchmarks compare equal token counts)
     timeout_s: float = field(default=600.0, metadata=above(0))  # each generate request's deadline (server.deadlines)
+    # Multi-turn envs (envs/episode.py, lab/episodes.py): assistant turns per episode (max_tokens is
+    # each turn's), and the episode's tokens after the prompt, sampled + env (None: max_turns turns
+    # of max_tokens plus the env's replies, unbounded). A multi-turn env declares both (env.max_turns,
+    # env.max_total_tokens); single-turn envs declare neither and stop after turn 1.
+    max_turns: int = field(default=II("oc.select:env.max_turns,1"), metadata=at_least(1))
+    max_total_tokens: Optional[int] = field(default=II("oc.select:env.max_total_tokens,null"), metadata=at_least(1))
+
+
+EPISODE_KEYS = ("max_turns", "max_total_tokens")  # rollout keys the episode loop reads, not the client
+
+
+def max_sampled_tokens(rollout) -> int:
+    """The most tokens an episode samples (dr_grpo's constant normaliser): max_tokens per turn for
+    rollout.max_turns turns, within rollout.max_total_tokens; max_tokens for one turn."""
+    most = rollout.max_tokens * rollout.max_turns
+    return min(most, rollout.max_total_tokens) if rollout.max_total_tokens else most
 
 
 @dataclass

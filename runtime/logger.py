@@ -26,6 +26,21 @@ from torch import Tensor
 from tqdm import tqdm
 
 from grpo.batch import Rollout
+from grpo.data import Completion
+
+
+def episode_columns(completion: Completion) -> dict:
+    """A multi-turn sample's whole episode: its messages, why it stopped, the loss mask [C] (1 on
+    sampled ids, 0 on the env's) and its text in runs of that mask (what the run notebook colours)."""
+    d = completion.dialogue
+    if d is None:
+        return {}
+    return {"conversation": d.messages, "stop": d.stop, "mask": completion.mask, "spans": d.spans}
+
+
+def _cell(value: Any) -> Any:
+    """A wandb table cell: lists and dicts as JSON text."""
+    return json.dumps(value) if isinstance(value, (list, dict)) else value
 
 
 def _jsonable(value: Any) -> Any:
@@ -99,7 +114,7 @@ class RunLogger:
         """One row per completion (its prompt's last message, answer, text, reward, advantage; advantages
         [P*G] in rollout order) in samples.jsonl, and the same rows as wandb table `samples`."""
         rows = [{"step": step, "prompt": prompt.messages[-1]["content"], "answer": prompt.answer,
-                 "completion": completion.text, "reward": reward}
+                 "completion": completion.text, "reward": reward, **episode_columns(completion)}
                 for prompt, group, rewards in zip(rollout.prompts, rollout.groups, rollout.rewards.tolist())
                 for completion, reward in zip(group, rewards)]
         for row, advantage in zip(rows, advantages.tolist(), strict=True):
@@ -109,7 +124,7 @@ class RunLogger:
             import wandb
 
             columns = list(rows[0])
-            self.wandb.log({"samples": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])},
+            self.wandb.log({"samples": wandb.Table(columns=columns, data=[[_cell(r[c]) for c in columns] for r in rows])},
                            step=step)
 
     def eval(self, step: int, metrics: dict, rows: list[dict]) -> None:

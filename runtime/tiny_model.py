@@ -59,31 +59,45 @@ class TinySpec:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _corpus(spec: TinySpec) -> Iterable[str]:
+def _corpus(spec: TinySpec) -> tuple[Iterable[str], list[str]]:
+    """(the corpus envs' text, the tokens they need whole: a multi-turn env's tool tags, its
+    `vocabulary`, e.g. `<calc>` `</calc>`)."""
     from hydra.utils import instantiate
 
+    vocabulary = []
     for env_cfg in spec.tokenizer_corpus:
         env = instantiate(env_cfg)
-        try:
-            yield from env.corpus()
-        finally:
-            env.close()
+        vocabulary += [t for t in getattr(env, "vocabulary", ()) if t not in vocabulary]
+        env.close()
+
+    def text() -> Iterable[str]:
+        for env_cfg in spec.tokenizer_corpus:
+            env = instantiate(env_cfg)
+            try:
+                yield from env.corpus()
+            finally:
+                env.close()
+
+    return text(), vocabulary
 
 
 def _train_tokenizer(spec: TinySpec, out: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    corpus, vocabulary = _corpus(spec)
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=spec.vocab_size,
+        vocab_size=spec.vocab_size - len(vocabulary),  # the tags take the last ids; no env has any: as before
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(_corpus(spec), trainer)
+    bpe.train_from_iterator(corpus, trainer)
+    # Whole tokens that decode as text (not special: vLLM's detokenizer keeps them in the text).
+    bpe.add_tokens([AddedToken(t, special=False, normalized=False) for t in vocabulary])
     tok = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         eos_token="<|im_end|>",

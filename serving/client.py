@@ -8,7 +8,7 @@ text, and compares its logprobs with vLLM's sampled ones (`logprobs: 0`, server 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional
+from typing import Optional, Sequence
 
 from grpo.data import Completion
 from grpo.seeds import prompt_seeds
@@ -36,20 +36,37 @@ class VLLMClient:
         self.deadline = Deadline(timeout_s, "rollout.timeout_s")  # each generate request's (eval: eval_s)
         self.ignore_eos = ignore_eos  # every completion runs to max_tokens (benchmarks: equal token counts)
 
-    def generate(self, prompt_ids: list[list[int]], n: int, seed: Optional[int] = None) -> list[list[Completion]]:
+    def generate(self, prompt_ids: list[list[int]], n: int, seed: Optional[int] = None,
+                 stop_token_ids: Sequence[int] = ()) -> list[list[Completion]]:
         """With `seed`, each prompt's request gets its own (grpo/seeds.py prompt_seeds). A request
         has one seed for all its prompts, and equal seeds make different prompts draw near-identical
-        completions, so seeded prompts go as concurrent requests (vLLM batches them)."""
+        completions, so seeded prompts go as concurrent requests (vLLM batches them).
+        `stop_token_ids`: tokens that end a completion besides EOS (a tool call's closing tag)."""
         if seed is not None and len(prompt_ids) > 1:
-            with ThreadPoolExecutor(len(prompt_ids)) as pool:
-                parts = pool.map(lambda ps: self.generate([ps[0]], n, ps[1]),
-                                 zip(prompt_ids, prompt_seeds(seed, len(prompt_ids), n)))
-                return [group for part in parts for group in part]
+            return self._each(prompt_ids, n, prompt_seeds(seed, len(prompt_ids), n), [self.max_tokens] * len(prompt_ids),
+                              stop_token_ids)
+        return self._request(prompt_ids, n, seed, self.max_tokens, stop_token_ids)
+
+    def continue_each(self, prompt_ids: list[list[int]], seeds: list[int], max_tokens: list[int],
+                      stop_token_ids: Sequence[int] = ()) -> list[Completion]:
+        """One completion of each prompt with its own seed and token cap: the next turn of every
+        live multi-turn episode, as concurrent requests that vLLM batches."""
+        return [group[0] for group in self._each(prompt_ids, 1, seeds, max_tokens, stop_token_ids)]
+
+    def _each(self, prompt_ids: list[list[int]], n: int, seeds: list[int], max_tokens: list[int],
+              stop_token_ids: Sequence[int]) -> list[list[Completion]]:
+        with ThreadPoolExecutor(max(len(prompt_ids), 1)) as pool:
+            parts = pool.map(lambda args: self._request([args[0]], n, *args[1:], stop_token_ids),
+                             zip(prompt_ids, seeds, max_tokens))
+            return [group for part in parts for group in part]
+
+    def _request(self, prompt_ids: list[list[int]], n: int, seed: Optional[int], max_tokens: int,
+                 stop_token_ids: Sequence[int]) -> list[list[Completion]]:
         payload = {
             "model": self.model,
             "prompt": prompt_ids,
             "n": n,
-            "max_tokens": self.max_tokens,
+            "max_tokens": max_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
             "logprobs": 0,
@@ -58,6 +75,8 @@ class VLLMClient:
         }
         if seed is not None:
             payload["seed"] = seed
+        if stop_token_ids:
+            payload["stop_token_ids"] = list(stop_token_ids)
         choices = self.server.post("/v1/completions", payload, self.deadline)["choices"]
         groups: list[list[Completion]] = [[] for _ in prompt_ids]
         for ch in sorted(choices, key=lambda c: c["index"]):

@@ -28,6 +28,7 @@ from typing import Any, Optional
 from urllib.parse import urlparse
 
 import requests
+import urllib3
 
 from grpo import REPO_ROOT
 from runtime.config import DeadlinesConfig
@@ -111,6 +112,12 @@ def tail(path: Optional[Path], lines: int = 40) -> str:
     if not path.exists():
         return "(no log written)"
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _stale_connection(exc: requests.ConnectionError) -> bool:
+    """The connection dropped before any answer (`Connection aborted.`: reset, remote closed), as
+    opposed to a server that is not listening (connection refused)."""
+    return bool(exc.args) and isinstance(exc.args[0], urllib3.exceptions.ProtocolError)
 
 
 class VLLMServer:
@@ -299,7 +306,15 @@ class VLLMServer:
         deadline = deadline or self.deadline("control_s")
         url = f"{self.base_url}{path}"
         try:
-            resp = self.session.request(method, url, json=payload, timeout=deadline.seconds)
+            try:
+                resp = self.session.request(method, url, json=payload, timeout=deadline.seconds)
+            except requests.ConnectionError as exc:
+                if not _stale_connection(exc):
+                    raise
+                # A pooled keep-alive connection vLLM closed while it sat idle (its HTTP server's
+                # keep-alive timeout is 5 s; a train phase is longer): the request never reached
+                # the server, so it goes once more, on a fresh connection.
+                resp = self.session.request(method, url, json=payload, timeout=deadline.seconds)
         except requests.Timeout as exc:
             raise VLLMHungError(self.base_url, f"{method} {path}", deadline, self.external) from exc
         except requests.RequestException as exc:

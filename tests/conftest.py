@@ -43,6 +43,14 @@ def tiny_model_path() -> str:
 
 
 @pytest.fixture(scope="session")
+def calc_model_path() -> str:
+    """The tiny model `env=calc` trains: its tokenizer knows `<calc>` and `</calc>` as single tokens."""
+    from lab.server import model_path
+
+    return model_path(make_cfg("env=calc"))
+
+
+@pytest.fixture(scope="session")
 def vllm_server(tiny_model_path, tmp_path_factory):
     """A real vLLM server on the tiny model, LoRA enabled so the LoRA tests can share it. It serves
     fp32 on every CPU (the bridges' exact checks); a run attached to it with model.dtype=auto

@@ -28,6 +28,7 @@ from envs.synthetic import DigitsEnv
 from grpo.data import Completion
 from hydra.utils import instantiate
 
+from lab.episodes import OneTurn
 from lab.sampler import Sampler
 from runtime.async_rollout import InlineRollouts
 from grpo.policy import Policy, token_logprobs
@@ -78,7 +79,7 @@ def serverless_run(tmp_path, tiny_model_path, cfg) -> Run:
     attached = VLLMServer("m", args=[], env={}, log_path=tmp_path / "vllm.log", base_url="http://127.0.0.1:9")
     env, client, guard = DigitsEnv(), FakeClient(), RestartGuard(attached, "m", resync=lambda step: None)
     overlong = instantiate(cfg.overlong, default_length=cfg.rollout.max_tokens)
-    sample = Sampler(env, policy.encode_chat, client, guard, overlong, cfg.train)
+    sample = Sampler(env, OneTurn(env, policy.encode_chat), client, guard, overlong, cfg.train)
     return Run(cfg=cfg, run_dir=tmp_path, precision=policy.precision, env=env, policy=policy, server=attached,
                client=client, bridge=FakeBridge(), optimizer=optimizer,
                loss=instantiate(cfg.loss, max_completion_length=cfg.rollout.max_tokens),

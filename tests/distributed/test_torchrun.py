@@ -81,6 +81,19 @@ def test_two_processes_train_as_one(attach, vllm_server, tiny_model_path, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # one run dir for both ranks
 
 
+@pytest.mark.slow
+@pytest.mark.heavy  # CI: test_two_processes_train_as_one (single-turn) and tests/test_multiturn_runs.py
+def test_two_processes_train_multi_turn_episodes_as_one(attach, vllm_server, tiny_model_path, tmp_path):
+    """env=calc: rank 0 runs the episodes, every rank trains its share of the masked rows."""
+    # 64 episodes of up to 16 tokens a turn: every step has groups whose rewards differ (seeded: always the same)
+    one, two = run_both(attach, vllm_server, tiny_model_path, tmp_path, "env=calc",
+                        hardware=("hardware.autocast=null", "train.prompts_per_step=8", "train.group_size=8",
+                                  "rollout.max_tokens=16"))
+    metrics = read_jsonl(two / "metrics.jsonl")
+    assert_same_run(one, metrics, run_precision(two))
+    assert [m["turns_mean"] for m in metrics] == [m["turns_mean"] for m in one]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices: a trainer process each")
 def test_two_gpu_processes_train_as_one(attach, vllm_server, tiny_model_path, tmp_path):

@@ -16,6 +16,7 @@ from bridges.reload import ReloadBridge
 from conftest import loopback_http, make_cfg
 from envs.synthetic import DigitsEnv
 from runtime.config import DeadlinesConfig, validate
+from lab.episodes import OneTurn
 from lab.evaluate import Evaluator
 from grpo.policy import Policy
 from serving.client import VLLMClient
@@ -60,9 +61,9 @@ def hung(fn, seconds: float) -> VLLMHungError:
 
 
 def evaluate(client):
-    evaluator = Evaluator(DigitsEnv(num_prompts=8), "test", num_prompts=2, n=2, k=2, max_tokens=4, temperature=1.0,
-                          every=0)
-    return evaluator(client, lambda messages: [1, 2, 3])
+    env = DigitsEnv(num_prompts=8)
+    evaluator = Evaluator(env, "test", num_prompts=2, n=2, k=2, max_tokens=4, temperature=1.0, every=0)
+    return evaluator(client, OneTurn(env, lambda messages: [1, 2, 3]))
 
 
 @pytest.mark.parametrize("call, route, key, seconds", [
