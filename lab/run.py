@@ -108,7 +108,8 @@ def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
         checkpoint.load_policy_weights(policy, saved.path)
     if main:  # the other ranks' server is never started
         server.start()  # a no-op if started to build the model on vLLM's weights
-    client = instantiate(OmegaConf.masked_copy(cfg.rollout, [k for k in cfg.rollout if k not in EPISODE_KEYS]),
+    rollout = OmegaConf.to_container(cfg.rollout, resolve=True)  # resolved where env.* is in reach
+    client = instantiate({k: v for k, v in rollout.items() if k not in EPISODE_KEYS},
                          server=server, model=bridge.served_model or cfg.model.served_name)  # the episode keys are the turn loop's
     bridge.setup(policy, server, client, run_dir)
     bridge.initial_sync(start_step if saved else None)
