@@ -5,9 +5,10 @@ graphs...) as an env: `env=reasoning_gym env.task=basic_arithmetic`.
 drawn by weight. Every item is generated, never stored: item k of the training stream is item k of
 its task's generator seeded with `seed`, so the state is one position and resume is exact. The
 held-out split `test` draws from generators seeded `seed + EVAL_SEED`, seeds no training item uses
-(reasoning-gym seeds item k with seed + k; a small task space may still repeat a question). A prompt carries (task, split, index) only, and scoring
-regenerates the item to call the task's own `score_answer`, so a score needs nothing but the prompt
-(JSON-safe: an env service scores what a trainer sends back).
+(reasoning-gym seeds item k with seed + k; a small task space may still repeat a question). A
+prompt carries (task, split, index) only, and scoring regenerates the item to call the task's own
+`score_answer`, so a score needs nothing but the prompt (JSON-safe: an env service scores what a
+trainer sends back).
 
 The answer scored is the last `<answer>...</answer>` of a completion (reasoning-gym's format), or
 the whole completion, stripped, when it has none: a small model that answers bare is graded too.
