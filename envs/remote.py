@@ -16,7 +16,7 @@ back in its initial state: a seeded run samples the same whatever the service se
 service feeds one run at a time).
 
 Several services: each prompt's service is drawn by weight (seeded by `seed` and the prompt's
-position: exact resume) and tagged `meta["env"]` (per-env reward curves: `reward_env/<name>`).
+position: exact resume) and tagged `meta["env"]` (per-env reward curves: `reward_env/<name>`, grpo/batch.py).
 Their reward components may differ, so a mix reports two: `reward`, each service's own weighted
 total, and `solved` (weight 0: logged, not trained on), the service's success verdict.
 """
