@@ -5,12 +5,8 @@ restarted service gets the trainer's state back, bad URLs, keys and protocols fa
 
 from __future__ import annotations
 
-import contextlib
 import json
-import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler
@@ -20,46 +16,10 @@ import pytest
 import requests
 
 from conftest import REPO, loopback_http
+from env_services import PY, free_port, served, start_service
 from envs.reasoning_gym import ReasoningGymEnv
 from envs.remote import EnvServiceError, RemoteEnv
 from envs.synthetic import DigitsEnv
-
-PY = sys.executable
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_service(*overrides: str, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([PY, "-m", "envs.serve", f"server.port={port}", *overrides], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"env service exited: {proc.stdout.read()}")
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).ok:
-                return proc
-        except requests.RequestException:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("env service did not answer /health in 60 s")
-
-
-@contextlib.contextmanager
-def served(*overrides: str, port: int | None = None) -> Iterator[str]:
-    """`python -m envs.serve <overrides>` as a subprocess; yields its URL."""
-    port = port or free_port()
-    proc = start_service(*overrides, port=port)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
-
 
 LOCAL = {"synthetic": lambda seed: DigitsEnv(seed=seed),
          "reasoning_gym": lambda seed: ReasoningGymEnv(task={"basic_arithmetic": 1, "leg_counting": 1}, seed=seed)}

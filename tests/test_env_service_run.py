@@ -1,0 +1,52 @@
+"""Runs whose env lives outside the trainer: a seeded run is the same with its env served as with it
+local, through a resume against a restarted service; a reasoning-gym run; several services feeding
+one run, with a reward curve per env."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from conftest import SEEDED as RUN
+from conftest import make_cfg, straight_run
+from env_services import served
+from lab.loop import train
+
+pytestmark = pytest.mark.slow
+SAME = ("reward_mean", "reward_std", "reward_nan", "reward/digits", "completion_len_mean", "loss", "grad_norm", "kl")
+
+
+def test_a_seeded_run_is_the_same_with_its_env_served(attach, tmp_path, tmp_path_factory):
+    local = straight_run(tmp_path_factory, "mode=reload", attach, *RUN, "train.steps=6")  # shared with test_resume
+    served_run = tmp_path / "served"
+    with served("env=synthetic") as url:
+        first = train(make_cfg("mode=reload", attach, *RUN, "train.steps=3", "env=remote", f"env.url={url}",
+                               "rollout.max_tokens=8"), served_run)
+    # another service process (another port), as after a crash: the checkpoint's state goes into it
+    with served("env=synthetic") as url:
+        rest = train(make_cfg("mode=reload", attach, *RUN, "train.steps=6", "env=remote", f"env.url={url}",
+                              "rollout.max_tokens=8", f"resume={served_run}"), served_run)
+    assert len(first) == len(rest) == 3
+    for step, (a, b) in enumerate(zip(local, first + rest), 1):
+        for key in SAME:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (step, key)
+
+
+def test_reasoning_gym_run_trains_and_evaluates(attach, tmp_path):
+    history = train(make_cfg("mode=reload", attach, *RUN, "train.steps=2", "env=reasoning_gym",
+                             "env.task={basic_arithmetic: 1, leg_counting: 1}", "eval.num_prompts=4"), tmp_path)
+    assert len(history) == 2 and all(0.0 <= m["reward/correct"] <= 1.0 for m in history)
+    assert all(math.isfinite(m["loss"]) for m in history)
+    assert (tmp_path / "eval.jsonl").is_file()
+
+
+def test_several_services_feed_one_run_with_a_curve_per_env(attach, tmp_path):
+    with served("env=synthetic") as digits, served("env=reasoning_gym") as gym:
+        history = train(make_cfg("mode=reload", attach, *RUN, "train.steps=2", "train.prompts_per_step=4",
+                                 "env=remote", f"env.url=[{digits},{gym}]", "env.weights=[1,1]",
+                                 "eval.num_prompts=4"), tmp_path)
+    for m in history:
+        assert {"reward/reward", "reward/solved"} <= m.keys()
+        envs = {k for k in m if k.startswith("reward_env/")}
+        assert envs <= {"reward_env/synthetic", "reward_env/reasoning_gym"} and envs
