@@ -11,8 +11,14 @@ The env's seed is `train.seed`, as in a run. A host other than loopback needs `s
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -21,6 +27,7 @@ from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig
 
 from envs.service import build_app
+from grpo import REPO_ROOT
 from serving.server import is_loopback
 
 
@@ -70,6 +77,47 @@ def main(cfg: DictConfig) -> None:
                     log_level=cfg.server.log_level)
     finally:
         env.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(*overrides: str, port: int, timeout_s: float = 60.0) -> subprocess.Popen:
+    """`python -m envs.serve <overrides> server.port=<port>` as a subprocess, answering /health."""
+    import requests
+
+    proc = subprocess.Popen([sys.executable, "-m", "envs.serve", f"server.port={port}", *overrides], cwd=REPO_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"env service exited with {proc.returncode}: {proc.stdout.read()}")
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).ok:
+                return proc
+        except requests.RequestException:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"env service {overrides} did not answer /health in {timeout_s:.0f} s")
+
+
+@contextlib.contextmanager
+def served(*overrides: str, port: Optional[int] = None) -> Iterator[str]:
+    """An env service subprocess on loopback for as long as the block runs; yields its URL."""
+    port = port or free_port()
+    proc = spawn(*overrides, port=port)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 if __name__ == "__main__":

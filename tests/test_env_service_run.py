@@ -10,7 +10,7 @@ import pytest
 
 from conftest import SEEDED as RUN
 from conftest import make_cfg, straight_run
-from env_services import served
+from envs.serve import served
 from lab.loop import train
 
 pytestmark = pytest.mark.slow

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler
@@ -16,9 +17,9 @@ import pytest
 import requests
 
 from conftest import REPO, loopback_http
-from env_services import PY, free_port, served, start_service
 from envs.reasoning_gym import ReasoningGymEnv
 from envs.remote import EnvServiceError, RemoteEnv
+from envs.serve import free_port, served, spawn
 from envs.synthetic import DigitsEnv
 
 LOCAL = {"synthetic": lambda seed: DigitsEnv(seed=seed),
@@ -157,14 +158,14 @@ def test_api_key_guards_every_route_but_health():
 
 
 def test_service_beyond_loopback_needs_a_key():
-    proc = subprocess.run([PY, "-m", "envs.serve", "server.host=0.0.0.0", f"server.port={free_port()}"], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "envs.serve", "server.host=0.0.0.0", f"server.port={free_port()}"], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "server.host=0.0.0.0" in proc.stderr and "server.api_key" in proc.stderr
 
 
 def test_killed_service_costs_only_the_samples_in_flight():
     port = free_port()
-    proc = start_service("env=synthetic", "train.seed=3", port=port)
+    proc = spawn("env=synthetic", "train.seed=3", port=port)
     try:
         env = RemoteEnv(url=f"http://127.0.0.1:{port}", retries=2, backoff_s=0.1, timeout_s=5)
         local = DigitsEnv(seed=3)
@@ -174,7 +175,7 @@ def test_killed_service_costs_only_the_samples_in_flight():
         proc.kill()  # dies with those 4 prompts' completions unscored
         proc.wait()
         assert env.score(in_flight, [["1"], ["2"], ["3"], ["4"]]) == [[{"digits": None}]] * 4  # NaN, counted
-        proc = start_service("env=synthetic", "train.seed=3", port=port)  # a supervisor restarts it
+        proc = spawn("env=synthetic", "train.seed=3", port=port)  # a supervisor restarts it
         assert env.sample(6) == local.sample(6)  # it got our state back: nothing else lost
         assert env.score(in_flight, [["1"], ["a"], ["3"], ["4"]]) == local.score(in_flight, [["1"], ["a"], ["3"], ["4"]])
     finally:
