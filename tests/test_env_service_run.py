@@ -1,6 +1,6 @@
 """Runs whose env lives outside the trainer: a seeded run is the same with its env served as with it
-local, through a resume against a restarted service; a reasoning-gym run; several services feeding
-one run, with a reward curve per env."""
+local, through a resume against a restarted service; a reasoning-gym run. (Several services feeding
+one run: tests/experiments/test_env_notebook.py, which also draws their per-env curves.)"""
 
 from __future__ import annotations
 
@@ -39,14 +39,3 @@ def test_reasoning_gym_run_trains_and_evaluates(attach, tmp_path):
     assert len(history) == 2 and all(0.0 <= m["reward/correct"] <= 1.0 for m in history)
     assert all(math.isfinite(m["loss"]) for m in history)
     assert (tmp_path / "eval.jsonl").is_file()
-
-
-def test_several_services_feed_one_run_with_a_curve_per_env(attach, tmp_path):
-    with served("env=synthetic") as digits, served("env=reasoning_gym") as gym:
-        history = train(make_cfg("mode=reload", attach, *RUN, "train.steps=2", "train.prompts_per_step=4",
-                                 "env=remote", f"env.url=[{digits},{gym}]", "env.weights=[1,1]",
-                                 "eval.num_prompts=4"), tmp_path)
-    for m in history:
-        assert {"reward/reward", "reward/solved"} <= m.keys()
-        envs = {k for k in m if k.startswith("reward_env/")}
-        assert envs <= {"reward_env/synthetic", "reward_env/reasoning_gym"} and envs
