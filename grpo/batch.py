@@ -26,6 +26,7 @@ class Rollout:
     rewards: Optional[torch.Tensor] = None  # [P, G] float32 once scored; NaN where the env gave none
     components: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [P, G], NaN where not given
     sampling: dict = field(default_factory=dict)  # how its groups were drawn (dynamic sampling's metrics)
+    zero_advantage: Optional[torch.Tensor] = None  # [P, G] bool: advantage forced to 0 (Atropos' overrides)
 
     def select(self, rows: list[int]) -> "Rollout":
         """These prompts' groups (scores included)."""
