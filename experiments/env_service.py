@@ -7,6 +7,11 @@ remote ... (`--rounds` pairs) so drift in the machine's load falls on both sides
 default config at its default sizes (eval off, wandb off), `--steps` steps; the first `--warmup`
 are dropped. Prints the median step time and its score phase per side, the ratio remote / local,
 and writes one CSV row per run with the CPU model and whether it has AVX512-BF16.
+
+On a shared machine the step time of two runs differs by more than the env's cost (the train
+phase moves with the load), so the env's own cost is also timed alone: `env_ms`, the median over
+`--calls` of one step's env work (sample P prompts, score P x G completions) on the env object,
+local or remote, with no vLLM beside it; `env_ms` / step time is what serving the env costs a step.
 """
 
 from __future__ import annotations
@@ -15,9 +20,13 @@ import argparse
 import csv
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from envs.remote import RemoteEnv
 
 from envs.serve import served
 from grpo import REPO_ROOT
@@ -32,6 +41,19 @@ def cpu_kind() -> str:
     return f"{model}{' (avx512_bf16)' if 'avx512_bf16' in info else ''}"
 
 
+def env_call_ms(env, cfg, calls: int) -> float:
+    """Median ms of one step's env work: sample P prompts, score G completions of each."""
+    P, G = cfg.train.prompts_per_step, cfg.train.group_size
+    completions = [[f"{i} {j}" if j % 2 else "a b" for j in range(G)] for i in range(P)]
+    times = []
+    for _ in range(calls):
+        began = time.perf_counter()
+        env.score(env.sample(P), completions)
+        times.append((time.perf_counter() - began) * 1e3)
+    env.close()
+    return statistics.median(times)
+
+
 def config(*overrides: str):
     with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))
@@ -43,6 +65,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--calls", type=int, default=50)
     parser.add_argument("--out", default="env_service.csv")
     args = parser.parse_args()
     register_configs()
@@ -62,6 +85,11 @@ def main() -> None:
                              "score_s": statistics.median(m["time_score"] for m in history),
                              "generate_s": statistics.median(m["time_generate"] for m in history),
                              "reward_last": history[-1]["reward_mean"], "cpu": kind})
+    with served(f"env={args.env}") as url:
+        env_ms = {"local": env_call_ms(instantiate(base.env), base, args.calls),
+                  "remote": env_call_ms(RemoteEnv(url=url), base, args.calls)}
+    for row in rows:
+        row["env_ms"] = env_ms[row["side"]]
     with open(args.out, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -72,6 +100,8 @@ def main() -> None:
     for side in med:
         print(f"{side:>6}: step {med[side] * 1e3:8.1f} ms   score phase {score[side] * 1e3:7.2f} ms")
     print(f"remote / local step time: {med['remote'] / med['local']:.3f}  ({args.out})")
+    print(f"env work a step: local {env_ms['local']:.2f} ms, remote {env_ms['remote']:.2f} ms; the difference is "
+          f"{(env_ms['remote'] - env_ms['local']) / 1e3 / med['local'] * 100:.2f} % of the local step")
 
 
 if __name__ == "__main__":
