@@ -73,8 +73,9 @@ def main() -> None:
                            use_wandb=False, max_token_length=4096, total_steps=-1, steps_per_eval=0,
                            max_batches_offpolicy=args.max_batches_offpolicy, ensure_scores_are_not_same=False,
                            wandb_name="digits")
-    server = APIServerConfig(base_url=args.vllm, model_name=args.model, server_type="vllm", api_key=args.api_key,
-                             tokenizer_name=args.tokenizer, timeout=120)
+    # openai's client wants some key; a server without one ignores it
+    server = APIServerConfig(base_url=args.vllm, model_name=args.model, server_type="vllm",
+                             api_key=args.api_key or "none", tokenizer_name=args.tokenizer, timeout=120)
     env = DigitsAtroposEnv(config, [server], DigitsEnv(seed=args.seed), args.max_tokens)
     asyncio.run(env.env_manager())
 
