@@ -70,8 +70,8 @@ class AtroposEnv:
                              "start one with `run-api --port <port>` (pip install -e '.[atropos]')") from exc
         self.pulled = 0
 
-    def rollouts(self, policy) -> "AtroposRollouts":
-        return AtroposRollouts(self, policy)
+    def rollouts(self, policy, client) -> "AtroposRollouts":
+        return AtroposRollouts(self, policy, client)
 
     def next_batch(self) -> list[dict]:
         """The next batch of scored groups, waiting (and saying so) while the API has none."""
@@ -122,11 +122,13 @@ class AtroposEnv:
 class AtroposRollouts:
     """The Run's rollout source in Atropos mode: `(step) -> (Rollout, phase seconds)`, as Sampler is."""
 
-    def __init__(self, env: AtroposEnv, policy):
-        self.env, self.policy = env, policy
+    def __init__(self, env: AtroposEnv, policy, client):
+        self.env, self.policy, self.client = env, policy, client
 
     def __call__(self, step: int) -> tuple[Rollout, dict]:
         began = time.perf_counter()
+        # the envs' /generate samples from what our rollouts would (the LoRA adapter, if served as one)
+        self.client.server.post("/atropos/generate_model", {"model": self.client.model})
         batch = self.env.next_batch()
         pulled = time.perf_counter()
         rollout, own = convert(batch, self.env.group_size, self.env.prompts, self.env.max_tokens,

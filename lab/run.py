@@ -125,7 +125,7 @@ def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
         RestartGuard(server, path, resync=versions.resync(bridge.sync),
                      on_restart=lambda step, **info: logger.event(step, "vllm_restart", **info))
     # An env that brings its rollouts generated and scored (env=atropos) is the rollout source itself.
-    sample = env.rollouts(policy) if hasattr(env, "rollouts") else \
+    sample = env.rollouts(policy, client) if hasattr(env, "rollouts") else \
         Sampler(env, policy.encode_chat, client, guard, overlong, cfg.train, procs)
     if cfg.train.max_staleness and main:
         rollouts = RolloutPipeline(sample, Schedule(cfg.train.max_staleness, cfg.mode.sync_every, start_step),

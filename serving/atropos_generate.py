@@ -7,9 +7,10 @@ has. Token ids in, text, token ids and sampled logprobs out:
 
 It is answered by the engine's own `/v1/completions` route (called inside the process, through
 the app below this middleware), so generation, sampling parameters and logprobs (processed, with
-temperature, as our rollouts get them) are exactly our client's. The LoRA bridge loads its adapter
-through `/v1/load_lora_adapter`, which passes here: from then on /generate samples from that
-adapter, so every bridge keeps the env's generations on the trainer's current weights.
+temperature, as our rollouts get them) are exactly our client's. Atropos envs name no model we
+serve, so the trainer says which one /generate samples from (`POST /atropos/generate_model
+{"model"}`: its rollout client's, the LoRA adapter with mode/lora_sync=adapter), before each batch
+it pulls (envs/atropos.py): every bridge keeps the env's generations on the trainer's weights.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ async def _read(receive) -> bytes:
 class AtroposGenerate:
     def __init__(self, app):
         self.app = app
-        self.adapter: str | None = None  # the LoRA adapter loaded last: /generate samples from it
+        self.model: str | None = None  # what /generate samples from; None: the server's own model
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -66,17 +67,14 @@ class AtroposGenerate:
         path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
         if path == "/generate":
             return await self.generate(scope, receive, send)
-        if path == "/v1/load_lora_adapter":
-            body = await _read(receive)
-            status, answer = await self.inner(scope, path, body)
-            if status == 200:
-                self.adapter = json.loads(body).get("lora_name", self.adapter)
-            return await _send(send, status, answer)
+        if path == "/atropos/generate_model":
+            self.model = json.loads(await _read(receive)).get("model")
+            return await _send(send, 200, json.dumps({"model": self.model}).encode())
         return await self.app(scope, receive, send)
 
     async def generate(self, scope, receive, send):
         try:
-            payload = completions_request(json.loads(await _read(receive)), self.adapter)
+            payload = completions_request(json.loads(await _read(receive)), self.model)
         except (ValueError, AttributeError) as exc:
             return await _send(send, 400, json.dumps({"error": str(exc)}).encode())
         status, answer = await self.inner(scope, "/v1/completions", json.dumps(payload).encode())

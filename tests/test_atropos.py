@@ -120,6 +120,37 @@ def test_generate_route_answers_atropos_vllm_client(attach, vllm_server, tiny_mo
     assert bad.status_code == 400 and "prompt_token_ids" in bad.text
 
 
+@pytest.mark.slow
+def test_generate_samples_from_the_model_the_trainer_names(attach, vllm_server, tiny_model_path, tmp_path):
+    """With mode/lora_sync=adapter the trainer's rollouts name the adapter; so does /generate then."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_path),
+                           LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "adapter")
+    vllm_server.post("/v1/load_lora_adapter", {"lora_name": "atropos-test", "lora_path": str(tmp_path / "adapter")})
+    request = {"prompt": {"prompt_token_ids": [1, 2, 3]}, "logprobs": 0, "n": 2, "max_tokens": 4, "seed": 3}
+
+    def generate() -> dict:
+        return requests.post(f"{vllm_server.base_url}/generate", json=request, timeout=30).json()
+
+    def completions(model: str) -> list[list[int]]:
+        out = vllm_server.post("/v1/completions", {"model": model, "prompt": [1, 2, 3], "n": 2, "max_tokens": 4,
+                                                   "seed": 3, "logprobs": 0, "return_token_ids": True})
+        return [c["token_ids"] for c in sorted(out["choices"], key=lambda c: c["index"])]
+    try:
+        base = generate()
+        assert base["token_ids"] == completions("policy")
+        vllm_server.post("/atropos/generate_model", {"model": "atropos-test"})
+        adapted = generate()
+        assert adapted["token_ids"] == completions("atropos-test") != base["token_ids"]
+    finally:
+        vllm_server.post("/atropos/generate_model", {"model": None})
+        vllm_server.post("/v1/unload_lora_adapter", {"lora_name": "atropos-test"})
+    assert generate()["token_ids"] == base["token_ids"]
+
+
 def learned(history: list[dict], level: float = 0.8) -> float:
     last = sum(m["reward_mean"] for m in history[-5:]) / 5
     assert last >= level, [round(m["reward_mean"], 3) for m in history]
@@ -161,12 +192,15 @@ def test_reload_learns_digits_through_atropos_and_waits_for_a_new_env(attach, vl
 
 
 @pytest.mark.slow
-def test_lora_learns_digits_through_atropos(attach, vllm_server, tiny_model_path, tmp_path):
+@pytest.mark.parametrize("sync", ["merge", pytest.param("adapter", marks=pytest.mark.heavy)])
+def test_lora_learns_digits_through_atropos(attach, vllm_server, tiny_model_path, tmp_path, sync):
+    """merge: the adapter merged into vLLM's weights; adapter (heavy; CI's cheaper counterpart is
+    test_generate_samples_from_the_model_the_trainer_names): the envs' /generate names the adapter."""
     with run_api() as api:
         proc = digits_env(api, vllm_server, tiny_model_path)
         try:
-            history = train(make_cfg("mode=lora", attach, "env=atropos", f"env.api_url={api}", "train.steps=40",
-                                     *QUIET), tmp_path)
+            history = train(make_cfg("mode=lora", f"mode/lora_sync={sync}", attach, "env=atropos",
+                                     f"env.api_url={api}", "train.steps=40", *QUIET), tmp_path)
         finally:
             proc.kill()
             proc.wait()
