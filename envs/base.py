@@ -17,6 +17,8 @@ T = TypeVar("T")
 
 class Env(Protocol):
     reward_weights: RewardWeights  # the components score() returns, and their weights
+    # Tokens an answer needs: `env.max_tokens`, which rollout.max_tokens follows unless set.
+    max_tokens: int
 
     def sample(self, n: int) -> list[Prompt]:
         """The next n prompts; deterministic given the seed; advances the cursor."""

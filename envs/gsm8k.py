@@ -93,7 +93,9 @@ class GSM8KEnv(PromptListEnv):
         max_examples: Optional[int] = None,
         on_bad_line: str = "skip",
         reward_weights: Optional[Mapping[str, float]] = None,
+        max_tokens: int = 256,
     ):
+        self.max_tokens = max_tokens
         if on_bad_line not in ("skip", "error"):
             raise ValueError(f"env.on_bad_line={on_bad_line!r} is not one of ['skip', 'error']")
         self.source, self.split, self.on_bad_line, self.system_prompt = source, split, on_bad_line, system_prompt

@@ -40,7 +40,8 @@ def _prompt(k: int, rng: random.Random, system_prompt: str) -> Prompt:
 
 class DigitsEnv(PromptListEnv):
     def __init__(self, seed: int = 0, num_prompts: int = 512, system_prompt: str = SYSTEM,
-                 reward_weights: Optional[Mapping[str, float]] = None):
+                 reward_weights: Optional[Mapping[str, float]] = None, max_tokens: int = 16):
+        self.max_tokens = max_tokens
         rng = random.Random(seed)
         self.system_prompt = system_prompt
         self.prompts = [_prompt(k, rng, system_prompt) for k in (rng.randrange(NUMBERS) for _ in range(num_prompts))]

@@ -7,13 +7,13 @@ table.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Optional
 
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
+
 
 
 def shell_dir() -> Path:
@@ -57,24 +57,6 @@ def sweep_dir(path: Optional[str] = None, base: Optional[str | Path] = None) -> 
     if not any(found.glob("*.csv")):
         raise FileNotFoundError(f"{path}: not a sweep dir, it holds no *.csv ({found})")
     return found
-
-
-def read_jsonl(path: Path, optional: bool = False) -> pd.DataFrame:
-    """One row per line; non-finite floats (logged as "nan"/"inf" strings) become floats again.
-    A missing file is FileNotFoundError, or an empty table if `optional` (e.g. eval.jsonl of a run
-    without eval)."""
-    path = Path(path)
-    if not path.is_file() and not optional:
-        raise FileNotFoundError(f"{path}: no such file")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    df = pd.DataFrame(rows)
-    for column in df.columns:
-        if df[column].dtype == object:
-            numbers = pd.to_numeric(df[column], errors="coerce")
-            text = df[column].astype(str).str.lower()
-            if not (numbers.isna() & df[column].notna() & (text != "nan")).any():
-                df[column] = numbers
-    return df
 
 
 def run_config(folder: Path) -> Optional[DictConfig]:

@@ -1,7 +1,7 @@
 """Rollout throughput of vLLM (generated tokens/s, prompts/s, latency) at one grid point, with
 HF `generate` on the same model and prompts as the baseline; one CSV row per Hydra job.
 
-    python -m experiments.rollout_throughput -m experiment=rollout_throughput   # the TP x DP grid
+    python -m experiments.rollout_throughput -m bench=rollout_throughput        # the TP x DP grid
     python -m experiments.rollout_throughput hardware.vllm_tp=2 train.group_size=16   # one point
 
 Engines are timed alternately, `bench.repeats` times each, after `bench.warmup` untimed calls,
@@ -11,7 +11,7 @@ server's processes are idle (`experiments/quiet.py`); the row records that wait 
 server used while HF ran (`hf_server_busy`, ~0 when the baseline had the machine).
 A grid point that cannot run (e.g. TP larger than the machine allows) becomes a row with an
 `error` column, and the sweep goes on. Generation alone does not depend on the trainer's
-processes; the whole step over trainer processes x TP x DP is `experiment=step_scaling`
+processes; the whole step over trainer processes x TP x DP is `bench=step_scaling`
 (experiments/step_time.py).
 """
 
@@ -100,7 +100,7 @@ def measure(cfg: DictConfig, run_dir: Path) -> dict:
     return row
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@hydra.main(config_path="../conf", config_name="benchmark", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     row = {

@@ -51,7 +51,7 @@ class SyncGenerateBench:
 @dataclass
 class StepTimeBench:
     """One GRPO step, ours against TRL's GRPOTrainer, on one model size (`size`, a key of `sizes`:
-    the preset maps it to model.tiny.* and hardware.gpu_memory_utilization)."""
+    the preset maps it to model.tiny.*)."""
 
     name: str = "step_time"
     size: str = "toy"

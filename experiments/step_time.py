@@ -1,10 +1,10 @@
 """One GRPO step, ours against TRL's `GRPOTrainer`, on the same workload: two CSV rows per Hydra job.
 
-    python -m experiments.step_time -m experiment=step_time                  # toy, ~28M, ~85M
-    python -m experiments.step_time experiment=step_time bench.size=28m model.dtype=bfloat16
+    python -m experiments.step_time -m bench=step_time                     # toy, ~28M, ~85M
+    python -m experiments.step_time bench=step_time bench.size=28m model.dtype=bfloat16
     python -m experiments.step_time model=qwen2.5-0.5b-instruct hardware=gpu rollout.ignore_eos=true  # a real model
-    python -m experiments.step_time -m experiment=step_scaling   # ours over trainer procs x vLLM TP x DP
-    torchrun --nproc_per_node=2 -m experiments.step_time experiment=step_time bench.trl=false   # one point, 2 procs
+    python -m experiments.step_time -m bench=step_scaling                  # ours over trainer procs x vLLM TP x DP
+    torchrun --nproc_per_node=2 -m experiments.step_time bench=step_time bench.trl=false   # one point, 2 procs
 
 Ours is built and stepped exactly as train.py does (`open_run`, `train_step`); its time split is
 the step's own `time_generate/score/train/sync` metrics. Then our server is stopped (or, when
@@ -217,7 +217,7 @@ def measure(cfg: DictConfig, run_dir: Path, base: dict, procs: int) -> list[dict
     return rows
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@hydra.main(config_path="../conf", config_name="benchmark", version_base="1.3")
 def main(cfg: DictConfig) -> list[dict]:
     procs = trainer_procs(cfg)
     if cfg.bench.trl and procs == 1:

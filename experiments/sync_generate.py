@@ -69,7 +69,7 @@ def measure(cfg: DictConfig, run_dir: Path) -> dict:
         }
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@hydra.main(config_path="../conf", config_name="benchmark", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     row = {"mode": cfg.mode.name, **config_columns(cfg), "prompts": cfg.train.prompts_per_step,

@@ -1,6 +1,6 @@
 """Weight-sync latency of one bridge (`mode=`) on one model: one CSV row per Hydra job.
 
-    python -m experiments.sync_latency -m experiment=sync_latency              # every mode x width
+    python -m experiments.sync_latency -m bench=sync_latency                   # every mode x width
     python -m experiments.sync_latency mode=legacy model.tiny.hidden_size=512  # one point
 
 The run is built exactly as `train.py` builds it (server, policy, bridge), then the weights are
@@ -46,7 +46,7 @@ def measure(cfg: DictConfig, run_dir: Path) -> dict:
         }
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@hydra.main(config_path="../conf", config_name="benchmark", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     row = {"mode": cfg.mode.name, **config_columns(cfg), "repeats": cfg.bench.repeats, "run_dir": str(run_dir)}

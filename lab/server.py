@@ -61,6 +61,7 @@ def build_server(cfg, run_dir: Optional[Path], *, bridge=None, model: Optional[s
         # Sampled logprobs after temperature, as the trainer computes them.
         "--logprobs-mode", "processed_logprobs",
         "--worker-extension-cls", "bridges.vllm_worker.WorkerExtension",
+        *(["--kv-cache-memory-bytes", str(int(hw.kv_cache_gb * 2**30))] if hw.kv_cache_gb else []),
         *hw.server_args,
         *extra_args,
         *srv.extra_args,  # the user's, last

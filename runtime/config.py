@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import II, MISSING, DictConfig, OmegaConf
 
 from grpo.advantages import ESTIMATORS, SCALES
 from runtime.cores import MACHINE_CPUS
@@ -135,8 +135,13 @@ class HardwareConfig:
     vllm_tp: int = field(default=1, metadata=at_least(1))
     vllm_dp: int = field(default=1, metadata=at_least(1))
     vllm_devices: Optional[str] = None  # CUDA_VISIBLE_DEVICES of the server
-    # On CPU vLLM sizes its KV cache from RAM with this.
+    # vLLM's share of each of its GPUs (weights + activations + KV cache). vLLM-CPU reads the same
+    # flag as a share of the machine's RAM, which is why hardware=cpu sets kv_cache_gb instead.
     gpu_memory_utilization: float = field(default=0.1, metadata=in_unit())
+    # vLLM's KV cache in GiB (--kv-cache-memory-bytes; vLLM-CPU's VLLM_CPU_KVCACHE_SPACE): set, it is
+    # the cache whatever the device's size, and gpu_memory_utilization no longer sizes it; null: vLLM
+    # sizes the cache from gpu_memory_utilization.
+    kv_cache_gb: Optional[float] = field(default=None, metadata=above(0))
     max_num_seqs: int = field(default=256, metadata=at_least(1))
     # mode=broadcast's mechanism on this hardware (the bridge's _target_): gloo through host memory
     # where vLLM shares the trainer's device, vLLM's NCCL engine between separate GPUs.
@@ -175,7 +180,9 @@ class ServerConfig:
 @dataclass
 class RolloutConfig:
     _target_: str = "serving.client.VLLMClient"
-    max_tokens: int = field(default=16, metadata=at_least(1))
+    # The env's completion budget (`env.max_tokens`, declared by each conf/env/*.yaml: Digits 16,
+    # GSM8K 256); rollout.max_tokens=N overrides it for a run.
+    max_tokens: int = field(default=II("env.max_tokens"), metadata=at_least(1))
     # The trainer divides its logits by the same temperature (Policy), so the logprobs compare.
     temperature: float = field(default=1.0, metadata=above(0))
     # vLLM's sampled logprobs are renormalised over the nucleus: < 1 adds log(1/nucleus mass) to the gap.

@@ -24,7 +24,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from runtime.csvlog import append_row
-from experiments.outputs import read_jsonl
+from runtime.records import read_table
 from runtime import distributed
 
 SUMMARY = "summary.csv"
@@ -53,9 +53,9 @@ def job_row(run_dir: Path, metric: str = EVAL_METRIC, last: int = 5) -> dict[str
     steps, as train.py's return value), the final and best `metric` of eval.jsonl (NaN without
     one), mean step seconds (sum of the `time_*` phases) and mean sync ms (sync.jsonl)."""
     run_dir = Path(run_dir)  # a job that failed early may have written none of these
-    metrics = read_jsonl(run_dir / "metrics.jsonl", optional=True)
-    evals = read_jsonl(run_dir / "eval.jsonl", optional=True)
-    syncs = read_jsonl(run_dir / "sync.jsonl", optional=True)
+    metrics = read_table(run_dir / "metrics.jsonl", optional=True)
+    evals = read_table(run_dir / "eval.jsonl", optional=True)
+    syncs = read_table(run_dir / "sync.jsonl", optional=True)
     rewards, scores, steps = _column(metrics, "reward_mean"), _column(evals, metric), _column(metrics, "step")
     phases = metrics.filter(regex="^time_").apply(pd.to_numeric, errors="coerce")
     return {
@@ -136,7 +136,7 @@ def group_curves(summary: pd.DataFrame, file: str, column: str, by: Optional[str
         raise ValueError(f"spread={spread!r}: must be 'minmax' or 'std'")
     frames = []
     for _, job in summary[summary["status"] == "completed"].iterrows():
-        df = read_jsonl(Path(job["run_dir"]) / file, optional=True)  # eval.jsonl: not in a run without eval
+        df = read_table(Path(job["run_dir"]) / file, optional=True)  # eval.jsonl: not in a run without eval
         if column in df:
             group = job[by] if by else "all"
             frames.append(df[["step", column]].dropna().assign(group=group))

@@ -31,7 +31,8 @@ CHAT_TEMPLATE = (
 
 @dataclass
 class TinySpec:
-    """Shape of the tiny model; every field goes into the cache key."""
+    """Shape of the tiny model (`model=tiny`, `model.tiny.*`); every field goes into the cache key.
+    The defaults are the default run's model: a 2-layer, 128-wide Qwen2 with a 512-token BPE."""
 
     hidden_size: int = 128
     intermediate_size: int = 256
@@ -40,14 +41,18 @@ class TinySpec:
     num_key_value_heads: int = 2
     vocab_size: int = 512
     max_position_embeddings: int = 2048
-    tie_word_embeddings: bool = True
-    # Std of an untied lm_head. With the default 0.02 the logits of a random 128-wide model span
-    # only about +-2.5 (|w_i| * sqrt(hidden) after the final RMSNorm), so an adapter that cannot
-    # touch lm_head/norm can never concentrate probability: LoRA would plateau near chance.
-    lm_head_std: float = 0.02
+    # Untied, with a wider lm_head init (lm_head_std), so LoRA, which cannot touch lm_head, learns
+    # too; model.tiny.tie_word_embeddings=true gives the tied layout of Qwen2.5-0.5B.
+    tie_word_embeddings: bool = False
+    # Std of an untied lm_head. At HF's 0.02 the logits of a random 128-wide model span only about
+    # +-2.5 (|w_i| * sqrt(hidden) after the final RMSNorm), so an adapter that cannot touch
+    # lm_head/norm can never concentrate probability: LoRA would plateau near chance.
+    lm_head_std: float = 0.1
     seed: int = 0
-    # Env configs whose corpus() trains the tokenizer: the model then speaks the envs' language.
-    tokenizer_corpus: list[Any] = field(default_factory=list)
+    # Env configs whose corpus() trains the tokenizer: the model then speaks the envs' language
+    # (GSM8K from the repository's data/gsm8k, from any cwd).
+    tokenizer_corpus: list[Any] = field(default_factory=lambda: [{"_target_": "envs.synthetic.DigitsEnv"},
+                                                                 {"_target_": "envs.gsm8k.GSM8KEnv"}])
 
     def key(self) -> str:
         blob = json.dumps(asdict(self), sort_keys=True, default=str)

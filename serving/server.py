@@ -57,13 +57,17 @@ def start_hint(log_path) -> str:
     if log_path is None or not Path(log_path).exists():
         return ""
     last_start = Path(log_path).read_text(errors="replace").rsplit("\n==== ", 1)[-1]
+    # The start's command line heads its section: a sized cache is hardware.kv_cache_gb's.
+    sized = "--kv-cache-memory-bytes" in last_start.split("\n", 1)[0]
     if TOO_SMALL.search(last_start):
+        if sized:
+            return "hardware.kv_cache_gb is too small for this model: raise it or lower model.max_model_len."
         return ("vLLM's memory reservation leaves no room for the KV cache at this model size: raise "
-                "hardware.gpu_memory_utilization (on CPU the share of RAM vLLM reserves; the ~85M tiny model "
-                "needs ~0.25) or lower model.max_model_len.")
+                "hardware.gpu_memory_utilization (on CPU the share of RAM vLLM reserves), set hardware.kv_cache_gb "
+                "or lower model.max_model_len.")
     if TOO_LARGE.search(last_start):
-        return ("the machine has less free RAM than hardware.gpu_memory_utilization reserves for vLLM: lower it "
-                "or free memory.")
+        key = "hardware.kv_cache_gb" if sized else "hardware.gpu_memory_utilization"
+        return f"the machine has less free RAM than {key} reserves for vLLM: lower it or free memory."
     return ""
 
 

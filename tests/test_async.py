@@ -4,7 +4,6 @@ a checkpoint + resume repeats exactly."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 
@@ -197,10 +196,6 @@ def test_stale_tokens_are_weighted_by_current_over_behaviour_policy():
 RUN = ("mode=reload", "log.wandb.mode=disabled", "log.progress=false", "eval.enabled=false",
        "train.prompts_per_step=2", "train.group_size=4", "rollout.max_tokens=8", "train.checkpoint_every=2",
        "train.max_staleness=1", "hardware.autocast=null")  # fp32 on every CPU: the gap below is staleness's
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_cfg, restore_pristine, run_precision
-from test_train import read_jsonl
+from runtime.records import read_jsonl
 from lab.loop import train
 
 pytestmark = pytest.mark.slow

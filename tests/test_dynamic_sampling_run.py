@@ -3,13 +3,13 @@ untied groups, fills every step, and a resumed run draws exactly the same groups
 
 from __future__ import annotations
 
-import json
 
 import pytest
 
 from conftest import make_cfg
 from envs.synthetic import DigitsEnv
 from lab.loop import train
+from runtime.records import read_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -27,10 +27,6 @@ RUN = ("env._target_=test_dynamic_sampling_run.HalfTiedDigits", "train.dynamic_s
        "train.max_sampling_rounds=4", "log.wandb.mode=disabled", "log.progress=false", "log.samples_every=1",
        "train.prompts_per_step=4", "train.group_size=4", "train.checkpoint_every=2", "rollout.max_tokens=8",
        "eval.enabled=false", "hardware.autocast=null")
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.mark.parametrize("loop", [(), pytest.param(("train.max_staleness=1",), marks=pytest.mark.heavy)],

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import contextlib
 import json
 import os
 import re
@@ -20,38 +19,25 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
 
-from bridges.base import SyncStats
 from bridges.reload import ReloadBridge
 from serving.server import VLLMServer
 from lab.server import build_server
 from conftest import REPO, SEEDED, make_cfg, run_precision, straight_run
 from envs.synthetic import DigitsEnv
 from runtime import checkpoint
-from runtime.logger import RunLogger
 from grpo.loss import GRPOLoss
-from grpo.policy import Policy
-from runtime.procfs import PGRP, PPID, STATE, stat_fields
+from runtime.procfs import STATE, stat_fields
 from serving.client import VLLMClient
-from grpo.data import Completion
 from serving.guard import RestartGuard
-from serving.lifeline import group_members
 from grpo.seeds import rollout_seed
 from lab.loop import train, train_step
-from lab.run import Run
-from lab.sampler import Sampler
-from runtime.async_rollout import InlineRollouts
+from runtime.records import read_jsonl
+from support import QUIET, serverless_run, start_trainer_and_kill
 
-QUIET = ("log.wandb.mode=disabled", "log.progress=false", "train.prompts_per_step=2", "train.group_size=4",
-         "rollout.max_tokens=8")
 HANG_DEADLINE_S = 20  # every deadline of the runs whose vLLM hangs (their calls take < 2 s here)
 HANG = (f"rollout.timeout_s={HANG_DEADLINE_S}",
         *(f"server.deadlines.{key}={HANG_DEADLINE_S}" for key in ("sync_s", "probe_s", "eval_s", "control_s")))
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
@@ -150,42 +136,6 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 
 # -- a non-finite loss -----------------------------------------------------------------------------
-
-class FakeClient:
-    """Samples random token ids so train_step runs without a server."""
-
-    logprob = -1.0  # vLLM's logprob of every sampled token
-
-    def generate(self, prompt_ids, n, seed=None):
-        g = torch.Generator().manual_seed(seed)
-        return [[Completion(torch.randint(10, 200, (4,), generator=g).tolist(), [self.logprob] * 4, "12ab", "length")
-                 for _ in range(n)] for _ in prompt_ids]
-
-
-class FakeBridge:
-    def step_context(self):
-        return contextlib.nullcontext()
-
-    def sync(self, step):
-        return SyncStats(step, "fake", 0.0, 0, 0.0, 0.0)
-
-
-def serverless_run(tmp_path, tiny_model_path, cfg) -> Run:
-    """A Run whose rollouts come from FakeClient: train_step runs without vLLM."""
-    policy = Policy(tiny_model_path)
-    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-2)
-    attached = VLLMServer("m", args=[], env={}, log_path=tmp_path / "vllm.log", base_url="http://127.0.0.1:9")
-    env, client, guard = DigitsEnv(), FakeClient(), RestartGuard(attached, "m", resync=lambda step: None)
-    overlong = instantiate(cfg.overlong, default_length=cfg.rollout.max_tokens)
-    sample = Sampler(env, policy.encode_chat, client, guard, overlong, cfg.train)
-    return Run(cfg=cfg, run_dir=tmp_path, precision=policy.precision, env=env, policy=policy, server=attached,
-               client=client, bridge=FakeBridge(), optimizer=optimizer,
-               loss=instantiate(cfg.loss, max_completion_length=cfg.rollout.max_tokens),
-               scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
-               logger=RunLogger(tmp_path, cfg, total_steps=2), guard=guard, sampler=sample,
-               rollouts=InlineRollouts(sample),
-               evaluator=None)
-
 
 def test_non_finite_gradient_skips_the_update_logs_it_and_the_run_goes_on(tmp_path, tiny_model_path):
     run = serverless_run(tmp_path, tiny_model_path, make_cfg(*QUIET))
@@ -415,38 +365,6 @@ def test_killed_trainer_resumes_from_last_complete_checkpoint(attach, tmp_path, 
 
 
 # -- the trainer killed: its vLLM goes with it ----------------------------------------------------
-
-def server_group(trainer_pid: int) -> int | None:
-    """The process group of the server the trainer started: its child that leads a group."""
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        fields = stat_fields(entry)
-        if fields is not None and int(fields[PPID]) == trainer_pid and int(fields[PGRP]) == int(entry):
-            return int(entry)
-    return None
-
-
-def start_trainer_and_kill(run_dir: Path, sig: int, *overrides: str) -> tuple[int, list[int], float, float]:
-    """Start `python train.py` (owning its vLLM), send `sig` once it has trained a step; returns its
-    exit code, the server's pids (lifeline, API server, engine core, worker), and the seconds from
-    the signal until the trainer was gone and until the server was."""
-    proc = subprocess.Popen([sys.executable, "train.py", *QUIET, "train.steps=40", f"hydra.run.dir={run_dir}",
-                             *overrides], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 900  # a vLLM start took 6 min on this machine under load
-    while not (metrics.exists() and metrics.read_text()) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    pgid = server_group(proc.pid)
-    trained = metrics.exists() and metrics.read_text()
-    assert trained and pgid is not None and proc.poll() is None, "the trainer did not train with its own server"
-    pids = sorted({pgid, *group_members(pgid)})
-    proc.send_signal(sig)
-    t = time.monotonic()
-    code = proc.wait(timeout=120)
-    trainer_s = time.monotonic() - t
-    while group_members(pgid) and time.monotonic() - t < 120:
-        time.sleep(0.1)
-    return code, pids, trainer_s, time.monotonic() - t
-
 
 @pytest.mark.slow
 @pytest.mark.heavy  # a server of its own each; CI checks the lifeline itself in tests/serving/test_lifeline.py

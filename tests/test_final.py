@@ -8,51 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from conftest import PROBE_TOL, make_cfg, perturb, restore_pristine
 from lab import final
 from runtime.config import LoraConfig
-from grpo.policy import Policy, token_logprobs
+from grpo.policy import Policy
 from serving.client import VLLMClient
 from lab.loop import train
-
-HF_TOL = 1e-4  # the same HF model and kernels on both sides: measured 0 in fp32
-
-
-def probe_ids(policy: Policy) -> list[int]:
-    """The bridges' probe (bridges/base.py): a chat prompt and a fixed answer."""
-    answer = policy.tokenizer("6 times 7 is 42.", add_special_tokens=False).input_ids
-    return policy.encode_chat([{"role": "user", "content": "What is 6 times 7?"}]) + answer
-
-
-def hf_probe(path, ids: list[int]) -> list[float]:
-    """Logprobs of ids[1:] from the model `from_pretrained` loads from `path` (fp32)."""
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    tokens = torch.tensor([ids])
-    with torch.no_grad():
-        return token_logprobs(model, tokens, torch.ones_like(tokens), 1)[0].tolist()
-
-
-def max_diff(a: list[float], b: list[float]) -> float:
-    return max(abs(x - y) for x, y in zip(a, b, strict=True))
-
-
-@pytest.fixture
-def spy_final(monkeypatch) -> dict:
-    """The real `final.save` that train() calls, recording the trainer's probe logprobs (and the
-    probe) at the moment it saves: what final/ must reproduce."""
-    seen, save = {}, final.save
-
-    def recording_save(policy, run_dir, **kwargs):
-        seen["ids"] = probe_ids(policy)
-        seen["trainer"] = policy.probe_logprobs(seen["ids"])
-        seen["dir"] = save(policy, run_dir, **kwargs)
-        return seen["dir"]
-
-    monkeypatch.setattr(final, "save", recording_save)
-    return seen
-
+from support import HF_TOL, hf_probe, max_diff, probe_ids, spy_final  # noqa: F401 (spy_final: a fixture)
 
 def bump_lora(policy: Policy) -> None:
     """The adapter away from its identity init, as training moves it (B = 0 at start)."""

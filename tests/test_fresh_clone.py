@@ -3,7 +3,6 @@ repository's files in an empty folder (GSM8K, the tiny tokenizer's corpus, trave
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from runtime.records import read_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,7 @@ def test_lone_clone_runs_the_default_job_offline(tiny_model_path, tmp_path):
                           cwd=clone, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert sorted(p.name for p in models.iterdir() if not p.name.startswith(".")) == [Path(tiny_model_path).name]
-    metrics = [json.loads(line) for line in (clone / "run" / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_jsonl(clone / "run" / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2, 3]
     # Step 1 samples the untrained model (seeded): README's first reward of the default run.
     assert round(metrics[0]["reward_mean"], 3) == 0.086, metrics[0]["reward_mean"]

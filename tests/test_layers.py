@@ -1,27 +1,22 @@
 """The packages import downward only: the algorithm at the ground, then process plumbing, then
 serving, then the bridges and envs, then the run (lab/), then the entry points. Checked on every
-import statement, function-level ones included, so a cycle cannot creep back in."""
+import statement, function-level ones included, so a cycle cannot creep back in (that nothing
+imports the Hydra script is tests/test_imports.py's)."""
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 from conftest import REPO
+from support import imported_modules
 
 LAYERS = {"grpo": 0, "runtime": 1, "serving": 2, "bridges": 3, "envs": 3, "lab": 4, "experiments": 5, "train": 5}
 CONFIG = ("hydra", "omegaconf")  # the algorithm reads no config: its functions take values
 
 
 def imports(path: Path) -> set[str]:
-    """Top-level names of everything `path` imports, anywhere in the file."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.add(node.module.split(".")[0])
-    return found
+    """Top-level packages of everything `path` imports, anywhere in the file."""
+    return {module.split(".")[0] for _, module in imported_modules(path.read_text())}
 
 
 def sources() -> list[tuple[str, Path]]:
@@ -41,9 +36,3 @@ def test_the_algorithm_reads_no_config_and_starts_no_process():
     offending = [f"{f.relative_to(REPO)}: {sorted(imports(f) & {*CONFIG, 'subprocess', 'multiprocessing'})}"
                  for package, f in sources() if package == "grpo" and imports(f) & {*CONFIG, "subprocess", "multiprocessing"}]
     assert offending == []
-
-
-def test_tests_and_experiments_import_the_library_not_the_hydra_script():
-    importers = [str(f.relative_to(REPO)) for f in [*(REPO / "tests").rglob("*.py"), *(REPO / "experiments").rglob("*.py")]
-                 if "train" in imports(f)]
-    assert importers == []

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
 
 from conftest import SEEDED as RUN
 from conftest import make_cfg, straight_run
 from lab.loop import train
+from runtime.records import read_jsonl
 
 pytestmark = pytest.mark.slow
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.mark.parametrize("overrides", [("mode=reload",), ("mode=lora", "optimizer.lr=1e-2")], ids=["reload", "lora"])

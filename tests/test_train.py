@@ -3,28 +3,15 @@ run record the notebooks read; a reward the env could not give is left out, neve
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 
 from conftest import make_cfg, run_precision
-from test_faults import QUIET, serverless_run
+from runtime.records import read_jsonl
+from support import QUIET, SHORT_RUN, assert_learns, serverless_run
 from lab.loop import train, train_step
-
-SHORT_RUN = ("train.steps=30", "log.wandb.mode=offline", "log.progress=false", "log.samples_every=10")
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def assert_learns(history, gain=0.15):
-    first = sum(m["reward_mean"] for m in history[:5]) / 5
-    last = sum(m["reward_mean"] for m in history[-5:]) / 5
-    assert last > first + gain, f"reward {first:.3f} -> {last:.3f}"
-
 
 @pytest.mark.slow
 def test_reload_run_learns_and_records_everything(attach, tmp_path):

@@ -16,7 +16,8 @@ import pytest
 
 from conftest import make_cfg, run_precision
 from runtime import checkpoint
-from test_faults import QUIET, read_jsonl
+from runtime.records import read_jsonl
+from support import QUIET
 from lab.loop import train
 
 

@@ -16,19 +16,11 @@ from runtime.config import LoraConfig
 from grpo.policy import Policy
 from serving.client import VLLMClient
 from lab.run import open_run
+from support import bump_adapter
 
 
 def lora_policy(path, **overrides) -> Policy:
     return Policy(path, lora=LoraConfig(**overrides))
-
-
-def bump_adapter(policy: Policy, seed: int) -> None:
-    """Like a few optimizer steps on the adapter: B moves away from its zero init."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in policy.model.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
 
 
 def test_only_adapter_trains_and_base_is_the_reference(tiny_model_path):

@@ -19,7 +19,7 @@ from conftest import make_cfg, restore_pristine
 from runtime.config import LoraConfig
 from grpo.policy import Policy
 from serving.client import VLLMClient
-from test_lora import bump_adapter
+from support import bump_adapter
 from lab.server import model_path
 
 

@@ -13,7 +13,7 @@ from bridges.safetensors_mirror import SafetensorsMirror, distinct
 from conftest import make_cfg
 from runtime.config import LoraConfig
 from grpo.policy import Policy
-from test_lora import bump_adapter
+from support import bump_adapter
 from lab.server import model_path
 
 

@@ -32,9 +32,9 @@ from conftest import REPO, make_cfg, run_precision
 from lab import final
 from grpo.policy import Policy, token_logprobs
 from serving.client import VLLMClient
-from test_faults import QUIET, start_trainer_and_kill
-from test_final import HF_TOL, hf_probe, max_diff, probe_ids, spy_final  # noqa: F401 (spy_final: a fixture)
-from test_train import SHORT_RUN, assert_learns, read_jsonl
+from runtime.records import read_jsonl
+from support import HF_TOL, QUIET, SHORT_RUN, assert_learns, hf_probe, max_diff, probe_ids, start_trainer_and_kill
+from support import spy_final  # noqa: F401 (a fixture)
 from lab.loop import train
 from lab.server import model_path
 

@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 from conftest import PROBE_TOL, make_cfg, restore_pristine
 from runtime.config import LoraConfig
 from lab.server import build_server
-from test_faults import QUIET, read_jsonl
+from runtime.records import read_jsonl
+from support import QUIET
 from lab.loop import train
 from lab.server import model_path
 

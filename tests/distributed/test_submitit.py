@@ -5,7 +5,6 @@ would start them. Attached to the session vLLM server, wandb off."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import sys
 import pytest
 
 from conftest import REPO, restore_pristine
+from runtime.records import read_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -32,9 +32,9 @@ def test_a_two_point_sweep_runs_each_point_on_two_processes(attach, vllm_server,
     assert len(jobs) == 2
     firsts = []
     for job in jobs:
-        metrics = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
+        metrics = read_jsonl(job / "metrics.jsonl")
         assert [m["step"] for m in metrics] == [1, 2]  # written once, by rank 0
-        syncs = [json.loads(line) for line in (job / "sync.jsonl").read_text().splitlines()]
+        syncs = read_jsonl(job / "sync.jsonl")
         assert len(syncs) == 2 and all(s["probe_max_diff"] <= 1e-3 for s in syncs)
         firsts.append(metrics[0]["reward_mean"])
     assert firsts[0] != firsts[1]  # the seeds reached the jobs

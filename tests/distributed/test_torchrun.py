@@ -5,7 +5,6 @@ alone; a killed rank stops the job. Attached to the session vLLM server."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -18,13 +17,10 @@ import torch
 from conftest import REPO, make_cfg, restore_pristine, run_precision
 from grpo.precision import Precision
 from lab.loop import train
+from runtime.records import read_jsonl
 
 RUN = ("log.wandb.mode=disabled", "log.progress=false", "eval.enabled=false", "train.steps=3",
        "train.prompts_per_step=2", "train.group_size=4", "rollout.max_tokens=8", "hardware.torch_threads=1")
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def torchrun(nproc: int, run_dir, *overrides: str, timeout_s: float = 600) -> subprocess.CompletedProcess:

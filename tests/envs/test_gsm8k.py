@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from envs.gsm8k import DATA, REPO_ROOT, BadDataError, GSM8KEnv, _is_hub_id, answer_format, gold_answer
+from runtime.records import read_jsonl
 
 SOURCE = None  # the default config's env.source: the repository's data/gsm8k
 
@@ -21,19 +22,15 @@ def env():
     e.close()
 
 
-def _lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def test_loads_every_line_of_the_repository_copy(env):
-    assert len(env.prompts) == len(_lines(DATA / "train.jsonl")) == 7473
+    assert len(env.prompts) == len(read_jsonl(DATA / "train.jsonl")) == 7473
     assert env.bad_lines == 0
     test = GSM8KEnv(SOURCE, split="test")
     assert len(test.prompts) == 1319 and test.prompts[0].answer == "18"
 
 
 def test_first_example(env):
-    first = _lines(DATA / "train.jsonl")[0]
+    first = read_jsonl(DATA / "train.jsonl")[0]
     p = env.prompts[0]
     assert p.answer == "72" == first["answer"].split("####")[-1].strip()
     assert p.messages[1] == {"role": "user", "content": first["question"]}

@@ -5,9 +5,18 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from hydra import compose, initialize_config_dir
+
 from conftest import REPO
 
-PRESETS = sorted((REPO / "conf" / "experiment").glob("*.yaml"))
+PRESETS = sorted((REPO / "conf" / "bench").glob("*.yaml"))
+
+
+def bench_cfg(*overrides: str, hydra: bool = False):
+    """The config `python -m experiments.<entry> <overrides>` runs with (conf/benchmark.yaml, the
+    `bench` preset group on top of train.py's config); compose after the entry's `use_schema`."""
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="benchmark", overrides=list(overrides), return_hydra_config=hydra)
 
 
 def cli(*args: str, timeout: float = 900) -> str:

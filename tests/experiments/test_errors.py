@@ -64,6 +64,29 @@ def test_only_the_last_start_counts_and_too_large_says_lower(tmp_path):
     assert start_hint(tmp_path / "missing.log") == "" and start_hint(None) == ""
 
 
+def test_a_sized_kv_cache_names_kv_cache_gb(tmp_path):
+    """hardware.kv_cache_gb set (hardware=cpu): vLLM's --kv-cache-memory-bytes errors name it, in
+    vLLM-CPU's words for a cache too large for free RAM and vLLM's for one too small for the model."""
+    log = tmp_path / "vllm.log"
+    start = "\n==== 10:40:00 python -m vllm.entrypoints.openai.api_server --kv-cache-memory-bytes 2147483648\n"
+    log.write_text(start + "ValueError: Available memory on node 0 (1.20/12.96 GiB) on kv cache allocation is less "
+                   "than requested memory for kv (2.00 GiB). Decrease --kv-cache-memory-bytes")
+    assert start_hint(log) == "the machine has less free RAM than hardware.kv_cache_gb reserves for vLLM: lower it " \
+                              "or free memory."
+    log.write_text(start + "ValueError: To serve at least one request with the models's max seq len (1024), (0.07 GiB "
+                   "KV cache is needed, which is larger than the available KV cache memory (0.01 GiB).")
+    assert start_hint(log).startswith("hardware.kv_cache_gb is too small for this model: raise it")
+
+
+def test_cpu_hardware_sizes_the_kv_cache_in_gib(tmp_path):
+    from lab.server import build_server
+
+    server = build_server(make_cfg("hardware.kv_cache_gb=1.5"), tmp_path, model="m")
+    flag = server.args.index("--kv-cache-memory-bytes")
+    assert server.args[flag + 1] == str(3 * 2**29)
+    assert "--kv-cache-memory-bytes" not in build_server(make_cfg("hardware=gpu"), tmp_path, model="m").args
+
+
 def test_a_point_the_hardware_cannot_run_names_why(tmp_path):
     """mode=shared in a sweep on separate GPUs: the bridge's own error, not Hydra's wrapper."""
     with pytest.raises(Exception) as caught:

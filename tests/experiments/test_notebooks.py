@@ -14,7 +14,7 @@ from nbclient import NotebookClient
 
 from bench_cli import QUIET, cli
 from conftest import REPO
-from experiments.outputs import read_jsonl
+from runtime.records import read_table
 from runtime.sweep import EVAL_METRIC, read_summary
 
 pytestmark = pytest.mark.slow
@@ -40,10 +40,10 @@ def sweep_dir(vllm_server, tmp_path_factory):
     """Throughput on 4 grid points with its own servers (TP 1 and 2; each reused for a second
     workload), and sync latency on the session server, into one sweep dir."""
     folder = tmp_path_factory.mktemp("sweep")
-    cli("-m", "experiments.rollout_throughput", "-m", "experiment=rollout_throughput", "hardware.vllm_tp=1,2",
+    cli("-m", "experiments.rollout_throughput", "-m", "bench=rollout_throughput", "hardware.vllm_tp=1,2",
         "hardware.vllm_dp=1", "train.group_size=2,4", "rollout.max_tokens=16", "train.prompts_per_step=4",
         "bench.repeats=2", f"hydra.sweep.dir={folder}")
-    cli("-m", "experiments.sync_latency", "-m", "experiment=sync_latency", "mode=reload",
+    cli("-m", "experiments.sync_latency", "-m", "bench=sync_latency", "mode=reload",
         "model.tiny.hidden_size=128", "bench.repeats=2", f"server.base_url={vllm_server.base_url}",
         f"hydra.sweep.dir={folder}")
     return folder
@@ -117,7 +117,7 @@ def test_train_sweep_summary_and_notebook(attach, tmp_path, monkeypatch):
     assert summary["train.seed"].tolist() == [0, 1] and summary["status"].tolist() == ["completed"] * 2
     assert summary["steps"].tolist() == [2, 2] and (summary["step_s"] > 0).all() and (summary["sync_ms"] > 0).all()
     for _, job in summary.iterrows():  # the figures are the job's own files' (eval: NaN without eval.jsonl)
-        metrics, evals = read_jsonl(job["run_dir"] / "metrics.jsonl"), read_jsonl(job["run_dir"] / "eval.jsonl", optional=True)
+        metrics, evals = read_table(job["run_dir"] / "metrics.jsonl"), read_table(job["run_dir"] / "eval.jsonl", optional=True)
         assert 0 <= job["final_reward"] <= 1 and job["final_reward"] == pytest.approx(metrics["reward_mean"].mean())
         final_eval = job[f"final_{EVAL_METRIC}"]
         assert final_eval == pytest.approx(evals[EVAL_METRIC].iloc[-1]) if len(evals) else pd.isna(final_eval)

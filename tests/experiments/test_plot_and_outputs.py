@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from experiments import outputs
+from runtime import records
 from runtime.csvlog import append_row
 from experiments.plot import main, ok_rows, plot_csv
 
@@ -47,12 +48,12 @@ def test_sync_plot_and_cli_over_a_dir(tmp_path, rollout_csv, capsys):
 def test_read_jsonl_turns_logged_nan_back_into_floats(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in [{"step": 1, "kl": 0.5, "note": "a"}, {"step": 2, "kl": "nan", "note": "b"}]))
-    df = outputs.read_jsonl(path)
+    df = records.read_table(path)
     assert df["kl"].dtype == float and df["kl"].iloc[0] == 0.5 and df["kl"].isna().iloc[1]
     assert list(df["note"]) == ["a", "b"]
     with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'missing.jsonl'}: no such file"):
-        outputs.read_jsonl(tmp_path / "missing.jsonl")
-    assert outputs.read_jsonl(tmp_path / "eval.jsonl", optional=True).empty  # a run without eval
+        records.read_table(tmp_path / "missing.jsonl")
+    assert records.read_table(tmp_path / "eval.jsonl", optional=True).empty  # a run without eval
 
 
 def test_typed_paths_start_from_where_they_were_typed(tmp_path, monkeypatch):

@@ -5,7 +5,6 @@ the message when TRL is not installed."""
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import subprocess
 import sys
@@ -19,13 +18,14 @@ from conftest import REPO, make_cfg, restore_pristine
 from runtime.csvlog import append_row
 from experiments.plot import plot_step_time
 from runtime.config import register_configs
+from runtime.records import read_jsonl
 
 P, G, T = 2, 4, 8  # prompts per step, group size, tokens per completion
 
 
 @pytest.mark.slow
 def test_both_sides_time_the_same_work(attach, tmp_path):
-    cli("-m", "experiments.step_time", "-m", "experiment=step_time", "bench.size=toy", attach, *QUIET,
+    cli("-m", "experiments.step_time", "-m", "bench=step_time", "bench.size=toy", attach, *QUIET,
         "bench.warmup=2", "bench.repeats=3", f"train.prompts_per_step={P}", f"train.group_size={G}",
         f"rollout.max_tokens={T}", f"hydra.sweep.dir={tmp_path}")
     rows = pd.read_csv(tmp_path / "step_time.csv").set_index("side")
@@ -53,7 +53,7 @@ def test_both_sides_time_the_same_work(attach, tmp_path):
 def test_missing_trl_fails_at_start_naming_the_extra(tmp_path):
     """`sys.modules["trl"] = None` is how Python itself reports a package as absent on import."""
     code = ("import runpy, sys; sys.modules['trl'] = None; "
-            f"sys.argv = ['step_time', 'experiment=step_time', 'hydra.run.dir={tmp_path}']; "
+            f"sys.argv = ['step_time', 'bench=step_time', 'hydra.run.dir={tmp_path}']; "
             "runpy.run_module('experiments.step_time', run_name='__main__')")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
@@ -97,9 +97,9 @@ def test_scaling_plot_has_a_bar_per_layout_and_marks_the_failed_one(tmp_path):
 @pytest.mark.slow
 @pytest.mark.heavy
 def test_ours_on_two_trainer_processes(attach, vllm_server, tiny_model_path, tmp_path):
-    """experiment=step_scaling at 2 trainer processes: the job runs the point under torchrun and
+    """bench=step_scaling at 2 trainer processes: the job runs the point under torchrun and
     appends the row rank 0 wrote; 1 warm-up + 1 timed step, attached to the session server."""
-    cli("-m", "experiments.step_time", "-m", "experiment=step_scaling", "hardware.trainer_procs=2",
+    cli("-m", "experiments.step_time", "-m", "bench=step_scaling", "hardware.trainer_procs=2",
         "hardware.vllm_tp=1", "hardware.vllm_dp=1", attach, *QUIET, "bench.warmup=1", "bench.repeats=1",
         f"train.prompts_per_step={P}", f"train.group_size={G}", f"rollout.max_tokens={T}", f"hydra.sweep.dir={tmp_path}")
     restore_pristine(vllm_server, tiny_model_path)
@@ -112,8 +112,8 @@ def test_ours_on_two_trainer_processes(attach, vllm_server, tiny_model_path, tmp
     assert row["threads"] == int(os.environ.get("OMP_NUM_THREADS", "1"))  # torchrun's default per process
     run_dir = Path(row["run_dir"])
     assert run_dir.name == "torchrun" and run_dir.parent.parent == tmp_path
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2]  # written once, by rank 0
-    syncs = [json.loads(line) for line in (run_dir / "sync.jsonl").read_text().splitlines()]
+    syncs = read_jsonl(run_dir / "sync.jsonl")
     assert len(syncs) >= 2 and all(s["probe_max_diff"] <= 1e-3 for s in syncs)
     assert (tmp_path / "step_scaling.png").stat().st_size > 10_000

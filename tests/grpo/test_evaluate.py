@@ -17,10 +17,7 @@ from envs.synthetic import DigitsEnv
 from lab.evaluate import Evaluator, find_model, pass_at_k, served_model
 from runtime.logger import RunLogger
 from lab.loop import train
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
+from runtime.records import read_jsonl
 
 
 @pytest.mark.parametrize("n, c, k, expected", [

@@ -18,7 +18,8 @@ from grpo.advantages import group_advantages
 from grpo.batch import Rollout, build_batch
 from grpo.policy import Policy, token_entropy
 from grpo.data import Completion
-from test_faults import QUIET, read_jsonl, serverless_run
+from runtime.records import read_jsonl
+from support import QUIET, serverless_run
 from lab.loop import optimize, train_step
 
 

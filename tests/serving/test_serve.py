@@ -16,7 +16,8 @@ import requests
 from conftest import REPO, make_cfg, run_precision
 from serving.lifeline import group_members
 from serving.server import free_port
-from test_faults import QUIET, read_jsonl, server_group
+from runtime.records import read_jsonl
+from support import QUIET, server_group
 from lab.loop import train
 
 pytestmark = pytest.mark.slow
