@@ -48,14 +48,16 @@ class AtroposError(ValueError):
 class AtroposEnv:
     """Registration with the run-api, and the rollout source built on it."""
 
-    def __init__(self, api_url: str, group_size: int, prompts_per_step: int, max_tokens: int, num_steps: int,
-                 max_token_len: int = 2048, max_staleness: int = 0, poll_s: float = 0.5,
-                 wait_message_s: float = 60.0, timeout_s: float = 30.0, reward_weights: Optional[Mapping] = None):
+    def __init__(self, api_url: str, group_size: int, prompts_per_step: int, num_steps: int, max_tokens: int = 16,
+                 rollout_max_tokens: Optional[int] = None, max_token_len: int = 2048, max_staleness: int = 0,
+                 poll_s: float = 0.5, wait_message_s: float = 60.0, timeout_s: float = 30.0,
+                 reward_weights: Optional[Mapping] = None):
         if max_staleness:
             raise ValueError(f"train.max_staleness={max_staleness}: with env=atropos the trainer pulls each batch "
                              "when it needs it; bound staleness with the env's max_batches_offpolicy")
         self.api_url, self.group_size, self.prompts, self.max_tokens = api_url.rstrip("/"), group_size, \
             prompts_per_step, max_tokens
+        self.limit = rollout_max_tokens or max_tokens  # what a completion may hold: the loss's length
         self.max_token_len, self.poll_s, self.wait_message_s, self.timeout_s = max_token_len, poll_s, wait_message_s, \
             timeout_s
         self.reward_weights = RewardWeights({"score": 1.0}, reward_weights)
@@ -94,7 +96,7 @@ class AtroposEnv:
             time.sleep(self.poll_s)
 
     def eval_prompts(self, split: str, n: int) -> list[Prompt]:
-        raise ValueError("eval.enabled=true: env=atropos has no held-out prompts of its own (Atropos envs run their "
+        raise ValueError(f"eval.enabled=true (eval.split={split!r}): env=atropos has no held-out prompts of its own (Atropos envs run their "
                          "own evaluate()); set eval.enabled=false")
 
     def sample(self, n: int) -> list[Prompt]:
@@ -131,7 +133,7 @@ class AtroposRollouts:
         self.client.server.post("/atropos/generate_model", {"model": self.client.model})
         batch = self.env.next_batch()
         pulled = time.perf_counter()
-        rollout, own = convert(batch, self.env.group_size, self.env.prompts, self.env.max_tokens,
+        rollout, own = convert(batch, self.env.group_size, self.env.prompts, self.env.limit,
                                self.env.max_token_len, self.policy.tokenizer)
         if own:
             self.own_logprobs(rollout)

@@ -65,13 +65,13 @@ def extract_answer(completion: str) -> str:
 class ReasoningGymEnv:
     def __init__(self, task: Union[str, list, Mapping[str, float]] = "basic_arithmetic", seed: int = 0,
                  config: Optional[Mapping[str, Mapping]] = None, system_prompt: Optional[str] = SYSTEM,
-                 reward_weights: Optional[Mapping[str, float]] = None):
+                 reward_weights: Optional[Mapping[str, float]] = None, max_tokens: int = 32):
         self.weights = task_weights(task)
         config = dict(config or {})
         for name in config:
             if name not in self.weights:
                 raise ValueError(f"env.config.{name}: {name!r} is not one of env.task's {sorted(self.weights)}")
-        self.seed, self.system_prompt = seed, system_prompt
+        self.seed, self.system_prompt, self.max_tokens = seed, system_prompt, max_tokens
         # every unknown task and bad option fails here, at start, before vLLM starts
         self.datasets = {split: {name: _dataset(name, seed + offset, config.get(name, {})) for name in self.weights}
                          for split, offset in (("train", 0), ("test", EVAL_SEED))}

@@ -123,7 +123,8 @@ class Service:
 class RemoteEnv:
     def __init__(self, url: Union[str, Sequence[str]], weights: Optional[Sequence[float]] = None,
                  api_key: Optional[str] = None, seed: int = 0, timeout_s: float = 60.0, retries: int = 3,
-                 backoff_s: float = 0.5, reward_weights: Optional[Mapping[str, float]] = None):
+                 backoff_s: float = 0.5, reward_weights: Optional[Mapping[str, float]] = None,
+                 max_tokens: int = 16):
         urls = [url] if isinstance(url, str) else list(url)
         if not urls:
             raise ValueError("env.url: give the URL of an env service (python -m envs.serve ...)")
@@ -132,7 +133,11 @@ class RemoteEnv:
         if len(self.weights) != len(urls) or any(w < 0 for w in self.weights) or not any(self.weights):
             raise ValueError(f"env.weights={weights}: one weight >= 0 per env.url ({len(urls)}), not all 0")
         self.services = [self._connect(u, k, api_key, timeout_s, retries, backoff_s) for u, k in zip(urls, keys)]
-        self.seed, self.position = seed, 0
+        self.seed, self.position, self.max_tokens = seed, 0, max_tokens
+        served = max(s.info["max_tokens"] for s in self.services)
+        if served != max_tokens:
+            raise ValueError(f"env.max_tokens={max_tokens}: the served env answers within {served} tokens (its "
+                             f"env.max_tokens); set env.max_tokens={served}")
         if len(self.services) == 1:
             self.reward_weights = RewardWeights(self.services[0].info["reward_weights"], reward_weights)
         else:

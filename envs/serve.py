@@ -49,7 +49,6 @@ class EnvServiceConfig:
     env: Any = MISSING
     server: ServiceServerConfig = field(default_factory=ServiceServerConfig)
     train: SeedConfig = field(default_factory=SeedConfig)
-    rollout: dict = field(default_factory=dict)  # the env YAMLs' rollout deltas: the trainer's business, unused
 
 
 ConfigStore.instance().store(name="env_service_schema", node=EnvServiceConfig)
@@ -72,7 +71,8 @@ def main(cfg: DictConfig) -> None:
     try:
         key = " env.api_key=<key>" if cfg.server.api_key else ""
         print(f"env service {name!r} at http://{cfg.server.host}:{cfg.server.port}. Train with:\n"
-              f"  python train.py env=remote env.url=http://{cfg.server.host}:{cfg.server.port}{key}", flush=True)
+              f"  python train.py env=remote env.url=http://{cfg.server.host}:{cfg.server.port} "
+              f"env.max_tokens={env.max_tokens}{key}", flush=True)
         uvicorn.run(build_app(env, name, cfg.server.api_key), host=cfg.server.host, port=cfg.server.port,
                     log_level=cfg.server.log_level)
     finally:

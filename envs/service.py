@@ -2,8 +2,8 @@
 speaks to. Its routes are the Env protocol's methods, JSON in and out:
 
     GET  /health                    {"ok", "instance"}                    (open, no key)
-    GET  /info                      {"name", "protocol", "reward_weights", "max_turns", "instance",
-                                     "initial_state"}
+    GET  /info                      {"name", "protocol", "reward_weights", "max_tokens", "max_turns",
+                                     "instance", "initial_state"}
     POST /sample {n, instance}      {"prompts", "state"}    409 if `instance` is not this process
     POST /eval_prompts {split, n}   {"prompts"}             400 naming the key on a bad split / n
     POST /score {prompts, completions}  {"scores"}          NaN travels as null (not given)
@@ -67,6 +67,7 @@ def build_app(env: Any, name: str, api_key: Optional[str] = None):
     @app.get("/info")
     def info() -> dict:
         return {"name": name, "protocol": PROTOCOL, "reward_weights": env.reward_weights.weights,
+                "max_tokens": env.max_tokens,
                 "max_turns": getattr(env, "max_turns", 1), "instance": instance, "initial_state": initial_state}
 
     @app.post("/sample")

@@ -76,7 +76,7 @@ def main() -> None:
             served(f"env={args.env}") as url:
         attach = f"server.base_url={server.base_url}"
         sides = {"local": (f"env={args.env}",),
-                 "remote": ("env=remote", f"env.url={url}", f"rollout.max_tokens={base.rollout.max_tokens}")}
+                 "remote": ("env=remote", f"env.url={url}", f"env.max_tokens={base.env.max_tokens}")}
         for round_ in range(args.rounds):
             for side, overrides in sides.items():
                 history = train(config(*common, attach, *overrides), Path(tmp) / f"{side}-{round_}")[args.warmup:]
@@ -87,7 +87,7 @@ def main() -> None:
                              "reward_last": history[-1]["reward_mean"], "cpu": kind})
     with served(f"env={args.env}") as url:
         env_ms = {"local": env_call_ms(instantiate(base.env), base, args.calls),
-                  "remote": env_call_ms(RemoteEnv(url=url), base, args.calls)}
+                  "remote": env_call_ms(RemoteEnv(url=url, max_tokens=base.env.max_tokens), base, args.calls)}
     for row in rows:
         row["env_ms"] = env_ms[row["side"]]
     with open(args.out, "w", newline="") as f:

@@ -25,7 +25,8 @@ from envs.atropos import AtroposError, convert  # noqa: E402
 from envs.serve import free_port  # noqa: E402
 from lab.loop import train  # noqa: E402
 
-QUIET = ("log.wandb.mode=disabled", "log.progress=false", "model.dtype=float32", "hardware.autocast=null")
+QUIET = ("log.wandb.mode=disabled", "log.progress=false", "model.dtype=float32", "hardware.autocast=null",
+         "eval.enabled=false")
 
 
 @contextmanager

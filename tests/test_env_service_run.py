@@ -1,6 +1,6 @@
 """Runs whose env lives outside the trainer: a seeded run is the same with its env served as with it
 local, through a resume against a restarted service; a reasoning-gym run. (Several services feeding
-one run: tests/experiments/test_env_notebook.py, which also draws their per-env curves.)"""
+one run: tests/experiments/test_notebooks.py, which also draws their per-env curves.)"""
 
 from __future__ import annotations
 

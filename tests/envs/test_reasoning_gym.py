@@ -96,4 +96,4 @@ def test_config_group_composes_a_weighted_mix():
     env = instantiate(cfg.env)
     assert env.weights == {"basic_arithmetic": 2.0, "leg_counting": 1.0} and env.seed == 4
     assert env.datasets["train"]["leg_counting"].config.min_animals == 2
-    assert cfg.rollout.max_tokens == 32
+    assert cfg.rollout.max_tokens == env.max_tokens == 32

@@ -41,8 +41,8 @@ def make_env(request, service):
     kind, url = service
 
     def make():
-        return LOCAL[kind](3) if request.param == "local" else RemoteEnv(url=url, timeout_s=30, retries=1,
-                                                                          backoff_s=0.1)
+        return LOCAL[kind](3) if request.param == "local" else \
+            RemoteEnv(url=url, timeout_s=30, retries=1, backoff_s=0.1, max_tokens=LOCAL[kind](3).max_tokens)
     return make
 
 
@@ -103,6 +103,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         self._json({"name": "odd", "protocol": type(self).protocol_version_, "reward_weights": {"r": 1.0},
+                    "max_tokens": 16,
                     "instance": "a", "initial_state": {}})
 
     def do_POST(self):
@@ -141,8 +142,11 @@ def test_unreachable_url_fails_at_start_naming_key_and_value():
         RemoteEnv(url=["http://192.0.2.1:8100"])  # checked before any connection
 
 
-def test_a_4xx_stops_the_run_naming_env_and_request():
+def test_a_4xx_or_another_budget_stops_the_run_naming_env_and_request():
     with served("env=synthetic") as url:
+        with pytest.raises(ValueError, match=r"env.max_tokens=32: the served env answers within 16 tokens.*"
+                                             r"set env.max_tokens=16"):
+            RemoteEnv(url=url, max_tokens=32)
         env = RemoteEnv(url=url)
         with pytest.raises(EnvServiceError, match=rf"POST /score to env service at env.url={url}: HTTP 422"):
             env.services[0].call("POST", "/score", {"prompts": "not a list"})
@@ -185,12 +189,13 @@ def test_killed_service_costs_only_the_samples_in_flight():
 
 def test_several_services_feed_one_run_by_weight():
     with served("env=synthetic") as digits, served("env=reasoning_gym") as gym:
-        env = RemoteEnv(url=[digits, gym], weights=[3, 1], seed=0)
+        env = RemoteEnv(url=[digits, gym], weights=[3, 1], seed=0, max_tokens=32)  # the larger budget
         prompts = env.sample(400)
         share = sum(p.meta["env"] == "synthetic" for p in prompts) / 400
         assert share == pytest.approx(0.75, abs=0.05)
         assert [p.meta["env"] for p in prompts[:40]] == [p.meta["env"] for p in
-                                                        RemoteEnv(url=[digits, gym], weights=[3, 1]).sample(40)]
+                                                        RemoteEnv(url=[digits, gym], weights=[3, 1],
+                                                                  max_tokens=32).sample(40)]
         pick = [next(p for p in prompts if p.meta["env"] == name) for name in ("synthetic", "reasoning_gym")]
         scores = env.score(pick, [["12", "1a"], [f"<answer>{pick[1].answer}</answer>", "no"]])
         assert scores == [[{"reward": 1.0, "solved": 1.0}, {"reward": 0.5, "solved": 0.0}],
