@@ -96,8 +96,8 @@ class AtroposEnv:
             time.sleep(self.poll_s)
 
     def eval_prompts(self, split: str, n: int) -> list[Prompt]:
-        raise ValueError(f"eval.enabled=true (eval.split={split!r}): env=atropos has no held-out prompts of its own (Atropos envs run their "
-                         "own evaluate()); set eval.enabled=false")
+        raise ValueError(f"eval.enabled=true (eval.split={split!r}): env=atropos has no held-out prompts of its "
+                         "own (Atropos envs run their own evaluate()); set eval.enabled=false")
 
     def sample(self, n: int) -> list[Prompt]:
         raise TypeError("env=atropos brings its rollouts (AtroposEnv.rollouts), it has no prompts to sample")

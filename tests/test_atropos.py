@@ -107,7 +107,8 @@ def test_generate_route_answers_atropos_vllm_client(attach, vllm_server, tiny_mo
     from atroposlib.envs.server_handling.vllm_server import VLLMServer as AtroposVLLM
 
     client = AtroposVLLM(APIServerConfig(base_url=f"{vllm_server.base_url}/v1", model_name="policy",
-                                         server_type="vllm", tokenizer_name=tiny_model_path, timeout=60, api_key="none"))
+                                         server_type="vllm", tokenizer_name=tiny_model_path, timeout=60,
+                                         api_key="none"))
     prompt, outs, lps, finishes = asyncio.run(client._tokens_and_logprobs_completion_wrapper(
         input_ids=[1, 2, 3], model="policy", n=3, max_tokens=5, temperature=1.0, seed=7))
     assert prompt == [1, 2, 3] and len(outs) == len(lps) == len(finishes) == 3

@@ -162,8 +162,8 @@ def test_api_key_guards_every_route_but_health():
 
 
 def test_service_beyond_loopback_needs_a_key():
-    proc = subprocess.run([sys.executable, "-m", "envs.serve", "server.host=0.0.0.0", f"server.port={free_port()}"], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-m", "envs.serve", "server.host=0.0.0.0", f"server.port={free_port()}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "server.host=0.0.0.0" in proc.stderr and "server.api_key" in proc.stderr
 
 
@@ -181,7 +181,8 @@ def test_killed_service_costs_only_the_samples_in_flight():
         assert env.score(in_flight, [["1"], ["2"], ["3"], ["4"]]) == [[{"digits": None}]] * 4  # NaN, counted
         proc = spawn("env=synthetic", "train.seed=3", port=port)  # a supervisor restarts it
         assert env.sample(6) == local.sample(6)  # it got our state back: nothing else lost
-        assert env.score(in_flight, [["1"], ["a"], ["3"], ["4"]]) == local.score(in_flight, [["1"], ["a"], ["3"], ["4"]])
+        texts = [["1"], ["a"], ["3"], ["4"]]
+        assert env.score(in_flight, texts) == local.score(in_flight, texts)
     finally:
         proc.kill()
         proc.wait()
