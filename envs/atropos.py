@@ -155,14 +155,15 @@ class AtroposRollouts:
 def convert(batch: list[dict], group_size: int, prompts: int, max_tokens: int, max_token_len: int,
             tokenizer) -> tuple[Rollout, bool]:
     """A pulled batch as a scored Rollout [P, G], and whether it lacked inference_logprobs."""
+    for g in batch:  # first: a wrong group size is why a batch holds another number of groups
+        if len(g["tokens"]) != group_size:
+            raise AtroposError(f"train.group_size={group_size}: an Atropos group (env_id {g.get('env_id')}) has "
+                               f"{len(g['tokens'])} sequences; run the env with the same group size")
     if len(batch) != prompts:
         raise AtroposError(f"train.prompts_per_step={prompts}: the Atropos batch holds {len(batch)} groups "
                            f"({sum(len(g['tokens']) for g in batch)} sequences)")
     out_prompts, prompt_ids, groups, scores, zero, own = [], [], [], [], [], False
     for g in batch:
-        if len(g["tokens"]) != group_size:
-            raise AtroposError(f"train.group_size={group_size}: an Atropos group (env_id {g.get('env_id')}) has "
-                               f"{len(g['tokens'])} sequences; run the env with the same group size")
         logprobs = g.get("inference_logprobs")
         own |= not logprobs
         overrides = g.get("overrides") or [{}] * group_size

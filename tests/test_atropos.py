@@ -24,6 +24,7 @@ from conftest import REPO, make_cfg  # noqa: E402
 from envs.atropos import AtroposError, convert  # noqa: E402
 from envs.serve import free_port  # noqa: E402
 from lab.loop import train  # noqa: E402
+from runtime.records import read_jsonl  # noqa: E402
 
 QUIET = ("log.wandb.mode=disabled", "log.progress=false", "model.dtype=float32", "hardware.autocast=null",
          "eval.enabled=false")
@@ -151,6 +152,26 @@ def test_generate_samples_from_the_model_the_trainer_names(attach, vllm_server, 
         vllm_server.post("/atropos/generate_model", {"model": None})
         vllm_server.post("/v1/unload_lora_adapter", {"lora_name": "atropos-test"})
     assert generate()["token_ids"] == base["token_ids"]
+
+
+@pytest.mark.slow
+def test_a_batch_of_another_group_size_stops_the_run_at_that_batch(attach, tmp_path):
+    """Groups of 2 pushed to a real run-api for a trainer of group size 4: the first batch stops the
+    run naming train.group_size; what the run wrote before stays."""
+    with run_api() as api:
+        def push():
+            while requests.get(f"{api}/info", timeout=5).json()["batch_size"] == -1:  # the trainer registers
+                time.sleep(0.1)
+            for _ in range(4):
+                requests.post(f"{api}/scored_data", json=group(2), timeout=5).raise_for_status()
+
+        pusher = threading.Thread(target=push, daemon=True)
+        pusher.start()
+        with pytest.raises(AtroposError, match=r"train.group_size=4: an Atropos group \(env_id None\) has 2"):
+            train(make_cfg("mode=reload", attach, "env=atropos", f"env.api_url={api}", "train.prompts_per_step=2",
+                           "train.group_size=4", "train.steps=2", *QUIET), tmp_path)
+        pusher.join(timeout=30)
+    assert any(e["event"] == "precision" for e in read_jsonl(tmp_path / "events.jsonl"))
 
 
 def learned(history: list[dict], level: float = 0.8) -> float:
