@@ -1,7 +1,8 @@
 """The Bridge protocol (trainer weights -> vLLM) and the verification every sync goes through.
 
-`Bridge` declares everything train.py asks of a mode, with the defaults most modes want, so
-building a run never probes a bridge for what it can do.
+`Bridge` declares everything building a run asks of a sync, with the defaults most syncs want,
+and what it can serve in one place, its class's `capabilities`: lab/compose.py refuses a
+(finetune x sync x hardware) it cannot serve at start, with the sentence it gives there.
 
 A sync is only done when vLLM provably serves the weights just pushed: the logprobs vLLM gives a
 fixed probe sequence must match the trainer's to `probe_tolerance`. A mismatch retries the push
@@ -22,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from bridges.safetensors_mirror import storage_key
+from bridges.weights import Weights
 from serving.server import VLLMServer
 from runtime import distributed
 from grpo.policy import Policy
@@ -33,14 +34,33 @@ class WeightSyncError(RuntimeError):
     """vLLM does not serve the trainer's weights after a sync (and its retry)."""
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a bridge can serve, declared on its class. Each field is None where it can, else the
+    sentence saying why it cannot, which the refusal at start quotes (lab/compose.py)."""
+
+    full: Optional[str] = None  # finetune=full: every weight trains
+    lora: Optional[str] = None  # finetune=lora: adapters over a frozen base
+    trainer_procs: Optional[str] = None  # several trainer processes (torchrun, FSDP2 shards)
+    async_rollouts: Optional[str] = None  # train.max_staleness > 0: requests run while the trainer updates
+    same_device: Optional[str] = None  # vLLM on the trainer's device (its GPU, or the CPU)
+    separate_devices: Optional[str] = None  # vLLM on GPUs of its own, or another machine
+    vllm_parallel: Optional[str] = None  # vLLM with TP or DP > 1
+    # The trainer's model is built on the running server's weights (`build_model`): the server
+    # starts before the model, and the trainer's weights are vLLM's tensors at the served dtype.
+    model_from_server: bool = False
+
+
 @dataclass
 class SyncStats:
     step: int
-    mode: str
+    finetune: str  # what trains: full | lora
+    sync: str  # how it reached vLLM: reload | legacy | adapter | shared | broadcast
     ms: float  # wall time of the push (save/transfer/reload), verification excluded
     bytes: int  # bytes written or moved
     probe_max_diff: float  # max |logprob_vllm - logprob_trainer| over the probe tokens
     verify_ms: float
+    pause_ms: float = 0.0  # generation paused around optimizer.step() for it (sync=shared)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -48,37 +68,32 @@ class SyncStats:
 
 
 class Bridge:
-    """How the trainer's weights reach vLLM, in the order train.py calls it: `server_args` and
+    """How the trainer's weights reach vLLM, in the order a run calls it: `server_args` and
     `server_env` (before vLLM starts), `build_model`, `setup`, `initial_sync`, then per step
     `step_context` around optimizer.step() and `sync`, and `close` at the end."""
 
-    mode = "base"
-    # The trainer trains vLLM's own tensors (no copy of its own): its weights are the served
-    # dtype, so mixed precision (fp32 masters, bf16 served) cannot be kept.
-    shares_weights = False
+    sync_name = "base"  # its option in conf/sync/
+    capabilities = Capabilities()
+    # The model name rollouts ask vLLM for; None: model.served_name (the served base weights).
+    served_model: Optional[str] = None
 
     def server_args(self) -> list[str]:
-        """vLLM flags this mode needs (hardware.server_args and server.extra_args add theirs)."""
+        """vLLM flags this sync needs (hardware.server_args and server.extra_args add theirs)."""
         return []
 
     def server_env(self) -> dict[str, str]:
-        """Environment variables the vLLM server needs for this mode."""
+        """Environment variables the vLLM server needs for this sync."""
         return {}
 
-    def check_trainer_procs(self, n: int) -> None:
-        """At start: refuse `n` trainer processes (torchrun) if this mode cannot serve them."""
-        if n > 1:
-            raise ValueError(f"mode={self.mode} runs with one trainer process, not {n}; mode=reload, lora, legacy "
-                             "and broadcast run under torchrun")
-
     def build_model(self, path: str, dtype: str, device: str, server: VLLMServer) -> Optional[torch.nn.Module]:
-        """The trainer's model if this mode must build it (mode=shared: views of vLLM's weights, so
-        it starts `server` first); None: the trainer loads it from `path`."""
+        """The trainer's model if this bridge must build it (`capabilities.model_from_server`:
+        views of the running server's weights); None: the trainer loads it from `path`."""
         return None
 
     def setup(self, policy: Policy, server: VLLMServer, client: VLLMClient, run_dir: Path) -> None:
         self.policy, self.server, self.client = policy, server, client
         self.run_dir = Path(run_dir)
+        self.weights = Weights(policy)  # what vLLM should serve (LoRA merged), gathered to rank 0
 
     def initial_sync(self, resumed_step: Optional[int]) -> None:
         """At start vLLM serves the base model: a resumed run pushes its checkpoint's weights."""
@@ -112,20 +127,6 @@ class VerifiedBridge(Bridge):
             self.probe_tolerance = policy.precision.probe_tolerance
         completion = policy.tokenizer(self.probe_completion, add_special_tokens=False).input_ids
         self.probe_ids = policy.encode_chat([{"role": "user", "content": self.probe_prompt}]) + completion
-
-    def served(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """`tensors` as vLLM holds them: cast to the served dtype (bf16 served from fp32 master
-        weights: half the bytes to move, and vLLM has nothing to convert). Uncast: the same tensors.
-        Tensors that alias each other (tied embeddings) stay one tensor after the cast."""
-        dtype, cast = self.policy.precision.served, {}
-
-        def one(t: torch.Tensor) -> torch.Tensor:
-            key = storage_key(t)
-            if t.is_floating_point() and key not in cast:
-                cast[key] = t.to(dtype)
-            return cast.get(key, t)
-
-        return {name: one(t) for name, t in tensors.items()}
 
     def push(self, step: int) -> int:
         """Move the trainer's weights into vLLM; return bytes written or moved."""
@@ -166,9 +167,10 @@ class VerifiedBridge(Bridge):
                 extra = {"attempts": attempt}
                 if before is not None and self.served_probe is not None:
                     extra["served_moved"] = max(abs(a - b) for a, b in zip(self.served_probe, before))
-                return SyncStats(step, self.mode, (t1 - t0) * 1e3, nbytes, diff, (t2 - t1) * 1e3, extra)
+                return SyncStats(step, self.weights.finetune, self.sync_name, (t1 - t0) * 1e3, nbytes, diff,
+                                 (t2 - t1) * 1e3, extra=extra)
         raise WeightSyncError(
-            f"{self.mode} sync at step {step}: vLLM at {self.server.base_url} still serves other weights "
+            f"sync={self.sync_name} at step {step}: vLLM at {self.server.base_url} still serves other weights "
             f"after a retry (probe max |dlogprob| = {diff:.3g} > probe_tolerance={self.probe_tolerance})"
         )
 

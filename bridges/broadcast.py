@@ -1,8 +1,8 @@
-"""mode=broadcast: vLLM runs as its own server (own devices, TP/DP, possibly another host); the
+"""sync=broadcast: vLLM runs as its own server (own devices, TP/DP, possibly another host); the
 trainer pushes new weights over a collective after each step (TRL's `vllm_mode="server"`,
-ms-swift's external rollout).
+ms-swift's external rollout); with finetune=lora the merged weights (bridges/weights.py).
 
-Two mechanisms, one module each, picked by `_target_` (`hardware.broadcast_bridge`):
+Two mechanisms, one module each, picked by `hardware.collective` (`broadcast_bridge`):
 - `broadcast_gloo.GlooBroadcastBridge`: a gloo group with our worker extension; works wherever
   vLLM runs (CPU; also a GPU that the trainer shares, through host memory).
 - `broadcast_nccl.NcclBroadcastBridge`: vLLM's own NCCL weight-transfer engine, GPU to GPU;
@@ -16,6 +16,7 @@ it after a weight update (VLLMServer.reset_prefix_cache, as every bridge resets 
 
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 import torch
@@ -25,8 +26,20 @@ from runtime import distributed
 from serving.server import free_port
 
 
+COLLECTIVES = {"gloo": "bridges.broadcast_gloo.GlooBroadcastBridge",
+               "nccl": "bridges.broadcast_nccl.NcclBroadcastBridge"}
+
+
+def broadcast_bridge(collective: str = "gloo", **common) -> "BroadcastBridge":
+    """conf/sync/broadcast.yaml's `_target_`: the bridge of `collective` (hardware.collective)."""
+    if collective not in COLLECTIVES:
+        raise ValueError(f"hardware.collective={collective!r}: must be one of {sorted(COLLECTIVES)}")
+    module, _, name = COLLECTIVES[collective].rpartition(".")
+    return getattr(importlib.import_module(module), name)(**common)
+
+
 class BroadcastBridge(VerifiedBridge):
-    mode = "broadcast"
+    sync_name = "broadcast"
 
     def __init__(self, group_host: str = "127.0.0.1", group_port: Optional[int] = None, bucket_mb: float = 64.0,
                  timeout_s: float = 60.0, **probe):
@@ -60,14 +73,13 @@ class BroadcastBridge(VerifiedBridge):
 
     def push(self, step: int) -> int:
         """Rank 0 sends; with several trainer processes (a sharded model) the other ranks take
-        part in gathering each tensor as rank 0 reaches it (`full_tensor()` is a collective)."""
-        named = list(self.served({n: p.detach() for n, p in self.policy.model.named_parameters()}).items())
+        part in gathering each bucket as rank 0 reaches it (Weights.send)."""
+        plan = self.weights.buckets(self.bucket_bytes)
         if not distributed.is_main():
-            self.gather_along(named)
-            return 0
+            return self.weights.send(plan, None)
         if self.joined_server != self.server_identity():
             self.connect()  # vLLM restarted: its new workers are in no group
-        sent = self.send(step, named)
+        sent = self.send(step, plan)
         self.server.reset_prefix_cache()
         return sent
 
@@ -78,13 +90,9 @@ class BroadcastBridge(VerifiedBridge):
         """Form the group of `world_size` ranks at `self.group_host:self.port`."""
         raise NotImplementedError
 
-    def send(self, step: int, named: list[tuple[str, torch.Tensor]]) -> int:
-        """Send every (HF name, tensor) to all workers; return the bytes sent. A tensor may be a
-        shard (DTensor): it is gathered when its bucket is sent, never the whole model at once."""
-        raise NotImplementedError
-
-    def gather_along(self, named: list[tuple[str, torch.Tensor]]) -> None:
-        """On a rank other than 0: take part in each gather of `send`, in its order."""
+    def send(self, step: int, plan: list[dict[str, torch.Tensor]]) -> int:
+        """Send every bucket of `plan` (HF name -> tensor, shards gathered as they are reached:
+        `self.weights.send`) to all workers; return the bytes sent."""
         raise NotImplementedError
 
     def disconnect(self) -> None:

@@ -1,4 +1,4 @@
-"""mode=broadcast over gloo: our worker extension (bridges/vllm_worker.py CollectiveMixin) joins a
+"""sync=broadcast over gloo: our worker extension (bridges/vllm_worker.py CollectiveMixin) joins a
 gloo group with the trainer (rank 0) and receives flat buckets, one broadcast per bucket.
 
 vLLM has no gloo weight-transfer engine, hence the extension. Bucketing is what makes it fast:
@@ -15,36 +15,15 @@ from __future__ import annotations
 
 import datetime
 import threading
-from collections import defaultdict
 
 import torch
 import torch.distributed as dist
 
 from bridges.base import WeightSyncError
 from bridges.broadcast import BroadcastBridge
-from runtime import distributed
 from serving.server import Deadline, VLLMHungError, VLLMRequestError
 
 GROUP_PREFIX = "grpo-weights"  # the key prefix both sides use in the rendezvous store
-
-
-def buckets(named: list[tuple[str, torch.Tensor]], bucket_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
-    """Group tensors of one dtype into buckets of about `bucket_bytes` (a tensor never splits);
-    bucket_bytes <= 0 gives one tensor per bucket."""
-    by_dtype: dict[torch.dtype, list] = defaultdict(list)
-    for name, t in named:
-        by_dtype[t.dtype].append((name, t))
-    out: list[list] = []
-    for group in by_dtype.values():
-        current, size = [], 0
-        for name, t in group:
-            if current and size + t.numel() * t.element_size() > bucket_bytes:
-                out.append(current)
-                current, size = [], 0
-            current.append((name, t))
-            size += t.numel() * t.element_size()
-        out.append(current)
-    return out
 
 
 def join_request(host: str, port: int, world_size: int, timeout_s: float) -> dict:
@@ -53,10 +32,10 @@ def join_request(host: str, port: int, world_size: int, timeout_s: float) -> dic
             "kwargs": {"host": host, "port": port, "world_size": world_size, "rank_offset": 1, "timeout_s": timeout_s}}
 
 
-def receive_request(plan: list[list[tuple[str, torch.Tensor]]]) -> dict:
+def receive_request(plan: list[dict[str, torch.Tensor]]) -> dict:
     """The /collective_rpc body announcing `plan` (WorkerExtension.receive_weights): per bucket,
     [HF name, dtype name, shape] of each tensor, in broadcast order."""
-    meta = [[[n, str(t.dtype).removeprefix("torch."), list(t.shape)] for n, t in bucket] for bucket in plan]
+    meta = [[[n, str(t.dtype).removeprefix("torch."), list(t.shape)] for n, t in bucket.items()] for bucket in plan]
     return {"method": "receive_weights", "kwargs": {"buckets": meta}}
 
 
@@ -71,41 +50,33 @@ class GlooBroadcastBridge(BroadcastBridge):
         self.store = dist.TCPStore(self.group_host, self.port, world_size, is_master=True, timeout=timeout,
                                    wait_for_workers=False)
         joined = self._rpc_in_background(join_request(self.group_host, self.port, world_size, self.timeout_s),
-                                         Deadline(self.timeout_s + 30, "mode.bridge.timeout_s + 30"))
+                                         Deadline(self.timeout_s + 30, "sync.bridge.timeout_s + 30"))
         try:
             self.group = dist.ProcessGroupGloo(dist.PrefixStore(GROUP_PREFIX, self.store), 0, world_size, timeout)
         except RuntimeError as exc:
             self._raise_request_error(joined, "join")
             raise WeightSyncError(f"could not form the {self.where()} within {self.timeout_s:.0f}s "
-                                  f"(mode.bridge.timeout_s): {exc}") from exc
+                                  f"(sync.bridge.timeout_s): {exc}") from exc
         self._join(joined, "join")
 
-    def send(self, step: int, named: list[tuple[str, torch.Tensor]]) -> int:
-        plan = buckets(named, self.bucket_bytes)
-        nbytes = sum(t.numel() * t.element_size() for _, t in named)
+    def send(self, step: int, plan: list[dict[str, torch.Tensor]]) -> int:
+        nbytes = sum(t.numel() * t.element_size() for bucket in plan for t in bucket.values())
         pending = self._rpc_in_background(receive_request(plan), self.server.deadline("sync_s", nbytes))
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
-        sent = 0
+
+        def broadcast(bucket: dict[str, torch.Tensor]) -> int:
+            flat = torch.cat([t.reshape(-1) for t in bucket.values()]).cpu()  # a GPU trainer's copy to host
+            self.group.broadcast([flat], opts).wait()
+            return flat.numel() * flat.element_size()
+
         try:
-            for bucket in plan:
-                # A GPU trainer's copy to host; a shard gathered here, one bucket at a time.
-                flat = torch.cat([distributed.full(t).reshape(-1) for _, t in bucket]).cpu()
-                self.group.broadcast([flat], opts).wait()
-                sent += flat.numel() * flat.element_size()
+            sent = self.weights.send(plan, broadcast)
         except RuntimeError as exc:
             self._raise_request_error(pending, f"sync at step {step}")
             raise WeightSyncError(f"broadcast over the {self.where()} failed mid-sync at step {step}: {exc}") from exc
         self._join(pending, "receive")
         return sent
-
-    def check_trainer_procs(self, n: int) -> None:
-        """Any number: rank 0 sends, every rank gathers each tensor of a sharded model with it."""
-
-    def gather_along(self, named: list[tuple[str, torch.Tensor]]) -> None:
-        for bucket in buckets(named, self.bucket_bytes):  # rank 0's plan: the same shapes, the same order
-            for _, t in bucket:
-                distributed.full(t)
 
     def disconnect(self) -> None:
         self.group = self.store = None

@@ -1,4 +1,5 @@
-"""mode=broadcast over NCCL: vLLM's own weight-transfer engine, trainer GPU -> vLLM's GPUs.
+"""sync=broadcast over NCCL (hardware.collective=nccl): vLLM's own weight-transfer engine,
+trainer GPU -> vLLM's GPUs.
 
 The server runs with `--weight-transfer-config '{"backend": "nccl"}'` (`server_args`); the
 trainer side is vLLM's `NCCLTrainerWeightTransferEngine`, built by vLLM's trainer factory from
@@ -28,8 +29,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from bridges.base import WeightSyncError
+from bridges.base import Capabilities, WeightSyncError
 from bridges.broadcast import BroadcastBridge
+from bridges.weights import Weights
+from runtime import distributed
 from serving.server import Deadline, VLLMRequestError, VLLMServer
 
 WEIGHT_TRANSFER_CONFIG = {"backend": "nccl"}
@@ -44,14 +47,29 @@ def trainer_init_info(host: str, port: int, world_size: int, bucket_bytes: int):
                                packed=True, packed_buffer_size_bytes=max(bucket_bytes, MIN_BUFFER_BYTES))
 
 
-def open_engine(info, server: VLLMServer, model: torch.nn.Module, timeout_s: float):
-    """vLLM's trainer engine for `info`, joined with the workers; it sends `model`'s parameters
-    under their HF names (vLLM's `load_weights` maps them)."""
-    from vllm.distributed.weight_transfer.base import ModuleSource
+def weight_source(weights: Weights, bucket_bytes: int):
+    """vLLM's `WeightSource` over our `Weights`: what vLLM should serve (HF names, served dtype,
+    LoRA merged), each pass a fresh plan gathered bucket by bucket."""
+    from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
+
+    class Source(WeightSource):
+        def metadata(self) -> list:
+            return [ParamMeta(n, t.dtype, tuple(t.shape)) for b in weights.buckets(bucket_bytes) for n, t in b.items()]
+
+        def __iter__(self):
+            for bucket in distributed.gathered(weights.buckets(bucket_bytes)):
+                yield from bucket.items()
+
+    return Source()
+
+
+def open_engine(info, server: VLLMServer, weights: Weights, timeout_s: float):
+    """vLLM's trainer engine for `info`, joined with the workers; it sends `weights` under their
+    HF names (vLLM's `load_weights` maps them)."""
     from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
     return WeightTransferTrainerFactory.trainer_init(info, client=ServerSyncClient(server, timeout_s),
-                                                     source=ModuleSource(model))
+                                                     source=weight_source(weights, info.packed_buffer_size_bytes))
 
 
 class ServerSyncClient:
@@ -62,7 +80,7 @@ class ServerSyncClient:
         self.timeout_s = timeout_s
 
     def _post(self, path: str, body: Optional[dict] = None) -> None:
-        self.server.post(path, body, Deadline(self.timeout_s, "mode.bridge.timeout_s"))
+        self.server.post(path, body, Deadline(self.timeout_s, "sync.bridge.timeout_s"))
 
     def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
         self._post("/init_weight_transfer_engine", {"init_info": init_info})
@@ -86,6 +104,12 @@ def shared_gpus(trainer_uuid: str, workers: list[dict]) -> list[dict]:
 
 
 class NcclBroadcastBridge(BroadcastBridge):
+    capabilities = Capabilities(
+        same_device="NCCL moves weights GPU to GPU and cannot put two ranks on one device: give vLLM GPUs of its "
+                    "own (hardware=gpu_split), or use hardware.collective=gloo",
+        trainer_procs="vLLM's NCCL engine is opened by trainer rank 0 alone, so a model sharded over several "
+                      "trainer processes cannot be sent through it (hardware.collective=gloo can)")
+
     def __init__(self, **common):
         super().__init__(**common)
         self.engine = None  # vLLM's NCCLTrainerWeightTransferEngine while the group exists
@@ -100,24 +124,25 @@ class NcclBroadcastBridge(BroadcastBridge):
     def join(self, world_size: int) -> None:
         if self.device.type != "cuda":
             raise WeightSyncError(f"NCCL needs the trainer on a GPU (trainer on {self.device}); on CPU "
-                                  "mode=broadcast runs bridges.broadcast_gloo.GlooBroadcastBridge (hardware=cpu)")
+                                  "sync=broadcast runs over hardware.collective=gloo (hardware=cpu)")
         self.check_devices()
         info = trainer_init_info(self.group_host, self.port, world_size, self.bucket_bytes)
-        self.engine = self._within(lambda: open_engine(info, self.server, self.policy.model, self.timeout_s),
+        self.engine = self._within(lambda: open_engine(info, self.server, self.weights, self.timeout_s),
                                    "could not form the NCCL")
 
     def check_devices(self) -> None:
         workers = self.server.post("/collective_rpc", {"method": "device_info"})["results"]
         uuid = str(torch.cuda.get_device_properties(self.device).uuid)
         if shared_gpus(uuid, workers):
-            raise WeightSyncError(f"mode=broadcast over NCCL: the trainer's {self.device} (uuid {uuid}) is also a "
+            raise WeightSyncError(f"sync=broadcast over NCCL: the trainer's {self.device} (uuid {uuid}) is also a "
                                   f"vLLM GPU ({[w['device'] for w in workers]}); NCCL cannot put two ranks on one "
                                   f"GPU. Give vLLM its own GPUs (hardware=gpu_split) or use hardware=gpu (gloo).")
 
-    def send(self, step: int, named: list[tuple[str, torch.Tensor]]) -> int:
+    def send(self, step: int, plan: list[dict[str, torch.Tensor]]) -> int:
+        """The engine iterates its source (`weight_source`: the same plan, gathered) itself."""
         torch.cuda.synchronize(self.device)  # the optimizer's kernels finish before other streams read
         self._within(self.engine.send_weights, f"update at step {step} over the NCCL")
-        return sum(t.numel() * t.element_size() for _, t in named)
+        return sum(t.numel() * t.element_size() for bucket in plan for t in bucket.values())
 
     def disconnect(self) -> None:
         if self.engine is None:
@@ -147,7 +172,7 @@ class NcclBroadcastBridge(BroadcastBridge):
         if thread.is_alive():
             self.engine = None  # a hung collective cannot be cancelled: never use this group again
             raise WeightSyncError(f"{what} {self.where()}: no answer within {self.timeout_s:.0f}s "
-                                  f"(mode.bridge.timeout_s); the group is abandoned")
+                                  f"(sync.bridge.timeout_s); the group is abandoned")
         if "error" in box:
             raise WeightSyncError(f"{what} {self.where()} failed: {box['error']}") from box["error"]
         return box.get("result")

@@ -1,6 +1,6 @@
-"""mode=legacy: write the full model and restart vLLM on it (Atropos' simplest mode).
+"""sync=legacy: write the full model (LoRA merged) and restart vLLM on it (Atropos' simplest mode).
 
-Slow (a vLLM start per sync: tens of seconds on CPU), so `mode.sync_every` is usually > 1; it is
+Slow (a vLLM start per sync: tens of seconds on CPU), so `sync.sync_every` is usually > 1; it is
 the baseline the other bridges are measured against. vLLM always serves `<run_dir>/served/`,
 rewritten in place before each restart like the reload bridge's files (only the changed tensors'
 bytes): the model path is part of vLLM's compile-cache key, so one fixed path lets every restart
@@ -13,12 +13,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bridges.base import Capabilities
 from bridges.reload import ReloadBridge
 from runtime import distributed
 
 
 class LegacyBridge(ReloadBridge):
-    mode = "legacy"
+    sync_name = "legacy"
+    capabilities = Capabilities(
+        async_rollouts="every sync restarts the vLLM server, which would kill the rollouts in flight")
 
     def weights_dir(self) -> Path:
         return self.run_dir / "served"

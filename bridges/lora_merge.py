@@ -1,8 +1,8 @@
-"""mode=lora (merge, the default sync): vLLM serves W + (alpha/r) B A as plain weights.
+"""finetune=lora over sync=reload, legacy or broadcast: vLLM serves W + (alpha/r) B A as plain weights.
 
-TRL's way with LoRA: the adapter is merged into the base weights and the full model goes through
-the reload path (ReloadBridge: safetensors -> `reload_weights` -> `/reset_prefix_cache`), so
-vLLM runs without `--enable-lora` and generates at base-model speed. Measured on CPU (tiny model,
+TRL's way with LoRA: the adapter is merged into the base weights and the full model goes the
+sync's way (bridges/weights.py gives every pushing bridge the merged tensors), so vLLM runs
+without `--enable-lora` and generates at base-model speed. Measured on CPU (tiny model,
 `python -m experiments.sync_generate`), a served adapter made each step's generation 3.5-18x
 slower, which costs far more than writing the full weights. The trainer's model is never merged
 in place (merging and unmerging in float drifts W): the merged tensors are computed beside it.
@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import torch
 from peft.tuners.lora import LoraLayer
-
-from bridges.reload import ReloadBridge
 
 
 class MergedLora:
@@ -55,16 +53,5 @@ class MergedLora:
 
 
 def merged_state_dict(peft_model) -> dict[str, torch.Tensor]:
-    """One-off merge (the bridge keeps its MergedLora and its buffers)."""
+    """One-off merge (bridges/weights.py keeps its MergedLora and its buffers across syncs)."""
     return MergedLora(peft_model).state_dict()
-
-
-class MergedLoraBridge(ReloadBridge):
-    mode = "lora_merge"
-
-    def setup(self, policy, server, client, run_dir) -> None:
-        super().setup(policy, server, client, run_dir)
-        self.merged = MergedLora(policy.model)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.served(self.merged.state_dict())

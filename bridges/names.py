@@ -2,7 +2,7 @@
 
 vLLM's model classes fuse q/k/v into `qkv_proj` and gate/up into `gate_up_proj` (stacked along
 dim 0) and pad the vocabulary rows of the embedding and lm_head to a multiple of 64. A bridge
-that works on vLLM's own tensors (mode=shared) needs the inverse: each HF parameter as a view of
+that works on vLLM's own tensors (sync=shared) needs the inverse: each HF parameter as a view of
 the served tensor. Bridges that send HF names (reload, broadcast) need none of this: vLLM's
 `load_weights` maps HF names itself.
 """
@@ -26,7 +26,7 @@ def name_map(config) -> dict[str, tuple[str, ...]]:
     """The fused-name map of `config`'s architecture."""
     arch = (config.architectures or ["?"])[0]
     if arch not in NAME_MAPS:
-        raise NameMapError(f"mode=shared has no vLLM<->HF name map for architecture {arch!r}; "
+        raise NameMapError(f"sync=shared has no vLLM<->HF name map for architecture {arch!r}; "
                            f"supported: {sorted(NAME_MAPS)} (add one to bridges/names.py NAME_MAPS)")
     return NAME_MAPS[arch]
 

@@ -1,4 +1,4 @@
-"""mode=reload: save safetensors, then vLLM reloads them in place (no restart).
+"""sync=reload: save safetensors, then vLLM reloads them in place (no restart).
 
 The safetensors live in /dev/shm when vLLM runs on this machine and are rewritten in place after
 the first save (bridges/safetensors_mirror.py): a sync copies the changed tensors' bytes instead
@@ -9,6 +9,7 @@ vLLM worker re-run its weight loader on the directory; the prefix cache is reset
 because cached KV blocks were computed by the old weights (a reset vLLM refuses stops the sync:
 VLLMServer.reset_prefix_cache). On CPU, our worker extension then
 re-packs the tied lm_head, which vLLM's reload leaves stale (bridges/vllm_worker.py).
+What is written is `Weights` (bridges/weights.py): with finetune=lora, the merged adapter.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 from urllib.parse import urlparse
-
-import torch
 
 from bridges.base import VerifiedBridge, dir_bytes
 from bridges.safetensors_mirror import SafetensorsMirror, write_sharded
@@ -27,12 +26,11 @@ from serving.server import is_loopback
 
 
 class ReloadBridge(VerifiedBridge):
-    mode = "reload"
-    mirror = None  # the weights_dir() files, rewritten in place after the first full save (rank 0's)
+    """Any finetune (LoRA merged), any number of trainer processes (a sharded model is gathered
+    bucket by bucket, rank 0 writes), async rollouts, any devices: capabilities' defaults."""
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights vLLM serves, under the HF checkpoint's names, at its dtype (LoRA merged: lora_merge.py)."""
-        return self.served(self.policy.model.state_dict())
+    sync_name = "reload"
+    mirror = None  # the weights_dir() files, rewritten in place after the first full save (rank 0's)
 
     def weights_dir(self) -> Path:
         """Where vLLM reads the pushed weights: /dev/shm when it runs on this machine (rewriting a
@@ -42,9 +40,6 @@ class ReloadBridge(VerifiedBridge):
         if SHM.is_dir() and is_loopback(host):
             return owned_dir("grpo-sync")
         return self.run_dir / "sync_weights"
-
-    def check_trainer_procs(self, n: int) -> None:
-        """Any number: a sharded model is gathered bucket by bucket, rank 0 pushes."""
 
     def push(self, step: int) -> int:
         """Rank 0 writes and posts; with several trainer processes every rank takes part in
@@ -60,13 +55,13 @@ class ReloadBridge(VerifiedBridge):
         return written
 
     def write_weights(self, out: Path) -> int:
-        """`state_dict()` into `out` as an HF checkpoint, through rank 0's mirror (every rank
+        """The served weights into `out` as an HF checkpoint, through rank 0's mirror (every rank
         gathers a sharded model along); the bytes written on rank 0, 0 on the others."""
         if self.mirror is None and distributed.is_main():
             self.mirror = SafetensorsMirror(out)
-        if distributed.is_sharded(self.policy.model):
-            return write_sharded(self.mirror, self.policy.base_model.config, self.state_dict())
-        return self.mirror.write(self.policy.base_model, self.state_dict()) if self.mirror is not None else 0
+        if self.weights.sharded:
+            return write_sharded(self.mirror, self.policy.base_model.config, self.weights.state_dict())
+        return self.mirror.write(self.policy.base_model, self.weights.state_dict()) if self.mirror is not None else 0
 
     def close(self) -> None:
         if self.mirror is not None:

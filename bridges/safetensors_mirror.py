@@ -158,11 +158,8 @@ def write_sharded(mirror: Optional[SafetensorsMirror], config, state_dict: dict[
         mirror.in_place = mirror.fits(state_dict)
         if not mirror.in_place:
             mirror.allocate(config, {name: (t.dtype, tuple(t.shape)) for name, t in state_dict.items()})
-    written = 0
-    for bucket in distributed.full_buckets(state_dict, bucket_bytes):
-        if mirror is not None:
-            written += mirror.write_part(bucket)
-    return written
+    return distributed.gather_to_main(distributed.buckets(state_dict, bucket_bytes),
+                                      mirror.write_part if mirror is not None else None)
 
 
 def save_gathered(out: Optional[Path], config, state_dict: dict[str, torch.Tensor]) -> None:

@@ -1,4 +1,4 @@
-"""mode=shared: one copy of the weights; the trainer's parameters ARE vLLM's tensors.
+"""sync=shared: one copy of the weights; the trainer's parameters ARE vLLM's tensors.
 
 vLLM's worker (our extension, bridges/vllm_worker.py) exports a handle to every parameter's
 storage; the trainer builds its HF model on `meta` and makes each parameter a view of vLLM's
@@ -7,8 +7,9 @@ the embedding). So `optimizer.step()` is the sync: 0 bytes move. What remains is
 from reading half-written weights (generation is paused around the step) and from reusing KV
 blocks computed by the old weights (the prefix cache is reset after it).
 
-Single process per side, same device: TP would shard vLLM's tensors, so it is refused at start,
-as are a trainer on another device than vLLM and an architecture without a name map.
+Single process per side, same device, full fine-tuning: what it cannot serve is declared in
+`SharedBridge.capabilities` and refused at start with its reason (lab/compose.py), as is an
+architecture without a name map; the running server's worker is checked again (`check_worker`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from bridges.base import SyncStats, VerifiedBridge
+from bridges.base import Capabilities, SyncStats, VerifiedBridge
 from bridges.names import hf_views, name_map
 from serving.server import VLLMServer
 from bridges.shared_memory import attach_tensor, manifest_path, release_segments, remove_stale
@@ -38,27 +39,16 @@ def physical_cuda_device(device: torch.device) -> str:
     return visible.split(",")[index].strip() if visible else str(index)
 
 
-def check_topology(vllm_tp: int, vllm_dp: int, device: str, vllm_devices: str | None) -> None:
-    """What config alone tells us, checked before vLLM starts."""
-    if vllm_tp != 1 or vllm_dp != 1:
-        raise SharedWeightsError(f"mode=shared needs hardware.vllm_tp=1 and hardware.vllm_dp=1 (got tp={vllm_tp}, "
-                                 f"dp={vllm_dp}): a TP shard or a DP replica is not the trainer's one tensor")
-    dev = torch.device(device)
-    if dev.type == "cuda" and vllm_devices is not None and str(vllm_devices).strip() != physical_cuda_device(dev):
-        raise SharedWeightsError(f"mode=shared needs the trainer and vLLM on the same GPU: hardware.device={device} "
-                                 f"is GPU {physical_cuda_device(dev)}, hardware.vllm_devices={vllm_devices}")
-
-
 def check_worker(info: dict, n_workers: int, device: torch.device) -> None:
     """What only the running server can tell: one worker, on the trainer's device."""
     if n_workers != 1 or info["tensor_parallel_size"] != 1 or info["pipeline_parallel_size"] != 1:
-        raise SharedWeightsError(f"mode=shared needs one vLLM worker (tp=pp=1); the server has {n_workers} "
+        raise SharedWeightsError(f"sync=shared needs one vLLM worker (tp=pp=1); the server has {n_workers} "
                                  f"(tp={info['tensor_parallel_size']}, pp={info['pipeline_parallel_size']})")
     served = torch.device(info["device"])
     same = served.type == device.type and (
         device.type != "cuda" or str(torch.cuda.get_device_properties(device).uuid) == info["device_uuid"])
     if not same:
-        raise SharedWeightsError(f"mode=shared needs the trainer and vLLM on the same device: trainer on {device}, "
+        raise SharedWeightsError(f"sync=shared needs the trainer and vLLM on the same device: trainer on {device}, "
                                  f"vLLM on {info['device']} (uuid {info['device_uuid']})")
 
 
@@ -86,25 +76,27 @@ def attach(model: torch.nn.Module, views: dict[str, torch.Tensor]) -> None:
 
 
 class SharedBridge(VerifiedBridge):
-    mode = "shared"
-    shares_weights = True
+    sync_name = "shared"
+    capabilities = Capabilities(
+        model_from_server=True,
+        lora="the trainer's parameters are vLLM's tensors, so a merged adapter would have to be written over the "
+             "frozen base it trains against (use sync=reload or adapter)",
+        trainer_procs="it trains vLLM's single copy of the weights and cannot shard it over several trainer "
+                      "processes (use sync=reload or broadcast under torchrun)",
+        async_rollouts="vLLM reads the trainer's weights in place, so they change while rollouts are generated",
+        separate_devices="the trainer's parameters are views of vLLM's tensors, so vLLM must run on the trainer's "
+                         "device (use hardware=gpu)",
+        vllm_parallel="a TP shard or a DP replica of vLLM's weights is not the trainer's one tensor "
+                      "(set hardware.vllm_tp=1 hardware.vllm_dp=1)")
 
-    def __init__(self, vllm_tp: int = 1, vllm_dp: int = 1, device: str = "cpu", vllm_devices: str | None = None,
-                 pause_mode: str = "wait", **probe):
+    def __init__(self, device: str = "cpu", pause_mode: str = "wait", **probe):
         super().__init__(**probe)
-        check_topology(vllm_tp, vllm_dp, device, vllm_devices)
         self.device = torch.device(device)
         self.pause_mode = pause_mode
         self.pause_ms = 0.0
         self.served: dict[str, torch.Tensor] = {}
         self.worker: dict = {}
         self.files_record = None  # the worker's record of its /dev/shm files, when we own the server
-
-    def check_trainer_procs(self, n: int) -> None:
-        if n > 1:
-            raise ValueError(f"mode=shared trains vLLM's single copy of the weights and cannot shard it over {n} "
-                             "trainer processes (a copy sharded like vLLM's TP is not built): run it with one "
-                             "process, or use mode=reload or mode=lora under torchrun")
 
     def server_args(self) -> list[str]:
         # vLLM's compiled CPU graph bakes in its packed GEMM kernels: only eager execution
@@ -114,19 +106,12 @@ class SharedBridge(VerifiedBridge):
         return ["--enforce-eager"] if self.device.type == "cpu" else []
 
     def build_model(self, path: str, dtype: str, device: str, server: VLLMServer) -> torch.nn.Module:
-        """The trainer's model, every parameter a view of the served one (no weight is loaded).
-
-        Starts `server` (a no-op if started), after the checks that need no vLLM, and stops it
-        when its weights cannot be shared, so a failed start leaves no server behind."""
+        """The trainer's model, every parameter a view of the served one (no weight is loaded):
+        `server` runs already (capabilities.model_from_server: the run starts it first)."""
         config = AutoConfig.from_pretrained(path)
         fused = name_map(config)
-        remove_stale()  # files of earlier servers that were killed before they could remove them
-        server.start()
-        try:
-            return self.attach_served(config, fused, dtype, torch.device(device), server)
-        except Exception:
-            server.stop()
-            raise
+        remove_stale()  # files of earlier servers that were killed (their owners are gone) before removing them
+        return self.attach_served(config, fused, dtype, torch.device(device), server)
 
     def attach_served(self, config, fused: dict, dtype: str, device: torch.device,
                       server: VLLMServer) -> torch.nn.Module:
@@ -168,9 +153,9 @@ class SharedBridge(VerifiedBridge):
         return 0  # the optimizer step already wrote vLLM's tensors
 
     def sync(self, step: int) -> SyncStats:
-        """Verify only; the sync cost is the pause/reset/resume around the step."""
+        """Verify only; the sync's cost is the pause/reset/resume around the step, its own field."""
         stats = super().sync(step)
-        stats.ms = self.pause_ms
+        stats.pause_ms = self.pause_ms
         return stats
 
     def close(self) -> None:

@@ -227,7 +227,7 @@ def main(cfg: DictConfig) -> list[dict]:
     cfg.train.steps = cfg.bench.warmup + cfg.bench.repeats
     base = {"size": cfg.bench.size if cfg.model.tiny is not None else cfg.model.path, **config_columns(cfg), "prompts": cfg.train.prompts_per_step,
             "group_size": cfg.train.group_size, "max_tokens": cfg.rollout.max_tokens, "cpu_bf16_native": cpu_bf16_native(),
-            "mode": cfg.mode.name, "trainer_procs": procs, "tp": cfg.hardware.vllm_tp, "dp": cfg.hardware.vllm_dp,
+            "mode": cfg.name, "trainer_procs": procs, "tp": cfg.hardware.vllm_tp, "dp": cfg.hardware.vllm_dp,
             "max_staleness": cfg.train.max_staleness, "trainer_cpus": cpu_set(cfg.hardware.trainer_cpus),
             "vllm_cpus": cpu_set(cfg.hardware.vllm_cpus), "compile": cfg.hardware.compile,
             "run_dir": str(run_dir)}

@@ -1,8 +1,8 @@
 """What a bridge costs a step: its sync, and the generation that follows it (one CSV row per job).
 
     python -m experiments.sync_generate mode=lora                          # merged LoRA (default)
-    python -m experiments.sync_generate mode=lora mode/lora_sync=adapter   # adapter hot-swap
-    python -m experiments.sync_generate -m mode=lora mode/lora_sync=merge,adapter
+    python -m experiments.sync_generate mode=lora sync=adapter             # adapter hot-swap
+    python -m experiments.sync_generate -m mode=lora sync=reload,adapter
 
 A cheap sync can make generation slow: vLLM serving a LoRA adapter computes it on every token.
 The run is built as `train.py` builds it; each of `bench.warmup + bench.repeats` steps moves the
@@ -48,7 +48,7 @@ def timed_step(run: Run, step: int) -> dict:
     groups = run.client.generate(prompt_ids, n=cfg.train.group_size, seed=rollout_seed(cfg.train.seed, step))
     generate_s = time.perf_counter() - t
     tokens = sum(len(c.token_ids) for group in groups for c in group)
-    return {"bridge": stats.mode, "sync_ms": stats.ms, "verify_ms": stats.verify_ms, "bytes": stats.bytes,
+    return {"bridge": stats.sync, "sync_ms": stats.ms, "verify_ms": stats.verify_ms, "bytes": stats.bytes,
             "probe_max_diff": stats.probe_max_diff, "generate_s": generate_s, "tokens": tokens}
 
 
@@ -72,7 +72,7 @@ def measure(cfg: DictConfig, run_dir: Path) -> dict:
 @hydra.main(config_path="../conf", config_name="benchmark", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    row = {"mode": cfg.mode.name, **config_columns(cfg), "prompts": cfg.train.prompts_per_step,
+    row = {"mode": cfg.name, **config_columns(cfg), "prompts": cfg.train.prompts_per_step,
            "group_size": cfg.train.group_size, "max_tokens": cfg.rollout.max_tokens,
            "repeats": cfg.bench.repeats, "run_dir": str(run_dir)}
     row = record_point(cfg, run_dir, row, measure)

@@ -1,4 +1,4 @@
-"""Weight-sync latency of one bridge (`mode=`) on one model: one CSV row per Hydra job.
+"""Weight-sync latency of one bridge (`mode=` preset or `finetune=` + `sync=`) on one model: one CSV row per Hydra job.
 
     python -m experiments.sync_latency -m bench=sync_latency                   # every mode x width
     python -m experiments.sync_latency mode=legacy model.tiny.hidden_size=512  # one point
@@ -34,7 +34,7 @@ def measure(cfg: DictConfig, run_dir: Path) -> dict:
             perturb(run, cfg.bench.noise)
             stats.append(run.bridge.sync(step))
             run.logger.sync(stats[-1].to_dict())
-        ms = [s.ms for s in stats]
+        ms = [s.ms + s.pause_ms for s in stats]  # sync=shared's cost is the pause around the step
         return {
             **weight_columns(run.policy.model),
             "sync_ms": statistics.median(ms),
@@ -49,7 +49,7 @@ def measure(cfg: DictConfig, run_dir: Path) -> dict:
 @hydra.main(config_path="../conf", config_name="benchmark", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    row = {"mode": cfg.mode.name, **config_columns(cfg), "repeats": cfg.bench.repeats, "run_dir": str(run_dir)}
+    row = {"mode": cfg.name, **config_columns(cfg), "repeats": cfg.bench.repeats, "run_dir": str(run_dir)}
     return record_point(cfg, run_dir, row, measure)
 
 

@@ -81,13 +81,13 @@ def wrap_lora(model, lora):
     from peft import LoraConfig, get_peft_model
 
     if lora.r > lora.max_lora_rank:
-        raise ValueError(f"mode.lora.r={lora.r} exceeds the vLLM server's --max-lora-rank "
-                         f"(mode.lora.max_lora_rank={lora.max_lora_rank})")
+        raise ValueError(f"finetune.lora.r={lora.r} exceeds the vLLM server's --max-lora-rank "
+                         f"(finetune.lora.max_lora_rank={lora.max_lora_rank})")
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [m for m in lora.target_modules if m not in present]
     if missing:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise ValueError(f"mode.lora.target_modules: {missing} not in the model; linear modules are {linear}")
+        raise ValueError(f"finetune.lora.target_modules: {missing} not in the model; linear modules are {linear}")
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
     return get_peft_model(model, config)
@@ -104,7 +104,7 @@ class Policy:
         self.precision = precision
         self.temperature = temperature
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-        # `model`: already built where it must live (mode=shared: views of vLLM's weights). The
+        # `model`: already built where it must live (sync=shared: views of vLLM's weights). The
         # trainer holds the master weights (fp32 by default), whatever dtype vLLM serves.
         self.model = model if model is not None else \
             AutoModelForCausalLM.from_pretrained(self.path, dtype=precision.master).to(self.device)

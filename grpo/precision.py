@@ -2,7 +2,7 @@
 
 Three dtypes describe a run (`Precision`):
 - `master`: the trainer's parameters and optimizer state (`model.master_dtype`; `auto`: fp32, or
-  the served dtype where the bridge trains vLLM's own tensors, mode=shared);
+  the served dtype where the bridge trains vLLM's own tensors, sync=shared);
 - `compute`: the trainer's forward/backward: `model.dtype` when it is narrower than the master
   weights (bf16 autocast over fp32 masters: the mixed precision of every GPU recipe), else
   `hardware.autocast` (bf16 compute against an fp32 server, where bf16 is native), else `master`;
@@ -114,7 +114,7 @@ class Precision:
     def resolve(cls, dtype: str, master_dtype: str = "float32", autocast: Optional[str] = None,
                 device: torch.device | str = "cpu", shared_by: Optional[str] = None) -> "Precision":
         """From `model.dtype`, `model.master_dtype` and `hardware.autocast` on `device`;
-        `shared_by`: the mode whose bridge trains vLLM's own tensors (their dtype is the masters')."""
+        `shared_by`: the sync whose bridge trains vLLM's own tensors (their dtype is the masters')."""
         served = served_dtype(dtype, device)
         if master_dtype == "auto":
             master = served if shared_by else torch.float32
@@ -124,9 +124,9 @@ class Precision:
             raise ValueError(f"model.master_dtype={master_dtype} is narrower than model.dtype={dtype}: the master "
                              "weights must hold at least what vLLM serves")
         if shared_by and master != served:
-            raise ValueError(f"mode={shared_by} trains vLLM's own {dtype_name(served)} tensors, so there is no "
+            raise ValueError(f"sync={shared_by} trains vLLM's own {dtype_name(served)} tensors, so there is no "
                              f"{dtype_name(master)} master copy to keep: set model.master_dtype={dtype_name(served)} "
-                             "or auto (pure low precision), model.dtype=float32, or use another mode")
+                             "or auto (pure low precision), model.dtype=float32, or use another sync")
         compute = served if served != master else (autocast_dtype(autocast, torch.device(device)) or master)
         return cls(master, compute, served)
 

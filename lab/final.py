@@ -3,9 +3,9 @@
 A directory that `AutoModelForCausalLM.from_pretrained` and a vLLM server load as they are: the
 model and its tokenizer. With LoRA, final/ holds the PEFT adapter and tokenizer (`from_pretrained`
 applies it to the base model its adapter_config.json names; vLLM serves it with --enable-lora),
-and with `mode.lora.merge_on_save` also `final/merged/`: W + (alpha/r) B A as plain weights, the
+and with `finetune.lora.merge_on_save` also `final/merged/`: W + (alpha/r) B A as plain weights, the
 same tensors the merge sync pushes to vLLM (bridges/lora_merge.py), for any server or tool.
-In mode=shared the trainer's parameters are views of vLLM's tensors (fused q/k/v, padded
+In sync=shared the trainer's parameters are views of vLLM's tensors (fused q/k/v, padded
 vocabulary); `save_pretrained` writes each view's own values, so final/ is an ordinary model.
 Written like a checkpoint: into a temp dir, fsynced, then renamed (runtime/checkpoint.py).
 """

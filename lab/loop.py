@@ -74,13 +74,14 @@ def optimize(run: Run, batch: Batch, step: int) -> dict:
 
 
 def sync_weights(run: Run, step: int) -> dict:
-    """Every `mode.sync_every` steps and at the last: push the weights into vLLM, verified."""
-    if step % run.cfg.mode.sync_every and step != run.cfg.train.steps:
+    """Every `sync.sync_every` steps and at the last: push the weights into vLLM, verified."""
+    if step % run.cfg.sync.sync_every and step != run.cfg.train.steps:
         return {}
     run.rollouts.before_sync(step)  # never during a request: wait for those due on older weights
     stats = run.guard.call(step, lambda: run.bridge.sync(step))
     run.logger.sync(stats.to_dict())
-    return {"sync_ms": stats.ms, "sync_bytes": stats.bytes, "probe_max_diff": stats.probe_max_diff}
+    # What the sync cost the run: its push, plus generation paused for it (sync=shared).
+    return {"sync_ms": stats.ms + stats.pause_ms, "sync_bytes": stats.bytes, "probe_max_diff": stats.probe_max_diff}
 
 
 def learn(run: Run, rollout: Rollout, step: int) -> tuple[Batch, dict]:
@@ -149,7 +150,8 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> list[dict]:
             evaluate(run, step)
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
                 checkpoint.save(run.run_dir, step, run.policy, run.optimizer, run.stateful())
-        # Inside the run: in mode=shared the weights are vLLM's memory, gone once it stops.
-        out = final.save(run.policy, run.run_dir, merge_lora=bool(cfg.mode.lora and cfg.mode.lora.merge_on_save))
+        # Inside the run: in sync=shared the weights are vLLM's memory, gone once it stops.
+        lora = cfg.finetune.lora
+        out = final.save(run.policy, run.run_dir, merge_lora=bool(lora and lora.merge_on_save))
         run.logger.event(cfg.train.steps, "final_model", path=str(out))
     return history

@@ -14,12 +14,10 @@ from omegaconf import DictConfig
 
 from bridges.base import Bridge
 from envs.base import Env
-from grpo import dynamic_sampling
 from runtime import checkpoint, distributed
 from runtime.cores import pinned_trainer
-from runtime.async_rollout import InlineRollouts, RolloutPipeline, Rollouts, Schedule, WeightVersions, check_mode
-from grpo.advantages import check_estimator
-from runtime.config import validate
+from runtime.async_rollout import InlineRollouts, RolloutPipeline, Rollouts, Schedule, WeightVersions
+from lab import compose
 from lab.evaluate import Evaluator
 from lab.sampler import Sampler
 from runtime.logger import RunLogger, SilentLogger
@@ -67,11 +65,7 @@ class Run:
 def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
     """Build every part; each one that holds a resource (vLLM, worker pools, files) is registered
     with `cleanup` as soon as it exists, so a failure half-way through leaves nothing running."""
-    validate(cfg)  # every range and choice, by its key, before anything starts
-    check_estimator(cfg.advantage.estimator, cfg.advantage.scale_rewards)  # e.g. reinforce_pp has no group std
-    dynamic_sampling.check(cfg.train.dynamic_sampling, cfg.train.max_sampling_rounds, cfg.train.prompts_per_step,
-                           cfg.train.group_size)  # every sampling round's seeds fit in its step's
-    check_mode(cfg.mode.name, cfg.train.max_staleness)  # shared/legacy cannot keep weights fixed during a request
+    bridge = compose.check(cfg)  # every range and choice by its key; what the sync cannot serve, refused
     loss = instantiate(cfg.loss, max_completion_length=cfg.rollout.max_tokens)  # checks its options
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
@@ -92,16 +86,16 @@ def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
     distributed.check_devices(cfg.hardware, torch.cuda.device_count())
     device = distributed.device(cfg.hardware.device)
     path = distributed.broadcast_object(model_path(cfg) if main else None)  # rank 0 builds it
-    bridge: Bridge = instantiate(cfg.mode.bridge)  # a setup the bridge cannot serve fails before vLLM starts
-    bridge.check_trainer_procs(procs)
     server = build_server(cfg, run_dir, bridge=bridge, model=path)
     cleanup.callback(server.stop)
     cleanup.callback(bridge.close)
     served = distributed.broadcast_object(served_dtype_name(cfg, server) if main else None)
     precision = Precision.resolve(served, cfg.model.master_dtype, cfg.hardware.autocast, device,
-                                  shared_by=cfg.mode.name if bridge.shares_weights else None)
+                                  shared_by=cfg.sync.name if bridge.capabilities.model_from_server else None)
+    if bridge.capabilities.model_from_server:
+        server.start()  # the trainer's model is built on vLLM's weights
     policy = Policy(path, precision, device, cfg.model.gradient_checkpointing,
-                    temperature=cfg.rollout.temperature, lora=cfg.mode.lora, compile=cfg.hardware.compile,
+                    temperature=cfg.rollout.temperature, lora=cfg.finetune.lora, compile=cfg.hardware.compile,
                     model=bridge.build_model(path, dtype_name(precision.served), device, server))
     warn_if_update_rounds_away(policy.model, cfg.optimizer.lr, precision.master)
     if loss.needs_reference:
@@ -111,8 +105,8 @@ def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
     if saved:
         checkpoint.load_policy_weights(policy, saved.path)
     if main:  # the other ranks' server is never started
-        server.start()  # a no-op if the bridge started it to build the model on vLLM's weights
-    client = instantiate(cfg.rollout, server=server, model=cfg.model.served_name)
+        server.start()  # a no-op if started to build the model on vLLM's weights
+    client = instantiate(cfg.rollout, server=server, model=bridge.served_model or cfg.model.served_name)
     bridge.setup(policy, server, client, run_dir)
     bridge.initial_sync(start_step if saved else None)
     optimizer = instantiate(cfg.optimizer, policy.trainable_parameters())
@@ -128,7 +122,7 @@ def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
     sample = env.rollouts(policy, client) if hasattr(env, "rollouts") else \
         Sampler(env, policy.encode_chat, client, guard, overlong, cfg.train, procs)
     if cfg.train.max_staleness and main:
-        rollouts = RolloutPipeline(sample, Schedule(cfg.train.max_staleness, cfg.mode.sync_every, start_step),
+        rollouts = RolloutPipeline(sample, Schedule(cfg.train.max_staleness, cfg.sync.sync_every, start_step),
                                    cfg.train.steps, versions)
         cleanup.callback(rollouts.stop)
     else:  # k = 0: each step's rollout is generated when train_step asks

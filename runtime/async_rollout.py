@@ -3,7 +3,7 @@ rollouts of the next k steps while the trainer trains, each tagged with the poli
 generated it (the step whose weights vLLM served; 0 = the initial weights).
 
 The schedule is fixed, so a seeded run repeats itself: step s's rollout is generated on version
-`max(0, s-1-k)` (rounded down to the last sync step with `mode.sync_every`; a run resumed between
+`max(0, s-1-k)` (rounded down to the last sync step with `sync.sync_every`; a run resumed between
 syncs serves the checkpoint's weights until the next one, and says so: resume then repeats the
 uninterrupted run only from a checkpoint at a sync step). The producer waits
 until that version is served; the sync installing version v first waits until every rollout due
@@ -20,20 +20,6 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Iterator, Optional, Protocol
-
-# Modes whose weights cannot stay fixed while the trainer updates them, and why.
-REFUSED = {
-    "shared": "vLLM reads the trainer's weights in place, so they change while rollouts are generated",
-    "legacy": "every sync restarts the vLLM server, which would kill the rollouts in flight",
-}
-
-
-def check_mode(mode: str, max_staleness: int) -> None:
-    """At start: refuse a mode whose weights cannot stay fixed during a request."""
-    if max_staleness > 0 and mode in REFUSED:
-        raise ValueError(f"train.max_staleness={max_staleness} does not work with mode={mode}: {REFUSED[mode]}; "
-                         f"use mode=reload, lora or broadcast, or train.max_staleness=0")
-
 
 class Rollouts(Protocol):
     """Where train_step gets each step's rollout: produced on the spot (k = 0) or by the producer."""

@@ -1,8 +1,8 @@
 """Structured configs: every YAML in conf/ merges into these dataclasses, so a wrong key or type
 fails at start with its full name (e.g. `Key 'lr_typo' not in 'TrainConfig'`).
 
-`env`, `mode.bridge`, `rollout`, `loss`, `optimizer` and `scheduler` carry a `_target_` and are
-built by `hydra.utils.instantiate`; extra keys of `env` and `mode.bridge` are their constructor's
+`env`, `sync.bridge`, `rollout`, `loss`, `optimizer` and `scheduler` carry a `_target_` and are
+built by `hydra.utils.instantiate`; extra keys of `env` and `sync.bridge` are their constructor's
 arguments and fail there, also at start, by name. Ranges and choices sit on the fields
 (`metadata=at_least(1)`) and `validate()` checks them all, naming the key, before anything starts;
 the loss checks its own options in its constructor (grpo/loss.py).
@@ -83,11 +83,15 @@ class ModelConfig:
     dtype: str = field(default="auto", metadata=one_of(DTYPE_CHOICES))
     # The trainer's parameters and optimizer state: fp32 keeps updates far below a bf16 weight's
     # spacing (an lr of 1e-6 moves 2 % of bf16 weights, 99.98 % of fp32 ones); = dtype: pure low
-    # precision; auto: fp32, or dtype where the mode trains vLLM's own tensors (mode=shared).
+    # precision; auto: fp32, or dtype where the sync trains vLLM's own tensors (sync=shared).
     master_dtype: str = field(default="auto", metadata=one_of(DTYPE_CHOICES))
     max_model_len: int = field(default=1024, metadata=at_least(1))
     served_name: str = "policy"
     gradient_checkpointing: bool = False
+    # This model's learning rate for finetune=lora (adapters want ~10x full fine-tuning's, TRL's
+    # "LoRA without regret"): conf/finetune/lora.yaml sets optimizer.lr to it. None: finetune=lora
+    # is refused at start unless optimizer.lr is given (never LoRA at the full fine-tuning rate).
+    lora_lr: Optional[float] = field(default=None, metadata=above(0))
 
 
 @dataclass
@@ -106,11 +110,23 @@ class LoraConfig:
 
 
 @dataclass
-class ModeConfig:
-    name: str = MISSING
-    bridge: Any = MISSING  # {_target_: bridges.<mode>.<Bridge>, ...}
+class FinetuneConfig:
+    """What trains (conf/finetune/): every weight, or LoRA adapters over the frozen base."""
+
+    name: str = field(default=MISSING, metadata=one_of(("full", "lora")))
+    lora: Optional[LoraConfig] = None  # set (finetune=lora): train adapters only
+
+
+@dataclass
+class SyncConfig:
+    """How the weights reach vLLM (conf/sync/): the bridge and how often it runs."""
+
+    name: str = MISSING  # the option's file name: reload | legacy | adapter | shared | broadcast
+    bridge: Any = MISSING  # {_target_: bridges.<module>.<Bridge>, ...}
     sync_every: int = field(default=1, metadata=at_least(1))  # steps between weight syncs
-    lora: Optional[LoraConfig] = None  # set: train adapters only
+    # Every sync is verified: vLLM's logprobs of a probe sequence must match the trainer's within
+    # this (max |dlogprob|); None: follows the served dtype (grpo/precision.py logprob_tolerance).
+    probe_tolerance: Optional[float] = field(default=None, metadata=above(0))
 
 
 @dataclass
@@ -143,9 +159,9 @@ class HardwareConfig:
     # sizes the cache from gpu_memory_utilization.
     kv_cache_gb: Optional[float] = field(default=None, metadata=above(0))
     max_num_seqs: int = field(default=256, metadata=at_least(1))
-    # mode=broadcast's mechanism on this hardware (the bridge's _target_): gloo through host memory
-    # where vLLM shares the trainer's device, vLLM's NCCL engine between separate GPUs.
-    broadcast_bridge: str = "bridges.broadcast_gloo.GlooBroadcastBridge"
+    # sync=broadcast's collective on this hardware: gloo through host memory where vLLM shares
+    # the trainer's device, nccl (vLLM's weight-transfer engine) between separate GPUs.
+    collective: str = field(default="gloo", metadata=one_of(("gloo", "nccl")))
     server_args: list[str] = field(default_factory=list)  # vLLM flags this hardware needs
     server_env: dict[str, str] = field(default_factory=dict)
 
@@ -321,7 +337,8 @@ class LogConfig:
 @dataclass
 class Config:
     model: ModelConfig = MISSING
-    mode: ModeConfig = MISSING
+    finetune: FinetuneConfig = MISSING
+    sync: SyncConfig = MISSING
     env: Any = MISSING
     hardware: HardwareConfig = MISSING
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -334,6 +351,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    name: str = "${finetune.name}-${sync.name}"  # the run's name in its Hydra dir, e.g. lora-reload
     resume: Optional[str] = None  # a run dir (its newest complete checkpoint) or a checkpoint dir; relative: from the cwd
 
 

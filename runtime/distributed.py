@@ -14,7 +14,7 @@ The design (one process = world size 1 changes nothing; every helper here is the
   and sums the adapter gradients with one all-reduce per optimizer step (DDP's no_sync + final
   sync, without DDP's forward wrapper, which PEFT's disable_adapter reference and the probe
   bypass);
-- weights reach vLLM from the shards bucket by bucket (`full_buckets`), rank 0 pushes; rank 0
+- weights reach vLLM from the shards bucket by bucket (`gather_to_main`), rank 0 pushes; rank 0
   writes the run dir, logs and checkpoint markers (checkpoint.py writes DCP shards from every rank).
 """
 
@@ -24,7 +24,8 @@ import datetime
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from collections import defaultdict
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -206,21 +207,48 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
 GATHER_BUCKET_BYTES = 256 << 20
 
 
+def buckets(named: dict[str, torch.Tensor], bucket_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """`named` in buckets of one dtype of about `bucket_bytes` each (a tensor never splits; a
+    flat collective moves one dtype), from names, dtypes and global shapes alone: nothing is
+    gathered. bucket_bytes <= 0 gives one tensor per bucket."""
+    by_dtype: dict[torch.dtype, list] = defaultdict(list)
+    for name, t in named.items():
+        by_dtype[t.dtype].append((name, t))
+    out: list[dict[str, torch.Tensor]] = []
+    for group in by_dtype.values():
+        current, size = {}, 0
+        for name, t in group:
+            if current and size + t.numel() * t.element_size() > bucket_bytes:
+                out.append(current)
+                current, size = {}, 0
+            current[name] = t
+            size += t.numel() * t.element_size()
+        out.append(current)
+    return out
+
+
+def gathered(plan: list[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
+    """Each bucket of `plan` as full tensors: each DTensor shard is all-gathered (`full_tensor()`,
+    a collective: every rank iterates in step), so no rank holds more of the unsharded model than
+    one bucket. Plain tensors pass through."""
+    for bucket in plan:
+        yield {name: full(t).detach() for name, t in bucket.items()}
+
+
+def gather_to_main(plan: list[dict[str, torch.Tensor]], consume: Callable[[dict[str, torch.Tensor]], int]) -> int:
+    """The one way a (possibly sharded) model reaches rank 0 bucket by bucket: every rank gathers
+    each bucket of `plan` in turn, rank 0 hands it to `consume` (which returns the bytes it
+    wrote or sent), the others drop theirs. Rank 0's total, 0 on the others."""
+    done = 0
+    for bucket in gathered(plan):
+        if is_main():
+            done += consume(bucket)
+    return done
+
+
 def full_buckets(state_dict: dict[str, torch.Tensor], bucket_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
-    """`state_dict` as full tensors, about `bucket_bytes` at a time: each DTensor shard is
-    all-gathered (`full_tensor()`, a collective: every rank iterates in step), so no rank holds
-    more of the unsharded model than one bucket. Plain tensors pass through."""
-    bucket: dict[str, torch.Tensor] = {}
-    size = 0
-    for name, tensor in state_dict.items():
-        whole = full(tensor)
-        bucket[name] = whole.detach()
-        size += whole.numel() * whole.element_size()
-        if size >= bucket_bytes:
-            yield bucket
-            bucket, size = {}, 0
-    if bucket:
-        yield bucket
+    """`state_dict` as full tensors, about `bucket_bytes` of one dtype at a time (`gathered`)."""
+    return gathered(buckets(state_dict, bucket_bytes))
 
 
 def required_devices(trainer_procs: int, vllm_tp: int, vllm_dp: int, vllm_devices: Optional[str]) -> int:

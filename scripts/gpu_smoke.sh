@@ -19,7 +19,8 @@
 #   <m>/in_place        reload, lora_merge, legacy: every sync after the first writes fewer bytes
 #                       than the first (a full save): the tied lm_head no longer forces a rewrite
 # Modes: reload, legacy (restarts on the one served/ dir), lora_merge, lora_adapter, shared,
-# broadcast (one GPU: gloo through host memory); broadcast_nccl_tp1/tp2 need 2/3 GPUs.
+# broadcast (one GPU: gloo through host memory), lora_broadcast (merged LoRA over gloo);
+# broadcast_nccl_tp1/tp2 need 2/3 GPUs, lora_broadcast_nccl 2.
 # Knobs: SMOKE_MODES (a subset, space-separated), SMOKE_LR / SMOKE_LORA_LR (steps big enough to
 # move bf16 weights: 1e-4 / 1e-3), SMOKE_SHARED_ARGS (shared's extra overrides; none by default:
 # model.master_dtype=auto makes shared pure bf16, every other mode fp32 masters), SMOKE_DIR, PY.
@@ -33,7 +34,7 @@ OUT=${SMOKE_DIR:-outputs/gpu-smoke/$(date +%Y%m%d-%H%M%S)}
 STEPS=${SMOKE_STEPS:-2}
 TOL=${SMOKE_TOL:-0.15}
 MOVED=${SMOKE_MOVED:-1e-3}
-MODES=${SMOKE_MODES:-reload legacy lora_merge lora_adapter shared broadcast broadcast_nccl_tp1 broadcast_nccl_tp2}
+MODES=${SMOKE_MODES:-reload legacy lora_merge lora_adapter shared broadcast lora_broadcast broadcast_nccl_tp1 broadcast_nccl_tp2 lora_broadcast_nccl}
 SHARED_ARGS=${SMOKE_SHARED_ARGS-}
 mkdir -p "$OUT"
 
@@ -94,12 +95,14 @@ sys.exit(line) if c.torch_dtype != torch.bfloat16 or not c.tie_word_embeddings e
 fi
 check cuda_ipc 1 $PY -m pytest -q -m gpu tests/bridges/test_cuda_ipc.py
 mode_check reload 0 1 "$LR" "$HW" mode=reload
-mode_check legacy 0 1 "$LR" "$HW" mode=legacy mode.sync_every=1
-mode_check lora_merge 0 1 "$LORA_LR" "$HW" mode=lora mode/lora_sync=merge
-mode_check lora_adapter 0 0 "$LORA_LR" "$HW" mode=lora mode/lora_sync=adapter
+mode_check legacy 0 1 "$LR" "$HW" mode=legacy sync.sync_every=1
+mode_check lora_merge 0 1 "$LORA_LR" "$HW" mode=lora
+mode_check lora_adapter 0 0 "$LORA_LR" "$HW" mode=lora sync=adapter
 # shellcheck disable=SC2086  # SHARED_ARGS: zero or more overrides
 mode_check shared 0 0 "$LR" "$HW" mode=shared $SHARED_ARGS
 mode_check broadcast 0 0 "$LR" "$HW" mode=broadcast
+mode_check lora_broadcast 0 0 "$LORA_LR" "$HW" finetune=lora sync=broadcast
 mode_check broadcast_nccl_tp1 2 0 "$LR" hardware=gpu_split mode=broadcast
 mode_check broadcast_nccl_tp2 3 0 "$LR" hardware=gpu_split mode=broadcast hardware.vllm_tp=2 'hardware.vllm_devices="1,2"'
+mode_check lora_broadcast_nccl 2 0 "$LORA_LR" hardware=gpu_split finetune=lora sync=broadcast
 exit $failed

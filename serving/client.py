@@ -29,7 +29,7 @@ class VLLMClient:
         ignore_eos: bool = False,
     ):
         self.server = server
-        self.model = model  # the LoRA bridge points this at the adapter's name
+        self.model = model  # what requests name: the served base, or the adapter (Bridge.served_model)
         self.max_tokens = max_tokens
         self.temperature = temperature
         self.top_p = top_p

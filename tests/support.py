@@ -68,7 +68,7 @@ class FakeBridge:
         return contextlib.nullcontext()
 
     def sync(self, step):
-        return SyncStats(step, "fake", 0.0, 0, 0.0, 0.0)
+        return SyncStats(step, "full", "fake", 0.0, 0, 0.0, 0.0)
 
 
 def serverless_run(tmp_path, tiny_model_path, cfg) -> Run:

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import make_cfg
-from runtime.async_rollout import RolloutPipeline, Schedule, WeightVersions, check_mode
+from lab.compose import Refused, check
+from runtime.async_rollout import RolloutPipeline, Schedule, WeightVersions
 from grpo.loss import grpo_loss
 
 
@@ -160,12 +161,15 @@ def test_a_producer_failure_reaches_the_trainer():
     pipeline.stop()
 
 
-@pytest.mark.parametrize("mode", ["shared", "legacy"])
-def test_shared_and_legacy_refuse_staleness_at_start(mode):
-    with pytest.raises(ValueError, match=rf"train.max_staleness=1 does not work with mode={mode}"):
-        check_mode(mode, 1)
-    check_mode(mode, 0)
-    check_mode("reload", 2)
+@pytest.mark.parametrize("sync, why", [
+    ("shared", "vLLM reads the trainer's weights in place, so they change while rollouts are generated"),
+    ("legacy", "every sync restarts the vLLM server, which would kill the rollouts in flight")])
+def test_shared_and_legacy_refuse_staleness_at_start(sync, why):
+    with pytest.raises(Refused, match=rf"sync={sync} cannot run with train.max_staleness=1: {why}"):
+        check(make_cfg(f"sync={sync}", "train.max_staleness=1"))
+    check(make_cfg(f"sync={sync}", "train.max_staleness=0"))
+    check(make_cfg("mode=lora", "train.max_staleness=2"))
+    check(make_cfg("sync=broadcast", "train.max_staleness=2"))
 
 
 def test_build_refuses_shared_with_staleness_before_anything_starts(tmp_path):
@@ -173,8 +177,9 @@ def test_build_refuses_shared_with_staleness_before_anything_starts(tmp_path):
 
     from lab.run import build
 
-    with ExitStack() as cleanup, pytest.raises(ValueError, match="mode=shared"):
+    with ExitStack() as cleanup, pytest.raises(Refused, match="sync=shared cannot run with train.max_staleness=1"):
         build(make_cfg("mode=shared", "train.max_staleness=1"), tmp_path, cleanup)
+    assert not (tmp_path / "vllm.log").exists()
 
 
 def test_stale_tokens_are_weighted_by_current_over_behaviour_policy():

@@ -32,7 +32,7 @@ CASES = {
     "lora": (("mode=lora", "optimizer.lr=1e-2"), 4, True),
     "broadcast": (("mode=broadcast",), 4, True),
     "shared": (("mode=shared", "model.master_dtype=bfloat16"), 4, False),
-    "legacy": (("mode=legacy", "mode.sync_every=2"), 2, False),
+    "legacy": (("mode=legacy", "sync.sync_every=2"), 2, False),
 }
 
 
@@ -107,5 +107,5 @@ def test_fp32_masters_take_an_update_that_bf16_weights_round_away(master, bf16_s
 
 
 def test_shared_refuses_fp32_masters_over_bf16_weights(tmp_path):
-    with pytest.raises(ValueError, match="mode=shared trains vLLM's own bfloat16 tensors.*model.master_dtype=bfloat16"):
+    with pytest.raises(ValueError, match="sync=shared trains vLLM's own bfloat16 tensors.*model.master_dtype=bfloat16"):
         train(make_cfg(*BF16, "mode=shared", "model.master_dtype=float32", "train.steps=1"), tmp_path)

@@ -15,13 +15,26 @@ from lab.run import open_run
 GROUPS = {g: sorted(p.stem for p in (REPO / "conf" / g).glob("*.yaml")) for g in ("model", "mode", "env", "hardware")}
 
 
+# mode=<m> presets: what each sets the two groups to (every command of before the split still runs)
+PRESETS = {"reload": ("full", "reload"), "legacy": ("full", "legacy"), "lora": ("lora", "reload"),
+           "shared": ("full", "shared"), "broadcast": ("full", "broadcast")}
+
+
 @pytest.mark.parametrize("combo", list(itertools.product(*GROUPS.values())), ids=lambda c: "-".join(c))
 def test_every_combination_composes(combo):
     cfg = make_cfg(*(f"{g}={o}" for g, o in zip(GROUPS, combo)))
     validate(cfg)  # the shipped defaults are in range
-    assert cfg.mode.name == combo[1]
+    assert (cfg.finetune.name, cfg.sync.name) == PRESETS[combo[1]]
+    assert cfg.name == "-".join(PRESETS[combo[1]])
     assert cfg.env._target_.startswith("envs.")
-    assert cfg.mode.bridge._target_.startswith("bridges.")
+    assert cfg.sync.bridge._target_.startswith("bridges.")
+
+
+def test_a_preset_yields_to_the_group_named_on_the_command_line():
+    """`mode=lora sync=adapter` (once `mode=lora mode/lora_sync=adapter`): LoRA, hot-swapped."""
+    cfg = make_cfg("mode=lora", "sync=adapter")
+    assert (cfg.finetune.name, cfg.sync.name, cfg.sync.bridge._target_) == ("lora", "adapter", "bridges.lora.LoraBridge")
+    assert make_cfg("mode=legacy", "sync.sync_every=10").sync.sync_every == 10
 
 
 def test_unknown_key_is_named():
@@ -87,7 +100,7 @@ BAD = [
     ("overlong.weight=-1", "overlong.weight"),
     ("overlong.cache=0", "overlong.cache"),
     ("advantage.estimator=reinforce_pp", "advantage.scale_rewards"),  # no group std without a group baseline
-    ("mode.sync_every=0", "mode.sync_every"),
+    ("sync.sync_every=0", "sync.sync_every"),
     ("model.max_model_len=0", "model.max_model_len"),
     ("hardware.vllm_tp=0", "hardware.vllm_tp"),
     ("hardware.gpu_memory_utilization=1.5", "hardware.gpu_memory_utilization"),
@@ -104,7 +117,7 @@ def test_out_of_range_option_fails_before_vllm_starts_naming_the_key(tmp_path, o
 
 
 def test_lora_rank_below_one_is_named(tmp_path):
-    assert "mode.lora.r" in fails_at_start(tmp_path, "mode=lora", "mode.lora.r=0")
+    assert "finetune.lora.r" in fails_at_start(tmp_path, "mode=lora", "finetune.lora.r=0")
 
 
 @pytest.mark.parametrize("override", ["train.group_size=2", "rollout.top_p=1", "rollout.temperature=0.7",

@@ -58,7 +58,7 @@ def rooted(path: Path) -> dict:
 
 def parents(path: Path) -> list[Path]:
     """The configs the file's defaults list composes before it: an option of its own group
-    (`- cpu`), or of another (`override /mode: lora`, `/mode/lora_sync: merge`)."""
+    (`- cpu`), or of another (`override /mode: lora`, `/sync: reload`)."""
     found = []
     for entry in raw(path).get("defaults", []):
         if isinstance(entry, str) and entry != "_self_":
@@ -142,10 +142,6 @@ def set_elsewhere(path: Path) -> set[str]:
     return set().union(*(leaves(rooted(p)) for p in FILES if p.parent != path.parent and p.parent != CONF))
 
 
-# Files whose keys their owners are moving (issue 23: mode splits into finetune x sync groups).
-PENDING = {"mode/lora.yaml": "mode.lora.* restates LoraConfig; the finetune x sync split rewrites it"}
-
-
 def restated(cls: type, node: dict, parent: Any, path: str = "", keep: frozenset = frozenset()) -> list[str]:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -168,12 +164,11 @@ def restated(cls: type, node: dict, parent: Any, path: str = "", keep: frozenset
 
 def test_every_config_file_is_seen():
     assert {"config.yaml", "benchmark.yaml"} <= {p.name for p in FILES}
-    assert {p.parent.name for p in FILES} >= {"model", "env", "hardware", "advantage", "loss", "bench", "experiment"}
+    assert {p.parent.name for p in FILES} >= {"model", "env", "hardware", "advantage", "loss", "bench", "experiment",
+                                             "finetune", "sync", "mode"}
 
 
-@pytest.mark.parametrize("path", [
-    pytest.param(p, marks=pytest.mark.xfail(reason=PENDING[str(p.relative_to(CONF))], strict=False))
-    if str(p.relative_to(CONF)) in PENDING else p for p in FILES], ids=lambda p: str(p.relative_to(CONF)))
+@pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(CONF)))
 def test_no_key_restates_its_default(path):
     keep = frozenset(selectors(path.parent) | set_elsewhere(path))
     assert restated(schema(path), rooted(path), base(path), keep=keep) == [], \

@@ -43,8 +43,8 @@ def test_composes_and_validates(name):
 
 def test_presets_choose_what_they_say():
     lora = make_cfg("experiment=gsm8k_lora")
-    assert (lora.mode.name, lora.env._target_, lora.rollout.max_tokens) == ("lora", "envs.gsm8k.GSM8KEnv", 256)
-    assert lora.optimizer.lr == 1e-2  # mode_model follows the preset's mode: conf/mode_model/lora_tiny.yaml
+    assert (lora.name, lora.env._target_, lora.rollout.max_tokens) == ("lora-reload", "envs.gsm8k.GSM8KEnv", 256)
+    assert lora.optimizer.lr == 1e-2  # the model's own LoRA rate: model.lora_lr in conf/model/tiny.yaml
     assert make_cfg("experiment=digits_async").train.max_staleness == 1
     qwen = make_cfg("experiment=qwen_gsm8k")
     assert (qwen.model.path, qwen.hardware.device, qwen.env._target_) == \

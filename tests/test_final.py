@@ -52,7 +52,7 @@ def test_lora_final_is_the_adapter_plus_the_merged_model(tiny_model_path, tmp_pa
     assert max_diff(hf_probe(out / "merged", ids), trained) <= HF_TOL
     assert max_diff(hf_probe(tiny_model_path, ids), trained) > 1e-2
 
-    final.save(policy, tmp_path, merge_lora=False)  # mode.lora.merge_on_save=false
+    final.save(policy, tmp_path, merge_lora=False)  # finetune.lora.merge_on_save=false
     assert (out / "adapter_model.safetensors").is_file() and not (out / "merged").exists()
 
 

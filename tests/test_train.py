@@ -40,14 +40,14 @@ def test_reload_run_learns_and_records_everything(attach, tmp_path):
 
 @pytest.mark.slow
 def test_lora_run_learns_as_typed(attach, tmp_path):
-    """`python train.py mode=lora`: merged sync, and the rate mode=lora carries (measured: chance
+    """`python train.py mode=lora`: merged sync, and the rate finetune=lora takes from the model (measured: chance
     0.09 at step 1, 0.84 at step 5, >= 0.97 from step 6)."""
     history = train(make_cfg("mode=lora", attach, "train.steps=12", *SHORT_RUN[1:]), tmp_path)
     assert history[0]["reward_mean"] < 0.3
     assert min(m["reward_mean"] for m in history[-4:]) >= 0.8
     syncs = read_jsonl(tmp_path / "sync.jsonl")
     tol = run_precision(tmp_path).probe_tolerance
-    assert all(s["mode"] == "lora_merge" and s["probe_max_diff"] <= tol for s in syncs)
+    assert all((s["finetune"], s["sync"]) == ("lora", "reload") and s["probe_max_diff"] <= tol for s in syncs)
 
 
 @pytest.mark.slow
@@ -72,7 +72,7 @@ def test_broadcast_run_learns(attach, tmp_path):
     history = train(make_cfg("mode=broadcast", attach, *SHORT_RUN), tmp_path)
     assert_learns(history)
     syncs = read_jsonl(tmp_path / "sync.jsonl")
-    assert all(s["mode"] == "broadcast" and s["bytes"] > 1_000_000 for s in syncs)
+    assert all((s["finetune"], s["sync"]) == ("full", "broadcast") and s["bytes"] > 1_000_000 for s in syncs)
 
 
 @pytest.mark.slow

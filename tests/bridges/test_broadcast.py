@@ -1,4 +1,4 @@
-"""mode=broadcast: weights pushed over a gloo group into the real vLLM server's workers.
+"""sync=broadcast: weights pushed over a gloo group into the real vLLM server's workers.
 
 Tolerance: after a sync, max |logprob_vllm - logprob_trainer| over the probe <= 1e-3 (fp32).
 Failure handling is tested against a loopback stand-in server that answers vLLM's endpoints but
@@ -19,8 +19,9 @@ import torch
 from hydra.utils import instantiate
 
 from bridges.base import WeightSyncError
-from bridges.broadcast_gloo import GlooBroadcastBridge, buckets
+from bridges.broadcast_gloo import GlooBroadcastBridge
 from bridges.broadcast_nccl import NcclBroadcastBridge, shared_gpus
+from runtime import distributed
 from runtime.config import DeadlinesConfig
 from serving.server import VLLMHungError, VLLMRequestError, VLLMServer
 from grpo.policy import Policy
@@ -30,11 +31,11 @@ from conftest import loopback_http, make_cfg, perturb, restore_pristine
 
 
 def test_buckets_group_by_dtype_and_size():
-    named = [("a", torch.zeros(100)), ("b", torch.zeros(100)), ("c", torch.zeros(300)),
-             ("h", torch.zeros(10, dtype=torch.bfloat16))]
-    plan = buckets(named, bucket_bytes=1000)
-    assert [[n for n, _ in b] for b in plan] == [["a", "b"], ["c"], ["h"]]
-    assert [[n for n, _ in b] for b in buckets(named, 0)] == [["a"], ["b"], ["c"], ["h"]]
+    named = {"a": torch.zeros(100), "b": torch.zeros(100), "c": torch.zeros(300),
+             "h": torch.zeros(10, dtype=torch.bfloat16)}
+    plan = distributed.buckets(named, bucket_bytes=1000)
+    assert [list(b) for b in plan] == [["a", "b"], ["c"], ["h"]]
+    assert [list(b) for b in distributed.buckets(named, 0)] == [["a"], ["b"], ["c"], ["h"]]
 
 
 @pytest.mark.parametrize("hardware, bridge", [("cpu", GlooBroadcastBridge), ("gpu", GlooBroadcastBridge),
@@ -42,10 +43,33 @@ def test_buckets_group_by_dtype_and_size():
 def test_the_hardware_picks_the_mechanism(hardware, bridge):
     """One GPU (or none): gloo through host memory; separate GPUs: vLLM's NCCL engine, whose
     server needs the weight-transfer flag."""
-    built = instantiate(make_cfg("mode=broadcast", f"hardware={hardware}").mode.bridge)
+    built = instantiate(make_cfg("mode=broadcast", f"hardware={hardware}").sync.bridge)
     assert type(built) is bridge
     if bridge is NcclBroadcastBridge:
         assert "--weight-transfer-config" in built.server_args()
+
+
+def test_the_nccl_engine_reads_what_vllm_should_serve(tiny_model_path):
+    """No GPU needed: vLLM's engine iterates our source (HF names, served dtype, LoRA merged), and
+    its metadata agrees with the iteration element for element, as the engine requires."""
+    from bridges.broadcast_nccl import weight_source
+    from bridges.weights import Weights
+    from runtime.config import LoraConfig
+
+    policy = Policy(tiny_model_path, lora=LoraConfig())
+    with torch.no_grad():
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.01)
+    weights = Weights(policy)
+    source = weight_source(weights, bucket_bytes=1 << 20)
+    meta = source.metadata()
+    sent = dict(source)
+    assert [m.name for m in meta] == list(sent) and all(m.shape == tuple(sent[m.name].shape) for m in meta)
+    assert not any(".lora_" in n or "base_layer" in n for n in sent)  # plain HF names: the merge
+    expected = weights.merged.state_dict()
+    assert all(torch.equal(sent[n], expected[n]) for n in sent)
+    assert sum(len(names) for names, _ in source.iter_groups()) == len(meta)
 
 
 def test_a_trainer_gpu_among_vllm_gpus_is_found_by_uuid():

@@ -1,8 +1,8 @@
-"""mode=legacy keeps every resume checkpoint: the model it serves lives in `<run_dir>/served/`.
+"""sync=legacy keeps every resume checkpoint: the model it serves lives in `<run_dir>/served/`.
 
 It used to write them under `checkpoints/step-*` and delete every other `step-*` there, and the
 checkpoint writer replaced the directory vLLM had been started from: a run with
-`mode.sync_every=2 train.checkpoint_every=2 train.steps=4` ended with only `step-000004`.
+`sync.sync_every=2 train.checkpoint_every=2 train.steps=4` ended with only `step-000004`.
 Then it served a new `served/step-XXXXXX/` per sync, and the path is part of vLLM's compile-cache
 key, so every restart recompiled: now every restart serves `served/` itself, rewritten in place.
 """
@@ -29,7 +29,7 @@ def tensor_header_bytes(path) -> int:
 
 @pytest.mark.slow
 def test_legacy_run_keeps_every_checkpoint(tmp_path):
-    history = train(make_cfg("mode=legacy", "mode.sync_every=2", "train.checkpoint_every=2", "train.steps=4",
+    history = train(make_cfg("mode=legacy", "sync.sync_every=2", "train.checkpoint_every=2", "train.steps=4",
                              *QUIET), tmp_path)
     assert len(history) == 4
 

@@ -1,4 +1,4 @@
-"""mode=lora's adapter sync (mode/lora_sync=adapter) against the real vLLM server: adapters
+"""finetune=lora over sync=adapter (`mode=lora sync=adapter`) against the real vLLM server: adapters
 hot-swap in place, vLLM then serves the trainer's PEFT model (max |dlogprob| over the probe
 <= 1e-3), saved adapters load with plain PEFT, and bad LoRA settings fail at start by name."""
 
@@ -43,15 +43,16 @@ def test_only_adapter_trains_and_base_is_the_reference(tiny_model_path):
 def test_lora_hot_swap_serves_trainer_adapter_and_saves_peft_loadable(vllm_server, tiny_model_path, tmp_path):
     policy = lora_policy(tiny_model_path)
     bridge = LoraBridge(probe_tolerance=TOL)
-    client = VLLMClient(vllm_server, "policy")
+    client = VLLMClient(vllm_server, bridge.served_model)  # rollouts name the adapter, as build() gives them
     restore_pristine(vllm_server, tiny_model_path)  # the adapter goes on the base model's own weights
     bridge.setup(policy, vllm_server, client, tmp_path)
-    bridge.ensure_synced()
+    bridge.initial_sync(None)  # always a push: vLLM must hold the adapter rollouts name
+    assert client.model == "policy-lora"
     for step, seed in ((1, 1), (2, 2)):  # first sync loads, the second replaces in place
         bump_adapter(policy, seed)
         assert bridge.probe_diff() > 1e-2
         stats = bridge.sync(step)
-        assert stats.probe_max_diff <= TOL and client.model == "policy-lora"
+        assert stats.probe_max_diff <= TOL and (stats.finetune, stats.sync) == ("lora", "adapter")
         assert 10_000 < stats.bytes < 10_000_000  # adapter only, not the model
     # The saved adapter is plain PEFT: it reproduces the trainer's logprobs.
     base = AutoModelForCausalLM.from_pretrained(tiny_model_path)
@@ -64,15 +65,16 @@ def test_lora_hot_swap_serves_trainer_adapter_and_saves_peft_loadable(vllm_serve
 
 
 def test_rank_above_server_max_fails_at_start(tmp_path):
-    cfg = make_cfg("mode=lora", "mode/lora_sync=adapter", "mode.lora.r=128", "mode.lora.max_lora_rank=64")
-    with pytest.raises(ValueError, match=r"mode.lora.r=128.*max-lora-rank"):
+    cfg = make_cfg("mode=lora", "sync=adapter", "finetune.lora.r=128", "finetune.lora.max_lora_rank=64")
+    assert cfg.sync.bridge.max_lora_rank == 64  # the server's flag follows the LoRA settings
+    with pytest.raises(ValueError, match=r"finetune.lora.r=128.*max-lora-rank"):
         with open_run(cfg, tmp_path):
             pass
     assert not (tmp_path / "vllm.log").exists()
 
 
 def test_unknown_target_module_fails_at_start(tmp_path):
-    cfg = make_cfg("mode=lora", "mode.lora.target_modules=[q_proj,attn_qkv]")
+    cfg = make_cfg("mode=lora", "finetune.lora.target_modules=[q_proj,attn_qkv]")
     with pytest.raises(ValueError, match=r"attn_qkv.*linear modules are"):
         with open_run(cfg, tmp_path):
             pass

@@ -1,11 +1,13 @@
-"""mode=lora's default sync, the adapter merged into the base weights and reloaded: the merged
-tensors are exactly PEFT's `merge_and_unload` (tied and untied embeddings), the trainer's model
+"""finetune=lora's merged syncs (mode=lora: sync=reload), the adapter merged into the base
+weights and pushed: the merged tensors are exactly PEFT's `merge_and_unload` (tied and untied embeddings), the trainer's model
 is left as it was, vLLM then serves the trainer's adapter-enabled logprobs (<= 1e-3 over the
-probe) from plain weights, and `mode=lora` picks the sync and its server flags by config."""
+probe) from plain weights, `mode=lora` picks the sync and its server flags by config, and the
+merged weights go every way a full model goes (reload, broadcast, legacy runs learn)."""
 
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -13,14 +15,18 @@ from hydra.utils import instantiate
 from transformers import AutoModelForCausalLM
 
 from bridges.lora import LoraBridge
-from bridges.lora_merge import MergedLora, MergedLoraBridge, merged_state_dict
+from bridges.lora_merge import MergedLora, merged_state_dict
+from bridges.reload import ReloadBridge
 from conftest import PROBE_TOL as TOL
-from conftest import make_cfg, restore_pristine
+from conftest import make_cfg, restore_pristine, run_precision
+from lab.loop import train
 from runtime.config import LoraConfig
 from grpo.policy import Policy
 from serving.client import VLLMClient
 from support import bump_adapter
 from lab.server import model_path
+
+RUN = ("log.wandb.mode=disabled", "log.progress=false", "log.samples_every=10")
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
@@ -74,14 +80,14 @@ def test_merged_weights_compute_the_adapters_logprobs(tiny_model_path):
 
 
 @pytest.mark.parametrize("sync,bridge,lora_flags", [
-    ([], MergedLoraBridge, False),
-    (["mode/lora_sync=merge"], MergedLoraBridge, False),
-    (["mode/lora_sync=adapter"], LoraBridge, True),
+    ([], ReloadBridge, False),
+    (["sync=reload"], ReloadBridge, False),
+    (["sync=adapter"], LoraBridge, True),
 ])
 def test_mode_lora_picks_its_sync_and_server_flags(sync, bridge, lora_flags):
     cfg = make_cfg("mode=lora", *sync)
-    assert cfg.mode.name == "lora" and cfg.mode.lora.r == 16
-    built = instantiate(cfg.mode.bridge)
+    assert cfg.finetune.name == "lora" and cfg.finetune.lora.r == 16
+    built = instantiate(cfg.sync.bridge)
     assert type(built) is bridge
     assert ("--enable-lora" in built.server_args()) == lora_flags
     assert ("VLLM_ALLOW_RUNTIME_LORA_UPDATING" in built.server_env()) == lora_flags
@@ -89,8 +95,8 @@ def test_mode_lora_picks_its_sync_and_server_flags(sync, bridge, lora_flags):
 
 def test_mode_lora_carries_a_learning_rate_that_learns_and_the_cli_wins():
     default = make_cfg().optimizer.lr
-    assert make_cfg("mode=lora").optimizer.lr == 1e-2 != default  # conf/mode_model/lora_tiny.yaml
-    assert make_cfg("mode=lora", "mode/lora_sync=adapter").optimizer.lr == 1e-2
+    assert make_cfg("mode=lora").optimizer.lr == 1e-2 != default  # conf/model/tiny.yaml model.lora_lr
+    assert make_cfg("mode=lora", "sync=adapter").optimizer.lr == 1e-2
     assert make_cfg("mode=lora", "optimizer.lr=3e-3").optimizer.lr == 3e-3
     assert make_cfg("mode=reload").optimizer.lr == default
 
@@ -98,7 +104,7 @@ def test_mode_lora_carries_a_learning_rate_that_learns_and_the_cli_wins():
 @pytest.mark.slow
 def test_merged_sync_serves_trainer_adapter_as_plain_weights(vllm_server, tiny_model_path, tmp_path):
     policy = Policy(tiny_model_path, lora=LoraConfig())
-    bridge = MergedLoraBridge(probe_tolerance=TOL)
+    bridge = ReloadBridge(probe_tolerance=TOL)  # a LoRA policy: Weights merges the adapter
     client = VLLMClient(vllm_server, "policy")
     restore_pristine(vllm_server, tiny_model_path)
     try:
@@ -108,7 +114,7 @@ def test_merged_sync_serves_trainer_adapter_as_plain_weights(vllm_server, tiny_m
             bump_adapter(policy, seed)
             assert bridge.probe_diff() > 1e-2
             stats = bridge.sync(step)
-            assert stats.mode == "lora_merge" and stats.probe_max_diff <= TOL
+            assert (stats.finetune, stats.sync) == ("lora", "reload") and stats.probe_max_diff <= TOL
             assert client.model == "policy"  # the served model itself, no adapter named
             assert stats.bytes > 1_000_000  # full weights, not an adapter
         with policy.reference_context():  # vLLM no longer serves the base
@@ -116,3 +122,33 @@ def test_merged_sync_serves_trainer_adapter_as_plain_weights(vllm_server, tiny_m
         assert max(abs(a - b) for a, b in zip(client.prompt_logprobs(bridge.probe_ids), base)) > 1e-2
     finally:
         restore_pristine(vllm_server, tiny_model_path)
+
+
+def read_syncs(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "sync.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_lora_over_broadcast_run_learns_on_merged_weights(attach, tmp_path):
+    """`python train.py finetune=lora sync=broadcast`: the merged weights over the gloo collective
+    (no --enable-lora), learning as `mode=lora` does (chance at step 1, >= 0.8 over the last 4)."""
+    history = train(make_cfg("finetune=lora", "sync=broadcast", attach, "train.steps=12", *RUN), tmp_path)
+    assert history[0]["reward_mean"] < 0.3
+    assert min(m["reward_mean"] for m in history[-4:]) >= 0.8
+    syncs = read_syncs(tmp_path)
+    assert len(syncs) == 12
+    assert all((s["finetune"], s["sync"]) == ("lora", "broadcast") and s["bytes"] > 1_000_000  # full weights
+               and s["probe_max_diff"] <= run_precision(tmp_path).probe_tolerance for s in syncs)
+
+
+@pytest.mark.slow
+@pytest.mark.heavy
+def test_lora_over_legacy_run_learns_on_merged_weights(tmp_path):
+    """`python train.py finetune=lora sync=legacy sync.sync_every=4`: vLLM restarted on the merged
+    weights (a server start per sync, so few syncs); rollouts after a sync show the learning."""
+    history = train(make_cfg("finetune=lora", "sync=legacy", "sync.sync_every=4", "train.steps=12", *RUN), tmp_path)
+    syncs = read_syncs(tmp_path)
+    assert [s["step"] for s in syncs] == [4, 8, 12]
+    assert all((s["finetune"], s["sync"]) == ("lora", "legacy") for s in syncs)
+    assert history[0]["reward_mean"] < 0.3
+    assert min(m["reward_mean"] for m in history[-4:]) >= 0.5

@@ -34,7 +34,7 @@ def check_bridge(bridge, policy, server, tmp_path):
 def test_reload_bridge_serves_new_weights(vllm_server, tiny_model_path, tmp_path):
     try:
         stats = check_bridge(ReloadBridge(probe_tolerance=TOL), Policy(tiny_model_path), vllm_server, tmp_path)
-        assert stats.mode == "reload"
+        assert (stats.finetune, stats.sync) == ("full", "reload")
     finally:
         restore_pristine(vllm_server, tiny_model_path)
 
@@ -45,7 +45,7 @@ def test_legacy_bridge_restarts_on_checkpoint(tiny_model_path, tmp_path):
     try:
         first_url = server.base_url
         stats = check_bridge(LegacyBridge(probe_tolerance=TOL), Policy(tiny_model_path), server, tmp_path)
-        assert stats.mode == "legacy"
+        assert (stats.finetune, stats.sync) == ("full", "legacy")
         assert server.model == str(tmp_path / "served") and server.base_url != first_url
     finally:
         server.stop()

@@ -14,7 +14,6 @@ import inspect
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 from vllm.distributed.weight_transfer import nccl_engine
 from vllm.distributed.weight_transfer.base import VLLMWeightSyncClient
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
@@ -23,6 +22,9 @@ from vllm.distributed.weight_transfer.nccl_engine import (NCCLTrainerInitInfo, N
 from vllm.engine.arg_utils import EngineArgs
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 
+from bridges.weights import Weights
+from grpo.policy import Policy
+from grpo.precision import Precision
 from bridges.broadcast_nccl import NcclBroadcastBridge, ServerSyncClient, open_engine, trainer_init_info
 from vllm_routes import running_routes
 
@@ -98,10 +100,12 @@ def test_the_server_flag_selects_vllms_nccl_engine():
 
 def test_a_sync_round_trip_reaches_the_workers_as_vllm_parses_it(routes, no_nccl, tiny_model_path):
     server, recorded = routes
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.bfloat16)
+    bf16 = Precision(torch.bfloat16, torch.bfloat16, torch.bfloat16)  # the served dtype: nothing to cast
+    policy = Policy(tiny_model_path, bf16)
+    model = policy.model
     info = trainer_init_info("127.0.0.1", 29511, 3, BUCKET)
 
-    engine = open_engine(info, server, model, timeout_s=30)
+    engine = open_engine(info, server, Weights(policy), timeout_s=30)
     assert type(engine) is NCCLTrainerWeightTransferEngine and no_nccl["opened"] == [info]
     engine.send_weights()
     ServerSyncClient(server, 30).shutdown_weight_transfer_engine()
@@ -120,6 +124,6 @@ def test_a_sync_round_trip_reaches_the_workers_as_vllm_parses_it(routes, no_nccl
     assert [getattr(torch, d) for d in update.dtype_names] == [torch.bfloat16] * len(params)
     assert update.shapes == [list(p.shape) for p in params.values()]
     assert [name for name, _ in no_nccl["sent"]] == update.names
-    assert all(t is params[name] for name, t in no_nccl["sent"])  # the live parameters, no copies
+    assert all(t.data_ptr() == params[name].data_ptr() for name, t in no_nccl["sent"])  # the live weights, no copies
     assert no_nccl["buffer"][0] == BUCKET
     assert recorded.calls[3][1] is None and no_nccl["communicator"].destroyed

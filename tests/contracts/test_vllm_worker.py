@@ -45,7 +45,7 @@ def binds(method, kwargs: dict) -> None:
 
 def test_gloo_requests_reach_the_extension_with_arguments_it_takes(routes):
     server, engine = routes
-    plan = [[("a.weight", torch.zeros(2, 3)), ("a.bias", torch.zeros(3))], [("h", torch.zeros(4, dtype=torch.bfloat16))]]
+    plan = [{"a.weight": torch.zeros(2, 3), "a.bias": torch.zeros(3)}, {"h": torch.zeros(4, dtype=torch.bfloat16)}]
     for body in (join_request("127.0.0.1", 29512, 5, 30.0), receive_request(plan)):
         server.post("/collective_rpc", body)
         method, kwargs = engine.calls[-1][1]["method"], engine.calls[-1][1]["kwargs"]
@@ -54,7 +54,7 @@ def test_gloo_requests_reach_the_extension_with_arguments_it_takes(routes):
     buckets = engine.calls[-1][1]["kwargs"]["buckets"]
     # The worker rebuilds each tensor from [name, dtype name, shape] alone.
     assert [[(n, getattr(torch, d), tuple(s)) for n, d, s in b] for b in buckets] == \
-        [[(n, t.dtype, tuple(t.shape)) for n, t in b] for b in plan]
+        [[(n, t.dtype, tuple(t.shape)) for n, t in b.items()] for b in plan]
 
 
 def test_what_the_broadcast_base_reads_from_vllms_routes(routes):

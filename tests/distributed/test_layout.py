@@ -43,18 +43,18 @@ def test_rows_must_split_evenly_over_trainer_processes(monkeypatch):
     assert distributed.shard_rows(12) == slice(8, 12)
 
 
-@pytest.mark.parametrize("mode", ["shared"])
-def test_modes_that_cannot_run_on_several_processes_say_so_at_start(mode):
-    from hydra.utils import instantiate
+@pytest.mark.parametrize("sync", ["shared"])
+def test_syncs_that_cannot_run_on_several_processes_say_so_at_start(sync):
+    from lab.compose import Refused, check
 
-    bridge = instantiate(make_cfg(f"mode={mode}").mode.bridge)
-    bridge.check_trainer_procs(1)
-    with pytest.raises(ValueError, match=f"mode={mode}.*2"):
-        bridge.check_trainer_procs(2)
+    check(make_cfg(f"sync={sync}"), procs=1)
+    with pytest.raises(Refused, match=f"sync={sync} cannot run with 2 trainer processes"):
+        check(make_cfg(f"sync={sync}"), procs=2)
 
 
-@pytest.mark.parametrize("mode", ["reload", "lora", "legacy", "broadcast"])
-def test_reload_lora_legacy_and_broadcast_run_on_several_processes(mode):
-    from hydra.utils import instantiate
+@pytest.mark.parametrize("overrides", [("mode=reload",), ("mode=lora",), ("mode=legacy",), ("mode=broadcast",),
+                                       ("mode=lora", "sync=adapter"), ("finetune=lora", "sync=broadcast")])
+def test_reload_lora_legacy_and_broadcast_run_on_several_processes(overrides):
+    from lab.compose import check
 
-    instantiate(make_cfg(f"mode={mode}").mode.bridge).check_trainer_procs(4)
+    check(make_cfg(*overrides), procs=4)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from hydra.utils import instantiate
 
 from conftest import make_cfg
 from serving.server import VLLMStartError, start_hint
@@ -88,8 +87,9 @@ def test_cpu_hardware_sizes_the_kv_cache_in_gib(tmp_path):
 
 
 def test_a_point_the_hardware_cannot_run_names_why(tmp_path):
-    """mode=shared in a sweep on separate GPUs: the bridge's own error, not Hydra's wrapper."""
+    """mode=shared in a sweep on separate GPUs: the refusal with the bridge's reason, not Hydra's wrapper."""
+    from lab.compose import check
+
     with pytest.raises(Exception) as caught:
-        instantiate(make_cfg("mode=shared", "hardware=gpu_split").mode.bridge)
-    assert describe(caught.value, tmp_path).startswith("SharedWeightsError: mode=shared needs the trainer and "
-                                                       "vLLM on the same GPU")
+        check(make_cfg("mode=shared", "hardware=gpu_split"))
+    assert describe(caught.value, tmp_path).startswith("Refused: sync=shared cannot run with vLLM on GPUs of its own")

@@ -66,7 +66,7 @@ def test_sweep_rows(sweep_dir):
     # reads 0.01-0.15 cores on a loaded 2-core machine.
     assert (tp1["hf_server_busy"] < 0.25).all(), tp1["hf_server_busy"].tolist()
     sync = pd.read_csv(sweep_dir / "sync_latency.csv")
-    assert sync["mode"].tolist() == ["reload"] and sync["error"].isna().all()
+    assert sync["mode"].tolist() == ["full-reload"] and sync["error"].isna().all()
     assert 0 < sync["sync_ms_min"][0] <= sync["sync_ms"][0] <= sync["sync_ms_max"][0]
     assert sync["bytes"][0] > 0.9 * 4 * sync["params_m"][0] * 1e6  # fp32 safetensors
     for png in ("rollout_throughput.png", "sync_latency.png"):  # the sweeps' end-of-run plots

@@ -127,10 +127,10 @@ def test_auto_serves_bf16_where_it_is_native_and_keeps_fp32_masters():
     assert make_cfg("model=qwen2.5-0.5b-instruct").model.dtype == "bfloat16"  # a preset says what it serves
 
 
-def test_a_mode_that_trains_vllms_tensors_takes_their_dtype_as_masters():
+def test_a_sync_that_trains_vllms_tensors_takes_their_dtype_as_masters():
     assert Precision.resolve("bfloat16", "auto", shared_by="shared") == Precision(BF16, BF16, BF16)
     assert Precision.resolve("float32", "auto", shared_by="shared") == Precision(F32, F32, F32)
-    with pytest.raises(ValueError, match="mode=shared trains vLLM's own bfloat16 tensors, so there is no float32 "
+    with pytest.raises(ValueError, match="sync=shared trains vLLM's own bfloat16 tensors, so there is no float32 "
                                          "master copy to keep: set model.master_dtype=bfloat16"):
         Precision.resolve("bfloat16", "float32", shared_by="shared")
 
