@@ -125,7 +125,7 @@ def test_generate_route_answers_atropos_vllm_client(attach, vllm_server, tiny_mo
 
 @pytest.mark.slow
 def test_generate_samples_from_the_model_the_trainer_names(attach, vllm_server, tiny_model_path, tmp_path):
-    """With mode/lora_sync=adapter the trainer's rollouts name the adapter; so does /generate then."""
+    """With sync=adapter the trainer's rollouts name the adapter; so does /generate then."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -215,14 +215,15 @@ def test_reload_learns_digits_through_atropos_and_waits_for_a_new_env(attach, vl
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sync", ["merge", pytest.param("adapter", marks=pytest.mark.heavy)])
+@pytest.mark.parametrize("sync", [("mode=lora",), pytest.param(("mode=lora", "sync=adapter"),
+                                                                marks=pytest.mark.heavy)], ids=["merged", "adapter"])
 def test_lora_learns_digits_through_atropos(attach, vllm_server, tiny_model_path, tmp_path, sync):
-    """merge: the adapter merged into vLLM's weights; adapter (heavy; CI's cheaper counterpart is
-    test_generate_samples_from_the_model_the_trainer_names): the envs' /generate names the adapter."""
+    """mode=lora: the adapter merged into vLLM's weights; sync=adapter (heavy; CI's cheaper counterpart
+    is test_generate_samples_from_the_model_the_trainer_names): the envs' /generate names the adapter."""
     with run_api() as api:
         proc = digits_env(api, vllm_server, tiny_model_path)
         try:
-            history = train(make_cfg("mode=lora", f"mode/lora_sync={sync}", attach, "env=atropos",
+            history = train(make_cfg(*sync, attach, "env=atropos",
                                      f"env.api_url={api}", "train.steps=40", *QUIET), tmp_path)
         finally:
             proc.kill()
