@@ -26,6 +26,7 @@ class Rollout:
     rewards: Optional[torch.Tensor] = None  # [P, G] float32 once scored; NaN where the env gave none
     components: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [P, G], NaN where not given
     sampling: dict = field(default_factory=dict)  # how its groups were drawn (dynamic sampling's metrics)
+    zero_advantage: Optional[torch.Tensor] = None  # [P, G] bool: advantage forced to 0 (Atropos' overrides)
 
     def select(self, rows: list[int]) -> "Rollout":
         """These prompts' groups (scores included)."""
@@ -57,7 +58,15 @@ class Rollout:
         given = self.rewards[~self.rewards.isnan()]
         return {"reward_mean": given.mean().item(), "reward_std": given.std().item(),
                 "reward_nan": self.rewards.numel() - given.numel(),
-                **{f"reward/{name}": values.nanmean().item() for name, values in self.components.items()}}
+                **{f"reward/{name}": values.nanmean().item() for name, values in self.components.items()},
+                **self.env_reward_metrics()}
+
+    def env_reward_metrics(self) -> dict:
+        """`reward_env/<name>`: the mean reward of each env's prompts, when several envs feed the
+        run (their prompts carry meta["env"], envs/remote.py)."""
+        names = sorted({p.meta["env"] for p in self.prompts if "env" in p.meta})
+        return {f"reward_env/{name}": self.rewards[torch.tensor([p.meta.get("env") == name for p in self.prompts])]
+                .nanmean().item() for name in names}
 
     def completion_metrics(self) -> dict:
         """What the completions look like and how much signal the step has: token lengths, the

@@ -88,6 +88,8 @@ def learn(run: Run, rollout: Rollout, step: int) -> tuple[Batch, dict]:
     """Advantages from the scored rollout, then the GRPO update: the step's train phase."""
     advantages = estimate_advantages(rollout.rewards, run.cfg.advantage.estimator,
                                      run.cfg.advantage.scale_rewards)  # [P, G]
+    if rollout.zero_advantage is not None:  # the env said so for these samples (envs/atropos.py)
+        advantages = advantages.masked_fill(rollout.zero_advantage, 0.0)
     batch = build_batch(rollout, advantages, run.policy.pad_id)
     return batch, optimize(run, batch, step)
 

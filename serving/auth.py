@@ -20,8 +20,8 @@ OPEN_PATHS = ("/health",)
 
 
 class RequireApiKey:
-    def __init__(self, app):
-        key = os.environ.get("VLLM_API_KEY")
+    def __init__(self, app, key: str | None = None):  # key: given by an app of ours (envs/service.py)
+        key = key or os.environ.get("VLLM_API_KEY")
         if not key:
             raise RuntimeError("serving.auth.RequireApiKey needs the key in VLLM_API_KEY")
         self.app = app

@@ -162,6 +162,8 @@ class VLLMServer:
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model]
         cmd += ["--host", self.host, "--port", str(self.port)] + self.args
+        # Atropos envs' /generate (serving/atropos_generate.py); added first, so the key check wraps it.
+        cmd += ["--middleware", "serving.atropos_generate.AtroposGenerate"]
         if self.api_key:  # the key itself goes by environment (VLLM_API_KEY), out of `ps`
             cmd += ["--middleware", "serving.auth.RequireApiKey"]
         return cmd

@@ -173,10 +173,15 @@ class HeaderEcho(BaseHTTPRequestHandler):
         pass
 
 
+def middlewares(cmd: list[str]) -> list[str]:
+    return [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "--middleware"]
+
+
 def test_server_binds_loopback_unless_configured(tmp_path):
     default = build_server(make_cfg(), tmp_path, model="m").command()
     assert default[default.index("--host") + 1] == "127.0.0.1"
-    assert "--api-key" not in default and "--middleware" not in default
+    assert "--api-key" not in default
+    assert middlewares(default) == ["serving.atropos_generate.AtroposGenerate"]  # Atropos' /generate, no key check
     wide = build_server(make_cfg("server.host=0.0.0.0", "server.api_key=k"), tmp_path, model="m").command()
     assert wide[wide.index("--host") + 1] == "0.0.0.0"
 
@@ -198,7 +203,8 @@ def test_loopback_attach_needs_no_key(tmp_path, url):
 def test_api_key_guards_every_route_and_goes_into_every_request(tmp_path):
     server = build_server(make_cfg("server.api_key=s3cret"), tmp_path, model="m")
     cmd = server.command()
-    assert cmd[cmd.index("--middleware") + 1] == "serving.auth.RequireApiKey"
+    # vLLM adds each middleware around the ones before: the key check, last, wraps every route
+    assert middlewares(cmd) == ["serving.atropos_generate.AtroposGenerate", "serving.auth.RequireApiKey"]
     assert "s3cret" not in " ".join(cmd)  # the key goes by environment, not where `ps` shows it
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), HeaderEcho)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()

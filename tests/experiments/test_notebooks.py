@@ -13,7 +13,9 @@ import pytest
 from nbclient import NotebookClient
 
 from bench_cli import QUIET, cli
-from conftest import REPO
+from conftest import REPO, SEEDED, make_cfg
+from envs.serve import served
+from lab.loop import train
 from runtime.records import read_table
 from runtime.sweep import EVAL_METRIC, read_summary
 
@@ -124,3 +126,20 @@ def test_train_sweep_summary_and_notebook(attach, tmp_path, monkeypatch):
     monkeypatch.setenv("SWEEP_DIR", str(sweep))
     execute("sweep_analysis")
     assert (sweep / "sweep_curves.png").stat().st_size > 10_000
+
+
+def test_several_env_services_feed_one_run_with_a_curve_per_env(attach, tmp_path, monkeypatch):
+    """Each step logs a reward per env (`reward_env/<name>`); the run notebook draws one curve each."""
+    with served("env=synthetic") as digits, served("env=reasoning_gym") as gym:
+        history = train(make_cfg("mode=reload", attach, *SEEDED, "train.steps=3", "train.prompts_per_step=4",
+                                 "env=remote", f"env.url=[{digits},{gym}]", "env.weights=[1,1]", "env.max_tokens=32",
+                                 "eval.num_prompts=4"), tmp_path)
+    seen = set()
+    for m in history:
+        assert {"reward/reward", "reward/solved"} <= m.keys()
+        seen |= {k for k in m if k.startswith("reward_env/")}
+        assert all(0.0 <= m[k] <= 1.0 for k in m if k.startswith("reward_env/"))
+    assert seen == {"reward_env/synthetic", "reward_env/reasoning_gym"}
+    monkeypatch.setenv("RUN_DIR", str(tmp_path))
+    execute("run_analysis")
+    assert (tmp_path / "reward_per_env.png").stat().st_size > 10_000

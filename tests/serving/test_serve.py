@@ -30,7 +30,10 @@ GUARDED = [("POST", "/collective_rpc", {"method": "refresh_cpu_weights"}), ("POS
            ("POST", "/init_weight_transfer_engine", {"init_info": {}}), ("POST", "/update_weights", {}),
            ("POST", "/v1/completions", {"model": "policy", "prompt": [1, 2], "max_tokens": 1}),
            ("GET", "/v1/models", None), ("GET", "/metrics", None), ("GET", "/version", None),
-           ("GET", "/openapi.json", None), ("GET", "/get_world_size", None)]
+           ("GET", "/openapi.json", None), ("GET", "/get_world_size", None),
+           # Atropos' routes (serving/atropos_generate.py), inside the key check
+           ("POST", "/generate", {"prompt": {"prompt_token_ids": [1, 2]}, "max_tokens": 1}),
+           ("POST", "/atropos/generate_model", {"model": None})]
 
 
 @pytest.fixture
