@@ -37,6 +37,18 @@ class Episode(Protocol):
         """The env's reply to the assistant turn `text` (as sampled, tool tags included)."""
 
 
+class StopRun(RuntimeError):
+    """An env failure no single episode may absorb (a served env refusing a request, envs/remote.py):
+    the episode loop lets it through and the run stops, where any other exception ends one episode."""
+
+
+def end(episode: Optional[Episode]) -> None:
+    """Release an episode the loop is done with: one held elsewhere (a served env's) has `close`."""
+    close = getattr(episode, "close", None)
+    if close is not None:
+        close()
+
+
 class MultiTurnEnv(Env, Protocol):
     max_tool_chars: int  # env message content is cut to this many characters (env.max_tool_chars)
     stop_tokens: tuple[str, ...]  # tokens that end a turn besides EOS (a tool call's closing tag)

@@ -1,14 +1,21 @@
 """`env=remote env.url=http://host:port`: an env served by `python -m envs.serve` (envs/service.py),
 used exactly as if it were local; several URLs (`env.url=[a, b]`, `env.weights=[3, 1]`) feed one run.
+A multi-turn env served (its /info says so) makes this a multi-turn env (envs/episode.py) for the
+episode loop (lab/episodes.py): `start` posts /episodes, each `step` posts the turn, the loop
+deletes the episode when done with it.
 
 Faults, by what they mean:
 - a 4xx is a request the service will never accept (bad split, wrong key, malformed prompt): the
-  run stops, the error naming the env, the URL and the request;
+  run stops, the error naming the env, the URL and the request (`Refused`: a `StopRun`, which the
+  episode loop lets through);
 - a 5xx, a refused connection or a timeout may pass: retried `retries` times with backoff
   (`backoff_s`, doubling); then a /score gives NaN for those samples (counted as `reward_nan`,
-  the run goes on), and any other call stops the run naming the URL;
+  the run goes on), an episode's start or step ends that episode as an env error (reward NaN),
+  and any other call stops the run naming the URL; a step is retried with the same turn number,
+  which the service answers with the reply it gave (idempotent on (id, turn));
 - a service that restarted (new instance id) gets the trainer's last state back before it samples
-  again, so it loses only the requests in flight. Every call has a timeout: nothing hangs.
+  again, so it loses only the requests in flight; an episode it no longer knows (404) ends as an
+  env error, the other episodes and the run go on. Every call has a timeout: nothing hangs.
 
 State lives here: every /sample answers the env's state, kept as this env's `state_dict()`, so a
 checkpoint holds it and a resumed run restores it into the service. At start each service is put
@@ -30,6 +37,7 @@ from urllib.parse import urlparse
 
 import requests
 
+from envs.episode import Reply, StopRun
 from envs.service import PROTOCOL, prompt_from_json, prompt_to_json
 from grpo.data import Prompt, RewardWeights, Scores
 from serving.server import is_loopback
@@ -37,6 +45,14 @@ from serving.server import is_loopback
 
 class EnvServiceError(RuntimeError):
     """The service refused a request (4xx), or stayed unreachable through every retry: stop the run."""
+
+
+class Refused(EnvServiceError, StopRun):
+    """4xx: a request the service will never accept."""
+
+
+class Gone(EnvServiceError):
+    """404 on an episode: the service does not know its id (it restarted): that episode ends."""
 
 
 class Unavailable(EnvServiceError):
@@ -85,12 +101,14 @@ class Service:
                 last = f"HTTP {resp.status_code}: {resp.text[:500]}"
                 continue
             if resp.status_code == 401:
-                raise EnvServiceError(f"{where}: HTTP 401, the service wants a key: set env.api_key to its "
-                                      "server.api_key")
+                raise Refused(f"{where}: HTTP 401, the service wants a key: set env.api_key to its "
+                              "server.api_key")
+            if resp.status_code == 404:
+                raise Gone(f"{where}: HTTP 404: {resp.text[:500]}")
             if resp.status_code == 409:
                 raise Restarted(f"{where}: the service restarted")
             if resp.status_code >= 400:
-                raise EnvServiceError(f"{where}: HTTP {resp.status_code}: {resp.text[:2000]}")
+                raise Refused(f"{where}: HTTP {resp.status_code}: {resp.text[:2000]}")
             return resp.json()
         raise Unavailable(f"{where}: no answer after {self.retries + 1} tries ({last})")
 
@@ -119,12 +137,35 @@ class Service:
     def success(self, components: list[Mapping[str, Optional[float]]]) -> list[bool]:
         return self.call("POST", "/success", {"components": [dict(c) for c in components]})["success"]
 
+    def discard(self, path: str) -> None:
+        """DELETE `path` once, best effort: a service that cannot answer has lost it already."""
+        try:
+            self.session.delete(self.url + path, timeout=(1.0, min(self.timeout_s, 5.0)))
+        except requests.RequestException:
+            pass
+
+
+class RemoteEpisode:
+    """An episode living in the service; turn numbers make a retried step answer the same reply."""
+
+    def __init__(self, service: Service, prompt: Prompt, seed: int):
+        self.service, self.turn = service, 0
+        self.id = service.call("POST", "/episodes", {"prompt": prompt_to_json(prompt), "seed": seed})["id"]
+
+    def step(self, text: str) -> Reply:
+        self.turn += 1
+        out = self.service.call("POST", f"/episodes/{self.id}/step", {"turn": self.turn, "text": text})
+        return Reply(out["messages"], out["done"], out.get("info") or {})
+
+    def close(self) -> None:
+        self.service.discard(f"/episodes/{self.id}")
+
 
 class RemoteEnv:
     def __init__(self, url: Union[str, Sequence[str]], weights: Optional[Sequence[float]] = None,
                  api_key: Optional[str] = None, seed: int = 0, timeout_s: float = 60.0, retries: int = 3,
                  backoff_s: float = 0.5, reward_weights: Optional[Mapping[str, float]] = None,
-                 max_tokens: int = 16):
+                 max_tokens: int = 16, max_turns: int = 1, max_total_tokens: Optional[int] = None):
         urls = [url] if isinstance(url, str) else list(url)
         if not urls:
             raise ValueError("env.url: give the URL of an env service (python -m envs.serve ...)")
@@ -138,10 +179,32 @@ class RemoteEnv:
         if served != max_tokens:
             raise ValueError(f"env.max_tokens={max_tokens}: the served env answers within {served} tokens (its "
                              f"env.max_tokens); set env.max_tokens={served}")
+        self._episodes_as_served({"max_turns": max_turns, "max_total_tokens": max_total_tokens})
         if len(self.services) == 1:
             self.reward_weights = RewardWeights(self.services[0].info["reward_weights"], reward_weights)
         else:
             self.reward_weights = RewardWeights({"reward": 1.0, "solved": 0.0}, reward_weights)
+
+    def _episodes_as_served(self, asked: dict) -> None:
+        """The episode budget (rollout.* follow env.*) must be the served env's; a multi-turn one
+        gets its stop tokens, tools and `start`, which makes this env multi-turn to the loop."""
+        multi = [s for s in self.services if s.info.get("multi_turn")]
+        if multi and self.mixed:
+            raise ValueError(f"env.url: {multi[0].key}={multi[0].url} serves a multi-turn env; a mix of services "
+                             "serves single-turn envs only")
+        info = self.services[0].info
+        for key, value in asked.items():
+            served = info.get(key, 1 if key == "max_turns" else None)
+            if served != value:
+                raise ValueError(f"env.{key}={value}: the served env's env.{key} is {served}; set env.{key}={served}")
+        self.max_turns, self.max_total_tokens = asked["max_turns"], asked["max_total_tokens"]
+        if multi:
+            self.stop_tokens, self.tools = tuple(info["stop_tokens"]), info["tools"]
+            self.max_tool_chars = info["max_tool_chars"]
+            self.start = self._start
+
+    def _start(self, prompt: Prompt, seed: int) -> RemoteEpisode:
+        return RemoteEpisode(self.services[0], prompt, seed)
 
     @staticmethod
     def _connect(url, key, api_key, timeout_s, retries, backoff_s) -> Service:

@@ -26,6 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig
 
+from envs.episode import is_multi_turn
 from envs.service import build_app
 from grpo import REPO_ROOT
 from serving.server import is_loopback
@@ -49,6 +50,7 @@ class EnvServiceConfig:
     env: Any = MISSING
     server: ServiceServerConfig = field(default_factory=ServiceServerConfig)
     train: SeedConfig = field(default_factory=SeedConfig)
+    model: Any = None  # what a `# @package _global_` env sets for the trainer's model (env=calc's tokenizer corpus): unused here
 
 
 ConfigStore.instance().store(name="env_service_schema", node=EnvServiceConfig)
@@ -70,9 +72,11 @@ def main(cfg: DictConfig) -> None:
     env = instantiate(cfg.env)  # a bad option or missing data fails here, before the port opens
     try:
         key = " env.api_key=<key>" if cfg.server.api_key else ""
+        budget = "".join(f" env.{k}={getattr(env, k)}" for k in ("max_turns", "max_total_tokens")) \
+            if is_multi_turn(env) else ""
         print(f"env service {name!r} at http://{cfg.server.host}:{cfg.server.port}. Train with:\n"
               f"  python train.py env=remote env.url=http://{cfg.server.host}:{cfg.server.port} "
-              f"env.max_tokens={env.max_tokens}{key}", flush=True)
+              f"env.max_tokens={env.max_tokens}{budget}{key}", flush=True)
         uvicorn.run(build_app(env, name, cfg.server.api_key), host=cfg.server.host, port=cfg.server.port,
                     log_level=cfg.server.log_level)
     finally:

@@ -9,7 +9,8 @@ verbatim (mask 1), the env's replies as ids of the chat template's render differ
 - `max_turns`: `rollout.max_turns` turns sampled;
 - `budget`: `rollout.max_total_tokens` (sampled + env ids) reached: a turn cut by what is left of
   it, or an env reply that would leave no token for the next turn (not appended);
-- `error`: the env raised; the reward is NaN and the whole completion masked, the run goes on.
+- `error`: the env raised; the reward is NaN and the whole completion masked, the run goes on
+  (but for `StopRun`: a served env refusing a request stops the run).
 Turn 1 is the single-turn request (seeds as grpo/seeds.py); every later turn is one batch of
 requests over the live episodes, seeded from (seed, step, sample, turn) (`seeds.turn_seed`), so a
 resumed run repeats its episodes exactly.
@@ -22,7 +23,7 @@ from itertools import groupby
 from typing import Callable, Optional, Protocol
 
 from envs.base import Env
-from envs.episode import Episode, MultiTurnEnv, is_multi_turn
+from envs.episode import Episode, MultiTurnEnv, StopRun, end, is_multi_turn
 from grpo.data import Completion, Dialogue, Prompt, Scores
 from grpo.seeds import prompt_seeds, turn_seed
 from grpo.stitch import ChatTemplate
@@ -113,11 +114,15 @@ class Episodes:
             turns = client.continue_each([e.prompt_ids + e.ids for e in running],
                                          [turn_seed(e.seed, turn, stride) for e in running],
                                          [e.cap for e in running], self.stop_ids)
+        for e in live:
+            end(e.episode)
         return [[self._completion(e) for e in live[i * n:(i + 1) * n]] for i in range(len(prompts))]
 
     def _start(self, prompt: Prompt, prompt_ids: list[int], seed: int) -> _Live:
         try:
             return _Live(prompt_ids, seed, self.env.start(prompt, seed), list(prompt.messages))
+        except StopRun:
+            raise
         except Exception as exc:  # the env's bug ends its episode, not the run
             return _Live(prompt_ids, seed, None, list(prompt.messages), error=f"{type(exc).__name__}: {exc}")
 
@@ -135,6 +140,8 @@ class Episodes:
             return self._stop(e, "budget" if e.cap < max_tokens else "length")
         try:
             reply = e.episode.step(text)
+        except StopRun:
+            raise
         except Exception as exc:
             e.error = f"{type(exc).__name__}: {exc}"
             return self._stop(e, "error")

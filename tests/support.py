@@ -2,7 +2,8 @@
 never from one another; tests/test_imports.py checks it).
 
 Run presets (QUIET, SHORT_RUN), a Run whose rollouts need no server (serverless_run), a trainer
-process killed mid-run (start_trainer_and_kill), the probe the bridges and final/ are checked on
+process killed mid-run (start_trainer_and_kill), a client scripting multi-turn episodes
+(ScriptedClient), the probe the bridges and final/ are checked on
 (probe_ids, hf_probe, max_diff, the spy_final fixture), and an adapter moved off its init
 (bump_adapter).
 """
@@ -62,6 +63,32 @@ class FakeClient:
         g = torch.Generator().manual_seed(seed)
         return [[Completion(torch.randint(10, 200, (4,), generator=g).tolist(), [self.logprob] * 4, "12ab", "length")
                  for _ in range(n)] for _ in prompt_ids]
+
+
+class ScriptedClient:
+    """Every episode's turn k is script[k] = (text, ends with EOS); a turn longer than its cap is
+    cut there (finish `length`), as vLLM does. Records each request's seeds and caps."""
+
+    max_tokens = 16
+
+    def __init__(self, tokenizer, script: list[tuple[str, bool]]):
+        self.tokenizer, self.script, self.requests = tokenizer, script, []
+
+    def _turn(self, k: int, cap: int) -> Completion:
+        text, eos = self.script[min(k, len(self.script) - 1)]
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids + ([self.tokenizer.eos_token_id] if eos else [])
+        finish = "length" if len(ids) > cap else "stop"
+        ids = ids[:cap]
+        return Completion(ids, [-0.25 - 0.01 * i for i in range(len(ids))], self.tokenizer.decode(ids), finish)
+
+    def generate(self, prompt_ids, n, seed=None, stop_token_ids=()):
+        self.requests.append(("first", seed, None))
+        return [[self._turn(0, self.max_tokens) for _ in range(n)] for _ in prompt_ids]
+
+    def continue_each(self, prompt_ids, seeds, max_tokens, stop_token_ids=()):
+        k = sum(kind == "next" for kind, *_ in self.requests) + 1
+        self.requests.append(("next", seeds, max_tokens))
+        return [self._turn(k, cap) for cap in max_tokens]
 
 
 class FakeBridge:

@@ -19,35 +19,10 @@ from grpo.policy import Policy, completion_logits, gathered_logprobs
 from grpo.seeds import turn_seed
 from grpo.stitch import ChatTemplate
 from lab.episodes import Episodes
+from support import ScriptedClient
 
 CALL, ANSWER = "<calc>37*41</calc>", "1517"
 TOOL_IDS_TEXT = "<|im_end|>\n<|im_start|>tool\n1517<|im_end|>\n<|im_start|>assistant\n"
-
-
-class ScriptedClient:
-    """Every episode's turn k is script[k] = (text, ends with EOS); a turn longer than its cap is
-    cut there (finish `length`), as vLLM does. Records each request's seeds and caps."""
-
-    max_tokens = 16
-
-    def __init__(self, tokenizer, script: list[tuple[str, bool]]):
-        self.tokenizer, self.script, self.requests = tokenizer, script, []
-
-    def _turn(self, k: int, cap: int) -> Completion:
-        text, eos = self.script[min(k, len(self.script) - 1)]
-        ids = self.tokenizer(text, add_special_tokens=False).input_ids + ([self.tokenizer.eos_token_id] if eos else [])
-        finish = "length" if len(ids) > cap else "stop"
-        ids = ids[:cap]
-        return Completion(ids, [-0.25 - 0.01 * i for i in range(len(ids))], self.tokenizer.decode(ids), finish)
-
-    def generate(self, prompt_ids, n, seed=None, stop_token_ids=()):
-        self.requests.append(("first", seed, None))
-        return [[self._turn(0, self.max_tokens) for _ in range(n)] for _ in prompt_ids]
-
-    def continue_each(self, prompt_ids, seeds, max_tokens, stop_token_ids=()):
-        k = sum(kind == "next" for kind, *_ in self.requests) + 1
-        self.requests.append(("next", seeds, max_tokens))
-        return [self._turn(k, cap) for cap in max_tokens]
 
 
 @pytest.fixture(scope="module")
