@@ -181,3 +181,33 @@ def test_the_loop_ends_episodes_a_restarted_service_lost_as_env_errors_and_goes_
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_the_loop_deletes_every_episode_it_is_done_with(tokenizer, url):
+    env, started = RemoteEnv(url=url, **BUDGET), []
+    start = env.start
+
+    def recorded(prompt, seed):
+        started.append(start(prompt, seed))
+        return started[-1]
+
+    env.start = recorded
+    loop_run(tokenizer, env, ScriptedClient(tokenizer, SCRIPTED))
+    assert len(started) == 4
+    for episode in started:
+        with pytest.raises(Gone):
+            episode.step("1")
+
+
+def test_a_refused_step_stops_the_loop_naming_the_url_and_the_request(tokenizer):
+    class WrongKey(ScriptedClient):
+        """The trainer's key stops matching while turn 2 is sampled (a 401 on the next step)."""
+
+        def continue_each(self, *args, **kwargs):
+            env.services[0].session.headers["Authorization"] = "Bearer wrong"
+            return super().continue_each(*args, **kwargs)
+
+    with served("env=calc", "train.seed=3", "server.api_key=s3cret") as url:
+        env = RemoteEnv(url=url, api_key="s3cret", **BUDGET)
+        with pytest.raises(StopRun, match=rf"POST /episodes/\w+/step to env service at env.url={url}: HTTP 401"):
+            loop_run(tokenizer, env, WrongKey(tokenizer, SCRIPTED))
