@@ -26,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from lab.server import build_server
+from lab.server import build_client, build_server
 from experiments.errors import record_point
 from experiments.hf_baseline import hf_generate
 from experiments.quiet import CpuMeter, server_pids, wait_quiet
@@ -60,7 +60,7 @@ def measure(cfg: DictConfig, run_dir: Path) -> dict:
     server, reused = shared_server(server)
     row = {**weight_columns(policy.model), "server_start_s": 0.0 if reused else time.perf_counter() - t,
            "server_reused": reused}
-    client = instantiate(cfg.rollout, server=server, model=cfg.model.served_name)
+    client = build_client(cfg, server)
     n, ro = cfg.train.group_size, cfg.rollout
     pids = server_pids(server)
     quiet: list[tuple[float, CpuMeter]] = []  # per HF call: (seconds waited for idle, CPU meter)

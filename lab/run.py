@@ -10,14 +10,14 @@ from typing import Iterator, Optional
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from bridges.base import Bridge
 from envs.base import Env
 from runtime import checkpoint, distributed
 from runtime.cores import pinned_trainer
 from runtime.async_rollout import InlineRollouts, RolloutPipeline, Rollouts, Schedule, WeightVersions
-from runtime.config import EPISODE_KEYS, max_sampled_tokens
+from runtime.config import max_sampled_tokens
 from lab import compose
 from lab.episodes import build_turns
 from lab.evaluate import Evaluator
@@ -31,7 +31,7 @@ from serving.guard import RestartGuard, Unguarded
 from serving.lifeline import exit_on_sigterm
 from serving.server import VLLMServer
 from lab.server import model_path, served_dtype_name
-from lab.server import build_server
+from lab.server import build_client, build_server
 
 
 @dataclass(frozen=True)
@@ -108,9 +108,7 @@ def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
         checkpoint.load_policy_weights(policy, saved.path)
     if main:  # the other ranks' server is never started
         server.start()  # a no-op if started to build the model on vLLM's weights
-    rollout = OmegaConf.to_container(cfg.rollout, resolve=True)  # resolved where env.* is in reach
-    client = instantiate({k: v for k, v in rollout.items() if k not in EPISODE_KEYS},
-                         server=server, model=bridge.served_model or cfg.model.served_name)  # the episode keys are the turn loop's
+    client = build_client(cfg, server, bridge.served_model)  # LoRA adapter hot-swap: rollouts name the adapter
     bridge.setup(policy, server, client, run_dir)
     bridge.initial_sync(start_step if saved else None)
     optimizer = instantiate(cfg.optimizer, policy.trainable_parameters())

@@ -10,10 +10,13 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from grpo.precision import dtype_name, served_dtype
 from runtime.tiny_model import build_tiny_model
+from runtime.config import EPISODE_KEYS
+from serving.client import VLLMClient
 from serving.server import VLLMServer, cpu_binding
 
 
@@ -86,3 +89,12 @@ def build_server(cfg, run_dir: Optional[Path], *, bridge=None, model: Optional[s
         deadlines=OmegaConf.to_object(srv.deadlines),
         cpus=None if torch.cuda.is_available() else hw.vllm_cpus,
     )
+
+
+def build_client(cfg, server: VLLMServer, model: Optional[str] = None) -> VLLMClient:
+    """The rollout client of this config on `server`, asking for `model` (default: the served
+    name). `rollout.max_turns` / `max_total_tokens` are the episode loop's (lab/episodes.py), not
+    the client's; the rest is resolved first, where `env.max_tokens` is in reach."""
+    rollout = OmegaConf.to_container(cfg.rollout, resolve=True)
+    return instantiate({k: v for k, v in rollout.items() if k not in EPISODE_KEYS}, server=server,
+                       model=model or cfg.model.served_name)
