@@ -29,6 +29,7 @@ from grpo.precision import Precision, dtype_name, warn_if_update_rounds_away
 from serving.client import VLLMClient
 from serving.guard import RestartGuard, Unguarded
 from serving.lifeline import exit_on_sigterm
+from serving.lease import ServerLease
 from serving.server import VLLMServer
 from lab.server import model_path, served_dtype_name
 from lab.server import build_client, build_server
@@ -90,6 +91,8 @@ def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
     path = distributed.broadcast_object(model_path(cfg) if main else None)  # rank 0 builds it
     server = build_server(cfg, run_dir, bridge=bridge, model=path)
     cleanup.callback(server.stop)
+    if main and server.external:  # another run's weights pushed into it would fail our syncs' probes
+        cleanup.enter_context(ServerLease(server.base_url, run_dir, cfg.server.lease_wait_s))
     cleanup.callback(bridge.close)
     served = distributed.broadcast_object(served_dtype_name(cfg, server) if main else None)
     precision = Precision.resolve(served, cfg.model.master_dtype, cfg.hardware.autocast, device,

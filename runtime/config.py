@@ -189,6 +189,9 @@ class ServerConfig:
     port: Optional[int] = field(default=None, metadata=at_least(1))  # None: pick a free port
     api_key: Optional[str] = None
     startup_timeout_s: float = field(default=600.0, metadata=above(0))
+    # An attached server serves one run at a time (serving/lease.py): how long a run waits for
+    # another run on this machine to let go of it (None: as long as it takes).
+    lease_wait_s: Optional[float] = field(default=3600.0, metadata=above(0))
     deadlines: DeadlinesConfig = field(default_factory=DeadlinesConfig)
     extra_args: list[str] = field(default_factory=list)
 

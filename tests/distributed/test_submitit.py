@@ -1,7 +1,8 @@
 """The SLURM launcher's local twin: a real 2-point Hydra multirun through hydra-submitit-launcher
 (`hydra/launcher=local`, conf/hydra/launcher/local.yaml), each point run as 2 tasks, i.e. 2
 trainer processes joined through submitit's task environment (runtime/distributed.py), as SLURM
-would start them. Attached to the session vLLM server, wandb off."""
+would start them. Attached to the session vLLM server, wandb off: the points run at once, and
+take turns on the server through its lease (serving/lease.py)."""
 
 from __future__ import annotations
 
@@ -41,3 +42,6 @@ def test_a_two_point_sweep_runs_each_point_on_two_processes(attach, vllm_server,
     # Each point ran as two submitit tasks: one log per task.
     task_logs = sorted(p.name for p in (sweep / ".submitit").rglob("*_log.out"))
     assert len(task_logs) == 4, task_logs
+    # The points ran at once on one attached server: one of them waited for the other's lease.
+    waits = [p for p in (sweep / ".submitit").rglob("*_log.out") if "is in use by pid" in p.read_text()]
+    assert len(waits) == 1, [p.read_text()[-2000:] for p in waits]
