@@ -1,0 +1,114 @@
+"""Token-budget micro-batches packed without padding, and the LM head in chunks: both are the
+padded, unchunked computation to fp32 tolerance (logprobs, entropy, loss, gradients), with the
+step's normalisers unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from grpo.batch import Batch, Rollout, build_batch
+from grpo.data import Completion
+from grpo.loss import GRPOLoss
+from grpo.packing import budget_slices, micro_batches, pack
+from grpo.policy import Policy
+
+FP32 = {"rtol": 1e-5, "atol": 2e-6}
+
+
+def varied_batch(policy: Policy, multi_turn: bool = False) -> Batch:
+    """2 prompts of different lengths x 3 completions of 0-9 tokens; with `multi_turn`, env
+    tokens inside the completions (Completion.mask 0) as an episode's tool replies are."""
+    gen = torch.Generator().manual_seed(0)
+    prompts = [policy.encode_chat([{"role": "user", "content": text}])
+               for text in ("Count on from 7:", "Count on from 1234567, slowly please:")]
+    groups = []
+    for lengths in ((9, 3, 0), (5, 8, 1)):
+        group = []
+        for n in lengths:
+            ids = torch.randint(3, 500, (n,), generator=gen).tolist()
+            mask = [1] * n
+            if multi_turn and n >= 5:
+                mask[2:4] = [0, 0]
+            group.append(Completion(ids, torch.randn(n, generator=gen).mul(0.1).sub(3).tolist(), "", "length",
+                                    mask=mask))
+        groups.append(group)
+    advantages = torch.randn(2, 3, generator=gen)
+    return build_batch(Rollout([None, None], prompts, groups), advantages, policy.pad_id)
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_model_path):
+    return Policy(tiny_model_path, temperature=0.7)
+
+
+def test_budget_slices_keep_order_fill_greedily_and_send_a_long_row_alone():
+    assert budget_slices([3, 4, 2, 9, 1, 1], 7) == [slice(0, 2), slice(2, 3), slice(3, 4), slice(4, 6)]
+    assert budget_slices([5], 2) == [slice(0, 1)]  # over the budget: alone, never dropped
+    assert budget_slices([], 4) == []
+
+
+def test_pack_restarts_positions_and_predicts_each_completion_token(policy):
+    batch = varied_batch(policy)
+    layout = pack(batch.input_ids, batch.attention_mask, batch.prompt_len)
+    lengths = batch.attention_mask.sum(-1)
+    assert layout.input_ids.shape == (1, int(lengths.sum()))  # no padding left
+    assert (layout.position_ids[0] == 0).sum() == batch.size  # one restart per row
+    # Every completion token, and nothing else, is a target, in the padded layout's places.
+    expected = batch.input_ids[:, batch.prompt_len:][batch.attention_mask[:, batch.prompt_len:].bool()]
+    torch.testing.assert_close(layout.targets, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("loss_type, multi_turn", [("dapo", False), ("grpo", True)])
+@pytest.mark.parametrize("budget, chunk", [(40, None), (1000, None), (None, 4), (40, 4), (1000, 4)])
+def test_packed_and_chunked_equal_padded_logprobs_entropy_loss_and_grads(policy, loss_type, multi_turn, chunk, budget):
+    """Budget 40 puts 1-2 rows in each micro-batch (one long row alone), 1000 all six in one;
+    chunks of 4 positions split every row's completion. Normalisers: DAPO's token mean over the
+    whole step and GRPO's sequence mean, which must come from the full batch however the rows are
+    grouped. The entropy's gradient is checked through a step-wide token mean of it (the loss's
+    own entropy bonus is a mean per micro-batch, so it moves with the grouping by design)."""
+    batch = varied_batch(policy, multi_turn)
+    loss = GRPOLoss(loss_type=loss_type)
+    num_items = batch.completion_mask.sum()
+
+    def run(max_tokens, chunk_tokens):
+        policy.model.zero_grad(set_to_none=True)
+        policy.logprob_chunk_tokens = chunk_tokens
+        logps, entropies, total = [], [], 0.0
+        for micro in micro_batches(batch, 2, max_tokens):
+            logp, entropy = policy.logprobs_and_entropy(micro, grad=True)
+            out = loss(logp, logp.detach(), micro.sampling_logp, None, micro.advantages, micro.completion_mask,
+                       num_items_in_batch=num_items, entropy=entropy, batch_rows=batch.size)
+            mask = micro.completion_mask
+            weighted = out.loss * loss.micro_weight(micro.size, batch.size)
+            (weighted - 0.01 * (entropy * mask).sum() / num_items).backward()
+            total += weighted.item()
+            logps.append(logp.detach() * mask)
+            entropies.append(entropy.detach() * mask)
+        grads = {n: p.grad.clone() for n, p in policy.model.named_parameters()}
+        return torch.cat(logps), torch.cat(entropies), total, grads
+
+    try:
+        reference = run(None, None)  # today's: padded rows, whole logits
+        got = run(budget, chunk)
+    finally:
+        policy.logprob_chunk_tokens = None
+    torch.testing.assert_close(got[0], reference[0], **FP32)
+    torch.testing.assert_close(got[1], reference[1], **FP32)
+    assert got[2] == pytest.approx(reference[2], rel=1e-5, abs=1e-7)
+    for name, grad in reference[3].items():
+        torch.testing.assert_close(got[3][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_chunked_and_packed_without_grad_give_the_old_and_reference_logprobs(policy):
+    """The no-grad forwards (old / reference logprobs) go through the same layouts."""
+    batch = varied_batch(policy, multi_turn=True)
+    mask = batch.completion_mask
+    with torch.no_grad():
+        padded = policy.logprobs(batch) * mask
+        policy.logprob_chunk_tokens = 3
+        try:
+            packed = torch.cat([policy.logprobs(m) for m in micro_batches(batch, 2, 50)]) * mask
+        finally:
+            policy.logprob_chunk_tokens = None
+    torch.testing.assert_close(packed, padded, **FP32)
