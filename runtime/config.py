@@ -306,6 +306,20 @@ class TrainConfig:
     # GRPO compares samples of one prompt: with 1 every advantage is 0 (TRL refuses it too).
     group_size: int = field(default=8, metadata=at_least(2))
     micro_batch_size: int = field(default=64, metadata=at_least(1))  # sequences per forward/backward
+    # Micro-batches by token budget instead (grpo/packing.py): consecutive rows while their real
+    # tokens (prompt + completion, no padding) fit, packed end to end in one sequence, attention
+    # kept within each row; a step then costs the tokens it holds, not rows x its longest row.
+    # Same maths as the padded rows (normalisers from the whole step). A row longer than the
+    # budget trains alone; a budget below the most tokens an episode samples fails at start.
+    # None: micro_batch_size rows each, padded.
+    max_tokens_per_micro_batch: Optional[int] = field(default=None, metadata=at_least(1))
+    # LM head, log-softmax, entropy and the sampled token's logprob on this many completion
+    # positions at a time, each chunk checkpointed (grpo/token_scores.py): the micro-batch's
+    # [tokens, vocabulary] logits are never held whole, for one more head forward in backward.
+    # Measured at vocabulary 151,936, 8 x 256 completion tokens: peak RSS <see README> (experiments/
+    # logprob_memory.py). None: the whole micro-batch's logits at once (no recompute; the
+    # right choice for small vocabularies). One trainer process only (FSDP shards the head).
+    logprob_chunk_tokens: Optional[int] = field(default=None, metadata=at_least(1))
     num_iterations: int = field(default=1, metadata=at_least(1))  # optimizer passes over each batch
     max_grad_norm: float = field(default=1.0, metadata=above(0))
     seed: int = field(default=0, metadata=at_least(0))  # also seeds each step's rollouts (exact resume)
