@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from grpo.advantages import estimate_advantages
 from grpo.batch import Batch, Rollout, build_batch
 from grpo.packing import micro_batches
-from lab import final
+from lab import autocompile, final
 from lab.run import Run, open_run
 from runtime import checkpoint, distributed
 from runtime.logger import PhaseTimer
@@ -148,6 +148,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> list[dict]:
             evaluate(run, 0)
         for step in range(run.start_step + 1, cfg.train.steps + 1):
             metrics = train_step(run, step)
+            autocompile.after_step(run, step, metrics["time_train"])  # hardware.compile=auto
             run.logger.step(step, metrics)
             history.append(metrics)
             evaluate(run, step)

@@ -144,10 +144,13 @@ class HardwareConfig:
     # serves fp32: "bfloat16", or "auto" (bf16 where it is native: CUDA, CPUs with AVX512-BF16/AMX),
     # or null (off). A narrower model.dtype sets the compute dtype itself (grpo/precision.py).
     autocast: Optional[str] = None
-    # torch.compile the trainer's model (inductor, dynamic shapes): ~25 % off the train phase at
-    # ~28M on CPU, for ~100 s of compiling in the first step (experiments/RESULTS.md). Off: the
-    # default toy run has nothing to win; turn it on for long runs of bigger models.
-    compile: bool = False
+    # torch.compile the trainer's decoder (inductor, dynamic shapes): ~20 % off the train phase at
+    # ~28M on CPU, for ~100 s of compiling in the first compiled step (experiments/RESULTS.md).
+    # auto: train step 1 eager, then compile if the steps left repay it, i.e. if steps left x 0.2 x
+    # step 1's train phase > 100 s (lab/autocompile.py; ~28M: from ~33 steps on, the toy model
+    # never); true: compile from the first step; false: never.
+    compile: Any = field(default="auto", metadata=_rule(lambda v: v is True or v is False or v == "auto",
+                                                        "true, false or auto"))
     vllm_tp: int = field(default=1, metadata=at_least(1))
     vllm_dp: int = field(default=1, metadata=at_least(1))
     vllm_devices: Optional[str] = None  # CUDA_VISIBLE_DEVICES of the server
