@@ -144,11 +144,11 @@ class HardwareConfig:
     # serves fp32: "bfloat16", or "auto" (bf16 where it is native: CUDA, CPUs with AVX512-BF16/AMX),
     # or null (off). A narrower model.dtype sets the compute dtype itself (grpo/precision.py).
     autocast: Optional[str] = None
-    # torch.compile the trainer's decoder (inductor, dynamic shapes): ~20 % off the train phase at
-    # ~28M on CPU, for ~100 s of compiling in the first compiled step (experiments/RESULTS.md).
-    # auto: train step 1 eager, then compile if the steps left repay it, i.e. if steps left x 0.2 x
-    # step 1's train phase > 100 s (lab/autocompile.py; ~28M: from ~33 steps on, the toy model
-    # never); true: compile from the first step; false: never.
+    # torch.compile the trainer's decoder (inductor, dynamic shapes): at ~28M on CPU ~20 % off the
+    # train phase in fp32, ~40 % or more in bf16, for ~100 s of compiling in the first compiled
+    # step (experiments/RESULTS.md). auto: train step 1 eager, then compile if steps left x saving
+    # (0.2 fp32, 0.4 bf16) x step 1's train phase > 100 s (lab/autocompile.py; ~28M: from 34 steps
+    # left in fp32, 21 in bf16; the toy model never); true: compile from step 1; false: never.
     compile: Any = field(default="auto", metadata=_rule(lambda v: v is True or v is False or v == "auto",
                                                         "true, false or auto"))
     vllm_tp: int = field(default=1, metadata=at_least(1))
@@ -319,9 +319,9 @@ class TrainConfig:
     # LM head, log-softmax, entropy and the sampled token's logprob on this many completion
     # positions at a time, each chunk checkpointed (grpo/token_scores.py): the micro-batch's
     # [tokens, vocabulary] logits are never held whole, for one more head forward in backward.
-    # Measured at vocabulary 151,936, 8 x 256 completion tokens: peak RSS <see README> (experiments/
-    # logprob_memory.py). None: the whole micro-batch's logits at once (no recompute; the
-    # right choice for small vocabularies). One trainer process only (FSDP shards the head).
+    # Measured at vocabulary 151,936, 8 x 256 completion tokens, fp32: peak RSS 6.6 GB whole, 1.5 GB
+    # in chunks of 256 (experiments/logprob_memory.py). None: the micro-batch's logits at once (no
+    # recompute; right for small vocabularies). One trainer process only (FSDP shards the head).
     logprob_chunk_tokens: Optional[int] = field(default=None, metadata=at_least(1))
     num_iterations: int = field(default=1, metadata=at_least(1))  # optimizer passes over each batch
     max_grad_norm: float = field(default=1.0, metadata=above(0))

@@ -17,8 +17,8 @@ from runtime.config import validate
 def test_the_threshold_is_the_measured_payback():
     # ~28M in fp32 (train phase ~15 s eager on the AVX2 dev machine): 100 s / (0.2 x 15 s) = 33.3 steps.
     assert not worth_compiling(15.0, 33) and worth_compiling(15.0, 34)
-    # In bf16 compile saves more: ~28M's 12 s eager step repays it within 11 steps.
-    assert not worth_compiling(12.0, 10, torch.bfloat16) and worth_compiling(12.0, 11, torch.bfloat16)
+    # In bf16 compile saves more: ~28M's 12 s eager step repays it within 21 steps.
+    assert not worth_compiling(12.0, 20, torch.bfloat16) and worth_compiling(12.0, 21, torch.bfloat16)
     assert not worth_compiling(0.4, 39) and not worth_compiling(0.4, 39, torch.bfloat16)  # the default toy run
     assert worth_compiling(COMPILE_S / SAVING[torch.float32] / 100 * 1.01, 100, torch.float16)  # unmeasured: fp32's
 
