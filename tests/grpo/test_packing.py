@@ -112,3 +112,19 @@ def test_chunked_and_packed_without_grad_give_the_old_and_reference_logprobs(pol
         finally:
             policy.logprob_chunk_tokens = None
     torch.testing.assert_close(packed, padded, **FP32)
+
+
+@pytest.mark.heavy
+def test_a_compiled_decoder_packs_and_chunks_the_same(tiny_model_path):
+    """hardware.compile compiles the decoder, which both layouts and the chunked head go through:
+    under tracing transformers always builds the packed mask from the position ids."""
+    plain, compiled = Policy(tiny_model_path), Policy(tiny_model_path, compile=True, logprob_chunk_tokens=4)
+    batch = varied_batch(plain, multi_turn=True)
+    mask = batch.completion_mask
+    expected = plain.logprobs(batch) * mask
+    (expected.sum()).backward()
+    got = torch.cat([compiled.logprobs(m) for m in micro_batches(batch, 2, 40)]) * mask
+    got.sum().backward()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled.model.lm_head.weight.grad, plain.model.lm_head.weight.grad,
+                               rtol=1e-4, atol=1e-5)
