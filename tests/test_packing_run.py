@@ -27,5 +27,9 @@ def test_packed_chunked_run_matches_the_padded_run(vllm_server, tiny_model_path,
     for step, (a, b) in enumerate(zip(padded, packed), 1):
         assert a["completion_len_mean"] == b["completion_len_mean"], step  # the same rollouts
         assert a["reward_mean"] == b["reward_mean"], step
-        for key in ("loss", "entropy", "grad_norm", "logprob_gap", "kl", "clip_frac"):
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (step, key)
+        # Step-wide figures: the same normalisers, so the same numbers to fp32 rounding.
+        for key in ("loss", "entropy", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), (step, key)
+        # Per-micro-batch means (logprob_gap, clip_frac, ...) are averaged over micro-batches by
+        # rows, so they follow the grouping; the packed trainer still agrees with vLLM to fp32's.
+        assert b["logprob_gap"] < 1e-3 and abs(b["logprob_gap"] - a["logprob_gap"]) < 1e-5, step

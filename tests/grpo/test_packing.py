@@ -114,6 +114,21 @@ def test_chunked_and_packed_without_grad_give_the_old_and_reference_logprobs(pol
     torch.testing.assert_close(packed, padded, **FP32)
 
 
+def test_lora_packs_and_chunks_the_same(tiny_model_path):
+    """Under PEFT the decoder and head are found through the wrapper (adapters in the decoder)."""
+    from runtime.config import LoraConfig
+
+    policy = Policy(tiny_model_path, lora=LoraConfig())
+    for p in policy.trainable_parameters():  # B starts at 0: move it so the adapter counts
+        torch.nn.init.normal_(p, std=0.02)
+    batch = varied_batch(policy, multi_turn=True)
+    mask = batch.completion_mask
+    expected = policy.logprobs(batch) * mask
+    policy.logprob_chunk_tokens = 4
+    got = torch.cat([policy.logprobs(m) for m in micro_batches(batch, 2, 40)]) * mask
+    torch.testing.assert_close(got, expected, **FP32)
+
+
 @pytest.mark.heavy
 def test_a_compiled_decoder_packs_and_chunks_the_same(tiny_model_path):
     """hardware.compile compiles the decoder, which both layouts and the chunked head go through:
