@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from grpo.batch import Batch
-from grpo.packing import pack, unpack
+from grpo.packing import pack, packed_inputs, unpack, use_packed_attention
 from grpo.precision import Precision
 from grpo.token_scores import gathered_logprobs, head_scores, token_entropy, token_scores  # noqa: F401 (gathered_logprobs, token_entropy: this module's API too)
 
@@ -54,7 +54,7 @@ def completion_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     rows, completion_len = input_ids.shape[0], input_ids.shape[1] - prompt_len
     if packed:
         layout = pack(input_ids, attention_mask, prompt_len)
-        inputs = {"input_ids": layout.input_ids, "position_ids": layout.position_ids}  # no mask: per-row attention
+        inputs = packed_inputs(model, layout)  # attention within each row (grpo/packing.py)
         targets = layout.targets
     else:
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
@@ -125,6 +125,7 @@ class Policy:
         # trainer holds the master weights (fp32 by default), whatever dtype vLLM serves.
         self.model = model if model is not None else \
             AutoModelForCausalLM.from_pretrained(self.path, dtype=precision.master).to(self.device)
+        use_packed_attention(self.model)  # sdpa, and packed micro-batches' rows kept apart
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.lora = lora
@@ -189,6 +190,7 @@ class Policy:
             return
         self.reference = AutoModelForCausalLM.from_pretrained(self.path, dtype=self.precision.master).to(self.device)
         self.reference.eval().requires_grad_(False)
+        use_packed_attention(self.reference)
 
     def reference_context(self):
         """Context in which `reference_model` computes reference logprobs (LoRA: adapter off)."""

@@ -10,7 +10,8 @@ import torch
 from grpo.batch import Batch, Rollout, build_batch
 from grpo.data import Completion
 from grpo.loss import GRPOLoss
-from grpo.packing import budget_slices, micro_batches, pack
+from grpo import packing
+from grpo.packing import PACKED_ATTENTION, budget_slices, micro_batches, pack
 from grpo.policy import Policy
 
 FP32 = {"rtol": 1e-5, "atol": 2e-6}
@@ -112,6 +113,28 @@ def test_chunked_and_packed_without_grad_give_the_old_and_reference_logprobs(pol
         finally:
             policy.logprob_chunk_tokens = None
     torch.testing.assert_close(packed, padded, **FP32)
+
+
+def test_packed_attention_runs_rows_padded_without_a_mask_and_other_attentions_fall_back(tiny_model_path,
+                                                                                        monkeypatch):
+    """On sdpa a packed forward attends as rows x L, never building transformers' [T, T] mask
+    (3.2 s against 0.07 s a layer at 45 x 90 tokens); on another attention transformers derives
+    its block-diagonal mask from the position ids, slower and just as exact."""
+    policy = Policy(tiny_model_path)
+    assert policy.model.config._attn_implementation == PACKED_ATTENTION
+    batch = varied_batch(policy, multi_turn=True)
+    micro = next(micro_batches(batch, 2, 1000))  # all six rows in one sequence
+    seen, real = [], packing.sdpa_attention_forward
+    monkeypatch.setattr(packing, "sdpa_attention_forward",
+                        lambda module, q, k, v, mask, **kw: seen.append((tuple(q.shape), mask)) or real(module, q, k, v, mask, **kw))
+    with torch.no_grad():
+        packed = policy.logprobs(micro)
+    longest = int(batch.attention_mask.sum(-1).max())
+    assert seen and all(shape[0] == 6 and shape[2] == longest and mask is None for shape, mask in seen)
+    policy.model.set_attn_implementation("eager")
+    with torch.no_grad():
+        fallback = policy.logprobs(micro)
+    torch.testing.assert_close(fallback * micro.completion_mask, packed * micro.completion_mask, **FP32)
 
 
 def test_lora_packs_and_chunks_the_same(tiny_model_path):
