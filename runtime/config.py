@@ -311,7 +311,8 @@ class TrainConfig:
     micro_batch_size: int = field(default=64, metadata=at_least(1))  # sequences per forward/backward
     # Micro-batches by token budget instead (grpo/packing.py): consecutive rows while their real
     # tokens (prompt + completion, no padding) fit, packed end to end in one sequence, attention
-    # kept within each row; a step then costs the tokens it holds, not rows x its longest row.
+    # kept within each row (packed_sdpa); a step then costs the tokens it holds, not rows x its
+    # longest row.
     # Same maths as the padded rows (normalisers from the whole step). A row longer than the
     # budget trains alone; a budget below the most tokens an episode samples fails at start.
     # None: micro_batch_size rows each, padded.
