@@ -33,12 +33,7 @@ from grpo import REPO_ROOT
 from lab.loop import train
 from lab.server import build_server, model_path
 from runtime.config import register_configs
-
-
-def cpu_kind() -> str:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    return f"{model}{' (avx512_bf16)' if 'avx512_bf16' in info else ''}"
+from runtime.cpuinfo import cpu_kind
 
 
 def env_call_ms(env, cfg, calls: int) -> float:

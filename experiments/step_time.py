@@ -14,7 +14,11 @@ group size, completion length, dtype and thread count with our env's reward
 `bench.warmup` untimed steps, then `bench.repeats` timed ones; rows give medians, generated
 tokens per step, the vLLM server's CPU use while each side ran (`server_busy`, cores), the load
 of everything else on the machine (`others_busy`), and `ratio` = TRL step / our step (> 1: ours
-is faster). Our row also re-times the train phase on one more rollout once vLLM is idle
+is faster). Every row names the machine (`cpu`: model name and its native-bf16 extensions or
+widest vector ISA, runtime/cpuinfo.py; `cpu_bf16_native`) and the side's precision: `dtype`
+(what generates: vLLM's served dtype, TRL's compute), `compute_dtype` (forward/backward),
+`master_dtype` (weights and optimizer), as `hardware=cpu` resolves them on that CPU (mixed
+precision where bf16 is native, fp32 elsewhere); ours also `compiled` (`hardware.compile`). Our row also re-times the train phase on one more rollout once vLLM is idle
 (`train_alone_s`), so `train_ratio` = in-run train / alone shows what contention still costs.
 
 Our side runs on `hardware.trainer_procs` trainer processes (runtime/distributed.py), or on as many
@@ -55,7 +59,9 @@ from grpo import REPO_ROOT
 from runtime import distributed
 from grpo.precision import Precision, cpu_bf16_native, dtype_name
 from serving.server import cpu_list
+from lab import autocompile
 from lab.loop import learn, train_step
+from runtime.cpuinfo import cpu_kind
 from lab.run import open_run
 from lab.server import model_path
 
@@ -83,6 +89,7 @@ class Ours:
         self.pids: tuple[int, ...] = ()
         self.threads = self.cpus = 0
         self.precision: Optional[Precision] = None  # what our run computed and served in (TRL computes in the same)
+        self.compiled = False
 
     def __call__(self, cfg: DictConfig, run_dir: Path) -> dict:
         batch = cfg.train.prompts_per_step * cfg.train.group_size
@@ -97,6 +104,7 @@ class Ours:
                     t = time.perf_counter()
                     metrics = train_step(run, step)
                     step_s = time.perf_counter() - t
+                autocompile.after_step(run, step, metrics["time_train"])  # hardware.compile=auto, as train.py
                 run.logger.step(step, metrics)
                 steps.append({"step_s": step_s, "generate_s": metrics["time_generate"],
                               "score_s": metrics["time_score"], "train_s": metrics["time_train"],
@@ -105,12 +113,14 @@ class Ours:
                               "wait_rollout_s": metrics["time_wait_rollout"],
                               "server_busy": cpu.busy, "others_busy": cpu.others})
             row = weight_columns(run.policy.model) | train_alone(run, cfg, self.pids)
+            self.compiled = run.policy.compiled  # hardware.compile: true, or auto once it paid
         if not main:
             return {}
         timed = steps[cfg.bench.warmup:]
         row["train_ratio"] = statistics.median(s["train_s"] for s in timed) / row["train_alone_s"]
         return {**row, **medians(steps, cfg.bench.warmup), "threads": self.threads, "cpus": self.cpus,
                 "dtype": dtype_name(self.precision.served), "compute_dtype": dtype_name(self.precision.compute),
+                "master_dtype": dtype_name(self.precision.master), "compiled": self.compiled,
                 **{k: statistics.median(s[k] for s in timed)
                    for k in ("overlap_frac", "wait_rollout_s", "server_busy", "others_busy")}}
 
@@ -149,7 +159,7 @@ def measure_trl(cfg: DictConfig, run_dir: Path, ours: Ours) -> dict:
     finally:
         env.close()
     return {**weight_columns(model), **medians(steps, cfg.bench.warmup), "threads": torch.get_num_threads(),
-            "dtype": dtype_name(compute), "compute_dtype": dtype_name(compute),
+            "dtype": dtype_name(compute), "compute_dtype": dtype_name(compute), "master_dtype": "float32",
             "cpus": len(os.sched_getaffinity(0)), "quiet_wait_s": waited, "server_busy": cpu.busy, "others_busy": cpu.others}
 
 
@@ -226,7 +236,8 @@ def main(cfg: DictConfig) -> list[dict]:
     # Every step of the run is either warm-up or timed (the last step syncs, as in training).
     cfg.train.steps = cfg.bench.warmup + cfg.bench.repeats
     base = {"size": cfg.bench.size if cfg.model.tiny is not None else cfg.model.path, **config_columns(cfg), "prompts": cfg.train.prompts_per_step,
-            "group_size": cfg.train.group_size, "max_tokens": cfg.rollout.max_tokens, "cpu_bf16_native": cpu_bf16_native(),
+            "group_size": cfg.train.group_size, "max_tokens": cfg.rollout.max_tokens,
+            "cpu": cpu_kind(), "cpu_bf16_native": cpu_bf16_native(),
             "mode": cfg.name, "trainer_procs": procs, "tp": cfg.hardware.vllm_tp, "dp": cfg.hardware.vllm_dp,
             "max_staleness": cfg.train.max_staleness, "trainer_cpus": cpu_set(cfg.hardware.trainer_cpus),
             "vllm_cpus": cpu_set(cfg.hardware.vllm_cpus), "compile": cfg.hardware.compile,

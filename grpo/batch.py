@@ -113,6 +113,9 @@ class Batch:
     prompt_len: int  # P
     old_logp: Optional[torch.Tensor] = None  # [B, C] trainer logprobs at rollout time
     ref_logp: Optional[torch.Tensor] = None  # [B, C] frozen reference (beta > 0)
+    # Forward its rows packed end to end without padding (a token-budget micro-batch, grpo/packing.py);
+    # outputs keep this padded [B, C] layout either way.
+    packed: bool = False
 
     @property
     def size(self) -> int:

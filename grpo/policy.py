@@ -15,7 +15,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from grpo.batch import Batch
+from grpo.packing import pack, packed_inputs, unpack, use_packed_attention
 from grpo.precision import Precision
+from grpo.token_scores import gathered_logprobs, head_scores, token_entropy, token_scores  # noqa: F401 (gathered_logprobs, token_entropy: this module's API too)
 
 # save_pretrained/from_pretrained draw a progress bar per call: noise in a one-line-per-step log.
 hf_logging.disable_progress_bar()
@@ -29,44 +31,57 @@ def completion_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     vocabulary that is most of the head's FLOPs and memory. `use_cache=False`: a scoring forward
     has no next token to decode, and the config's default would build a KV cache every call."""
     completion_len = input_ids.shape[1] - prompt_len
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=padded_positions(attention_mask),
                    logits_to_keep=completion_len + 1, use_cache=False).logits
     return logits[:, :-1].float() / temperature
 
 
-def gathered_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logprob of each target [B, C], logsumexp of each position [B, C]) from logits [B, C, V]."""
-    lse = logits.logsumexp(-1)
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse, lse
+def padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] position ids of left-padded rows: 0.. from each row's first real token."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
-# Rows of [*, V] logits the entropy works on at once: 2**24 floats (64 MB) of temporaries at most,
-# whatever the vocabulary, instead of a second [B, C, V] tensor.
-ENTROPY_CHUNK_ELEMENTS = 2 ** 24
+def completion_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                      temperature: float = 1.0, packed: bool = False, chunk: Optional[int] = None,
+                      entropy: Optional[str] = "metric") -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(logprob [B, C], entropy [B, C] or None) of the completion tokens of input_ids [B, P+C]
+    (grpo/token_scores.py; `entropy` one of its ENTROPY_MODES).
 
-
-@torch.no_grad()
-def token_entropy(logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """Entropy in nats [B, C] of softmax(logits) [B, C, V], given lse = logits.logsumexp(-1):
-    H = lse - sum_v p_v * logit_v. A logging metric: no gradient, computed in row chunks."""
-    vocab = logits.shape[-1]
-    flat, flat_lse = logits.detach().reshape(-1, vocab), lse.detach().reshape(-1)
-    out = torch.empty_like(flat_lse)
-    rows = max(1, ENTROPY_CHUNK_ELEMENTS // vocab)
-    for start in range(0, flat.shape[0], rows):
-        chunk = flat[start:start + rows]
-        probs = (chunk - flat_lse[start:start + rows, None]).exp()
-        expected = torch.bmm(probs.unsqueeze(1), chunk.unsqueeze(2)).view(-1)  # sum_v p_v * logit_v
-        out[start:start + rows] = flat_lse[start:start + rows] - expected
-    return out.view(lse.shape)
+    `packed`: the forward runs on the rows laid end to end without padding (grpo/packing.py), and
+    padding positions of the result are 0. `chunk`: the LM head runs on the last hidden states,
+    `chunk` completion positions at a time, never holding all [B*C, V] logits; None: one forward
+    through the model's own head, which keeps only the completion positions (`logits_to_keep`)."""
+    rows, completion_len = input_ids.shape[0], input_ids.shape[1] - prompt_len
+    if packed:
+        layout = pack(input_ids, attention_mask, prompt_len)
+        inputs = packed_inputs(model, layout)  # attention within each row (grpo/packing.py)
+        targets = layout.targets
+    else:
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
+                  "position_ids": padded_positions(attention_mask)}
+        targets = input_ids[:, prompt_len:].reshape(-1)
+    if chunk is None:
+        if packed:
+            logits = model(**inputs, logits_to_keep=layout.predict, use_cache=False).logits[0].float() / temperature
+        else:
+            logits = completion_logits(model, input_ids, attention_mask, prompt_len, temperature)
+            logits = logits.reshape(-1, logits.shape[-1])  # a view: no copy of [B, C, V]
+        logp, ent = token_scores(logits, targets, entropy)
+    else:
+        hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state
+        hidden = hidden[0, layout.predict] if packed else \
+            hidden[:, prompt_len - 1:prompt_len - 1 + completion_len].reshape(-1, hidden.shape[-1])
+        logp, ent = head_scores(model.get_output_embeddings(), hidden, targets, temperature, chunk, entropy)
+    if packed:
+        shape = (rows, completion_len)
+        return unpack(logp, layout, shape), unpack(ent, layout, shape) if ent is not None else None
+    return logp.view(rows, completion_len), ent.view(rows, completion_len) if ent is not None else None
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
-                   temperature: float = 1.0) -> torch.Tensor:
+                   temperature: float = 1.0, packed: bool = False, chunk: Optional[int] = None) -> torch.Tensor:
     """Logprob of each completion token: [B, C] for input_ids [B, P+C], prompt_len = P."""
-    logits = completion_logits(model, input_ids, attention_mask, prompt_len, temperature)
-    return gathered_logprobs(logits, input_ids[:, prompt_len:])[0]
+    return completion_scores(model, input_ids, attention_mask, prompt_len, temperature, packed, chunk, entropy=None)[0]
 
 
 def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
@@ -98,25 +113,37 @@ class Policy:
 
     def __init__(self, path: str | Path, precision: Precision = Precision(), device: str = "cpu",
                  gradient_checkpointing: bool = False, temperature: float = 1.0, lora=None,
-                 model: Optional[torch.nn.Module] = None, compile: bool = False):
+                 model: Optional[torch.nn.Module] = None, compile: bool = False,
+                 logprob_chunk_tokens: Optional[int] = None):
         self.path = str(path)
         self.device = torch.device(device)
         self.precision = precision
         self.temperature = temperature
+        self.logprob_chunk_tokens = logprob_chunk_tokens  # train.logprob_chunk_tokens (grpo/token_scores.py)
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         # `model`: already built where it must live (sync=shared: views of vLLM's weights). The
         # trainer holds the master weights (fp32 by default), whatever dtype vLLM serves.
         self.model = model if model is not None else \
             AutoModelForCausalLM.from_pretrained(self.path, dtype=precision.master).to(self.device)
+        use_packed_attention(self.model)  # sdpa, and packed micro-batches' rows kept apart
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.lora = lora
         if lora is not None:
             self.model = wrap_lora(self.model, lora)
-        if compile:  # in place: parameter names (what the bridges and checkpoints key on) stay the same
-            self.model.compile(dynamic=True)
+        self.compiled = False
+        if compile:
+            self.compile()
         self.model.train()
         self.reference = None  # frozen copy, loaded only when beta > 0 (never with LoRA)
+
+    def compile(self) -> None:
+        """torch.compile the decoder (inductor, dynamic shapes) in place: parameter names (what the
+        bridges and checkpoints key on) stay the same, and both the model's own forward and the
+        chunked head's hidden states (grpo/token_scores.py) go through it; the head stays eager."""
+        if not self.compiled:
+            self.base_model.get_decoder().compile(dynamic=True)
+            self.compiled = True
 
     @property
     def pad_id(self) -> int:
@@ -138,23 +165,23 @@ class Policy:
         master weights). The probe does not use it: it checks vLLM at the served precision."""
         return self.precision.compute_context(self.device)
 
-    def logprobs(self, batch: Batch) -> torch.Tensor:
+    def scores(self, batch: Batch, model=None, entropy: Optional[str] = None) \
+            -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """`completion_scores` of `batch` by `model` (default: the policy), packed if the batch
+        is, with the policy's temperature and logprob chunk, under the compute context."""
         with self.compute_context():
-            return token_logprobs(self.model, batch.input_ids.to(self.device),
-                                  batch.attention_mask.to(self.device), batch.prompt_len, self.temperature)
+            return completion_scores(model if model is not None else self.model, batch.input_ids.to(self.device),
+                                     batch.attention_mask.to(self.device), batch.prompt_len, self.temperature,
+                                     batch.packed, self.logprob_chunk_tokens, entropy)
+
+    def logprobs(self, batch: Batch) -> torch.Tensor:
+        return self.scores(batch)[0]
 
     def logprobs_and_entropy(self, batch: Batch, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """`logprobs(batch)` [B, C] plus the entropy [B, C] of the distribution each token was
         sampled from, at the rollout temperature, from the same forward's logits: a metric (no
-        grad, chunked), or with `grad` a term the loss trains on (the entropy bonus)."""
-        input_ids = batch.input_ids.to(self.device)
-        with self.compute_context():
-            logits = completion_logits(self.model, input_ids, batch.attention_mask.to(self.device),
-                                       batch.prompt_len, self.temperature)
-            logp, lse = gathered_logprobs(logits, input_ids[:, batch.prompt_len:])
-        if grad:  # outside autocast, as below
-            return logp, lse - ((logits - lse.unsqueeze(-1)).exp() * logits).sum(-1)
-        return logp, token_entropy(logits, lse)  # outside autocast: its matmul stays fp32
+        grad, chunked, fp32), or with `grad` a term the loss trains on (the entropy bonus)."""
+        return self.scores(batch, entropy="grad" if grad else "metric")
 
     def load_reference(self) -> None:
         """A frozen copy of the initial weights for the KL term; with LoRA the base model,
@@ -163,6 +190,7 @@ class Policy:
             return
         self.reference = AutoModelForCausalLM.from_pretrained(self.path, dtype=self.precision.master).to(self.device)
         self.reference.eval().requires_grad_(False)
+        use_packed_attention(self.reference)
 
     def reference_context(self):
         """Context in which `reference_model` computes reference logprobs (LoRA: adapter off)."""
@@ -181,9 +209,8 @@ class Policy:
     def reference_logprobs(self, batch: Batch) -> Optional[torch.Tensor]:
         if self.reference_model is None:
             return None
-        with self.reference_context(), self.compute_context():
-            return token_logprobs(self.reference_model, batch.input_ids.to(self.device),
-                                  batch.attention_mask.to(self.device), batch.prompt_len, self.temperature)
+        with self.reference_context():
+            return self.scores(batch, model=self.reference_model)[0]
 
     @torch.no_grad()
     def probe_logprobs(self, token_ids: list[int]) -> list[float]:

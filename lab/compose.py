@@ -22,7 +22,7 @@ from bridges.shared import physical_cuda_device
 from grpo import dynamic_sampling
 from grpo.advantages import check_estimator
 from runtime import distributed
-from runtime.config import validate
+from runtime.config import max_sampled_tokens, validate
 from lab.server import build_server, model_path
 from serving.server import VLLMServer, is_loopback
 
@@ -82,10 +82,25 @@ def check_lora_lr(cfg: DictConfig) -> None:
                       "optimizer.lr=<rate>")
 
 
+def check_micro_batches(cfg: DictConfig, procs: int) -> None:
+    """A token budget some episode could never fit (its sampled tokens alone exceed it), and the
+    chunked head beside FSDP (which gathers the head's shards only inside the model's forward)."""
+    budget, most = cfg.train.max_tokens_per_micro_batch, max_sampled_tokens(cfg.rollout)
+    if budget is not None and budget <= most:
+        raise Refused(f"train.max_tokens_per_micro_batch={budget} does not hold the {most} tokens an episode may "
+                      f"sample (rollout.max_tokens x rollout.max_turns, within rollout.max_total_tokens) plus its "
+                      f"prompt: raise it above {most}, or null for row-count micro-batches")
+    if cfg.train.logprob_chunk_tokens is not None and procs > 1:
+        raise Refused(f"train.logprob_chunk_tokens={cfg.train.logprob_chunk_tokens} with {procs} trainer processes: "
+                      "FSDP gathers the LM head only inside the model's forward, and the chunked head runs "
+                      "outside it; set train.logprob_chunk_tokens=null")
+
+
 def check(cfg: DictConfig, procs: Optional[int] = None) -> Bridge:
     """Every check that needs nothing started, then the sync's bridge, or `Refused` saying why."""
     check_lora_lr(cfg)
     validate(cfg)  # every range and choice, by its key, before anything starts
+    check_micro_batches(cfg, procs or trainer_procs(cfg))
     check_estimator(cfg.advantage.estimator, cfg.advantage.scale_rewards)  # e.g. reinforce_pp has no group std
     dynamic_sampling.check(cfg.train.dynamic_sampling, cfg.train.max_sampling_rounds, cfg.train.prompts_per_step,
                            cfg.train.group_size, cfg.rollout.max_turns)  # every round's (and turn's) seeds fit in its step's

@@ -16,7 +16,8 @@ from omegaconf import DictConfig
 
 from grpo.advantages import estimate_advantages
 from grpo.batch import Batch, Rollout, build_batch
-from lab import final
+from grpo.packing import micro_batches
+from lab import autocompile, final
 from lab.run import Run, open_run
 from runtime import checkpoint, distributed
 from runtime.logger import PhaseTimer
@@ -26,23 +27,25 @@ def optimize(run: Run, batch: Batch, step: int) -> dict:
     """GRPO update on one batch of rollouts: `train.num_iterations` passes of micro-batched
     gradient accumulation, one optimizer step each, then one scheduler step. Returns averaged
     loss metrics, the policy's mean entropy on the sampled tokens and the lr the step used."""
-    policy, loss, size, passes = run.policy, run.loss, run.cfg.train.micro_batch_size, run.cfg.train.num_iterations
+    policy, loss, passes = run.policy, run.loss, run.cfg.train.num_iterations
+    # Row-count micro-batches, or packed ones within a token budget (grpo/packing.py).
+    size, budget = run.cfg.train.micro_batch_size, run.cfg.train.max_tokens_per_micro_batch
     # Normalisers are the whole step's; each trainer process then trains its share of the rows,
     # and the summed gradients are the one-process gradient (runtime/distributed.py).
     num_items, rows = batch.completion_mask.sum(), batch.size
     batch = batch.rows(distributed.shard_rows(rows))
     lr = run.optimizer.param_groups[0]["lr"]
     with torch.no_grad():
-        batch.ref_logp = torch.cat([policy.reference_logprobs(m) for m in batch.micro_batches(size)]) \
+        batch.ref_logp = torch.cat([policy.reference_logprobs(m) for m in micro_batches(batch, size, budget)]) \
             if loss.needs_reference else None
         # With several passes, the ratio must be taken against the rollout-time policy.
-        batch.old_logp = torch.cat([policy.logprobs(m) for m in batch.micro_batches(size)]) if passes > 1 else None
+        batch.old_logp = torch.cat([policy.logprobs(m) for m in micro_batches(batch, size, budget)]) if passes > 1 else None
     distributed.reshard(policy.model)  # after no-grad forwards of a sharded model (runtime/distributed.py)
     totals: dict[str, float] = {"entropy": 0.0}
     skipped = 0
     for _ in range(passes):
         run.optimizer.zero_grad(set_to_none=True)
-        for micro in batch.micro_batches(size):
+        for micro in micro_batches(batch, size, budget):
             # entropy [b, C] from the same logits; with a gradient only if the loss trains on it
             logp, entropy = policy.logprobs_and_entropy(micro, grad=loss.needs_entropy_grad)
             # Mean policy entropy over the sampled tokens: a collapsing policy shows here first.
@@ -145,6 +148,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> list[dict]:
             evaluate(run, 0)
         for step in range(run.start_step + 1, cfg.train.steps + 1):
             metrics = train_step(run, step)
+            autocompile.after_step(run, step, metrics["time_train"])  # hardware.compile=auto
             run.logger.step(step, metrics)
             history.append(metrics)
             evaluate(run, step)

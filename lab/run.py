@@ -100,7 +100,8 @@ def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
     if bridge.capabilities.model_from_server:
         server.start()  # the trainer's model is built on vLLM's weights
     policy = Policy(path, precision, device, cfg.model.gradient_checkpointing,
-                    temperature=cfg.rollout.temperature, lora=cfg.finetune.lora, compile=cfg.hardware.compile,
+                    temperature=cfg.rollout.temperature, lora=cfg.finetune.lora, compile=cfg.hardware.compile is True,
+                    logprob_chunk_tokens=cfg.train.logprob_chunk_tokens,
                     model=bridge.build_model(path, dtype_name(precision.served), device, server))
     warn_if_update_rounds_away(policy.model, cfg.optimizer.lr, precision.master)
     if loss.needs_reference:

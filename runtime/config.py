@@ -144,10 +144,13 @@ class HardwareConfig:
     # serves fp32: "bfloat16", or "auto" (bf16 where it is native: CUDA, CPUs with AVX512-BF16/AMX),
     # or null (off). A narrower model.dtype sets the compute dtype itself (grpo/precision.py).
     autocast: Optional[str] = None
-    # torch.compile the trainer's model (inductor, dynamic shapes): ~25 % off the train phase at
-    # ~28M on CPU, for ~100 s of compiling in the first step (experiments/RESULTS.md). Off: the
-    # default toy run has nothing to win; turn it on for long runs of bigger models.
-    compile: bool = False
+    # torch.compile the trainer's decoder (inductor, dynamic shapes): at ~28M on CPU ~20 % off the
+    # train phase in fp32, ~40 % or more in bf16, for ~100 s of compiling in the first compiled
+    # step (experiments/RESULTS.md). auto: train step 1 eager, then compile if steps left x saving
+    # (0.2 fp32, 0.4 bf16) x step 1's train phase > 100 s (lab/autocompile.py; ~28M: from 34 steps
+    # left in fp32, 21 in bf16; the toy model never); true: compile from step 1; false: never.
+    compile: Any = field(default="auto", metadata=_rule(lambda v: v is True or v is False or v == "auto",
+                                                        "true, false or auto"))
     vllm_tp: int = field(default=1, metadata=at_least(1))
     vllm_dp: int = field(default=1, metadata=at_least(1))
     vllm_devices: Optional[str] = None  # CUDA_VISIBLE_DEVICES of the server
@@ -309,6 +312,21 @@ class TrainConfig:
     # GRPO compares samples of one prompt: with 1 every advantage is 0 (TRL refuses it too).
     group_size: int = field(default=8, metadata=at_least(2))
     micro_batch_size: int = field(default=64, metadata=at_least(1))  # sequences per forward/backward
+    # Micro-batches by token budget instead (grpo/packing.py): consecutive rows while their real
+    # tokens (prompt + completion, no padding) fit, packed end to end in one sequence, attention
+    # kept within each row (packed_sdpa); a step then costs the tokens it holds, not rows x its
+    # longest row.
+    # Same maths as the padded rows (normalisers from the whole step). A row longer than the
+    # budget trains alone; a budget below the most tokens an episode samples fails at start.
+    # None: micro_batch_size rows each, padded.
+    max_tokens_per_micro_batch: Optional[int] = field(default=None, metadata=at_least(1))
+    # LM head, log-softmax, entropy and the sampled token's logprob on this many completion
+    # positions at a time, each chunk checkpointed (grpo/token_scores.py): the micro-batch's
+    # [tokens, vocabulary] logits are never held whole, for one more head forward in backward.
+    # Measured at vocabulary 151,936, 8 x 256 completion tokens, fp32: peak RSS 6.6 GB whole, 1.5 GB
+    # in chunks of 256 (experiments/logprob_memory.py). None: the micro-batch's logits at once (no
+    # recompute; right for small vocabularies). One trainer process only (FSDP shards the head).
+    logprob_chunk_tokens: Optional[int] = field(default=None, metadata=at_least(1))
     num_iterations: int = field(default=1, metadata=at_least(1))  # optimizer passes over each batch
     max_grad_norm: float = field(default=1.0, metadata=above(0))
     seed: int = field(default=0, metadata=at_least(0))  # also seeds each step's rollouts (exact resume)

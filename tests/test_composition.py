@@ -117,3 +117,14 @@ def test_the_probe_tolerance_is_every_syncs_and_follows_the_dtype_unless_set(syn
     finetune = "finetune=lora" if sync == "adapter" else "finetune=full"
     assert check(make_cfg(f"sync={sync}", finetune)).probe_tolerance is None  # set at setup from the precision
     assert check(make_cfg(f"sync={sync}", finetune, "sync.probe_tolerance=0.02")).probe_tolerance == 0.02
+
+
+def test_token_budgets_and_the_chunked_head_are_checked_by_key():
+    """A budget no episode of this env can fit is refused naming the key; the chunked LM head is
+    refused beside FSDP (several trainer processes), which gathers the head only in its forward."""
+    check(make_cfg("train.max_tokens_per_micro_batch=17"))  # Digits samples at most 16 tokens: just fits
+    with pytest.raises(Refused, match=r"train.max_tokens_per_micro_batch=64 does not hold the 256 tokens"):
+        check(make_cfg("env=gsm8k", "train.max_tokens_per_micro_batch=64"))
+    check(make_cfg("train.logprob_chunk_tokens=128"))
+    with pytest.raises(Refused, match=r"train.logprob_chunk_tokens=128 with 2 trainer processes"):
+        check(make_cfg("train.logprob_chunk_tokens=128", "hardware.trainer_procs=2"))

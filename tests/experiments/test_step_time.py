@@ -44,6 +44,13 @@ def test_both_sides_time_the_same_work(attach, tmp_path):
     assert ours["params_m"] == trl["params_m"] and ours["threads"] == trl["threads"]
     # The session server serves fp32, whatever this CPU's default; TRL computes in what our trainer does.
     assert ours["dtype"] == "float32" and trl["compute_dtype"] == ours["compute_dtype"]
+    # Each row names the machine and each side's precision (issue 29): README's rows per CPU kind.
+    from grpo.precision import cpu_bf16_native
+    from runtime.cpuinfo import cpu_kind
+    assert (rows["cpu"] == cpu_kind()).all() and (rows["cpu_bf16_native"] == cpu_bf16_native()).all()
+    assert ours["master_dtype"] == trl["master_dtype"] == "float32"
+    assert ours["compute_dtype"] == ("bfloat16" if cpu_bf16_native() else "float32")  # hardware=cpu: autocast=auto
+    assert not ours["compiled"]  # compile=auto: a 5-step toy run never repays compiling
     assert rows["ratio"].tolist() == pytest.approx([trl["step_s"] / ours["step_s"]] * 2)
     # TRL ran while our vLLM server was idle: it waited for the spin to stop, then the server used ~no CPU.
     assert trl["server_busy"] < 0.25 and trl["quiet_wait_s"] > 0

@@ -13,7 +13,7 @@ import torch
 
 from conftest import make_cfg
 from grpo.data import Prompt
-from grpo import policy as policy_module
+from grpo import token_scores as scores_module
 from grpo.advantages import group_advantages
 from grpo.batch import Rollout, build_batch
 from grpo.policy import Policy, token_entropy
@@ -43,7 +43,7 @@ def test_entropy_in_chunks_equals_torchs_and_keeps_no_graph(monkeypatch):
     logits = (torch.randn(3, 5, 1000) * 3).requires_grad_()
     expected = torch.distributions.Categorical(logits=logits.detach()).entropy()  # 2.5-3.1 nats
     whole = entropy_of(logits)  # 15 rows in one chunk
-    monkeypatch.setattr(policy_module, "ENTROPY_CHUNK_ELEMENTS", 4000)  # 4 rows of 1000 at a time: 4 chunks
+    monkeypatch.setattr(scores_module, "ENTROPY_CHUNK_ELEMENTS", 4000)  # 4 rows of 1000 at a time: 4 chunks
     got = entropy_of(logits)
     torch.testing.assert_close(got, whole, rtol=0, atol=1e-6)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)  # fp32 sums over 1000 terms
