@@ -9,8 +9,9 @@ and every component is logged on its own, so a run shows which part of the rewar
 from __future__ import annotations
 
 import random
-from typing import Iterator, Mapping, Optional, Protocol, Sequence, TypeVar
+from typing import Callable, Iterator, Mapping, Optional, Protocol, Sequence, TypeVar, runtime_checkable
 
+from grpo.batch import Rollout
 from grpo.data import Prompt, RewardWeights, Scores
 
 T = TypeVar("T")
@@ -43,6 +44,19 @@ class Env(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
     def close(self) -> None: ...
+
+
+# A step's rollout, generated and scored: `(step) -> (Rollout, phase seconds)` (lab/sampler.py's
+# Sampler, or what a RolloutSourceEnv brings); the loop, inline or async, only calls it.
+RolloutSource = Callable[[int], tuple[Rollout, dict]]
+
+
+@runtime_checkable
+class RolloutSourceEnv(Protocol):
+    """An env whose rollouts arrive generated and scored from elsewhere (env=atropos): the run
+    takes `rollouts(policy, client)` as its rollout source instead of sampling and scoring."""
+
+    def rollouts(self, policy, client) -> RolloutSource: ...
 
 
 class PromptSampler:

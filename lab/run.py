@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from bridges.base import Bridge
-from envs.base import Env
+from envs.base import Env, RolloutSource, RolloutSourceEnv
 from runtime import checkpoint, distributed
 from runtime.cores import pinned_trainer
 from runtime.async_rollout import InlineRollouts, RolloutPipeline, Rollouts, Schedule, WeightVersions
@@ -53,7 +53,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     logger: RunLogger | SilentLogger
     guard: RestartGuard | Unguarded  # restarts our vLLM if it dies or hangs (one trainer process)
-    sampler: Sampler  # a step's rollout, generated and scored (rank 0)
+    sampler: Sampler | RolloutSource  # a step's rollout, generated and scored (rank 0)
     rollouts: Rollouts  # inline (k = 0) or the producer thread (train.max_staleness > 0, rank 0)
     evaluator: Optional[Evaluator]  # held-out eval (eval.enabled, rank 0)
     start_step: int = 0  # the step a resumed run's checkpoint ended with
@@ -125,7 +125,7 @@ def build(cfg: DictConfig, run_dir: Path, cleanup: ExitStack) -> Run:
         RestartGuard(server, path, resync=versions.resync(bridge.sync),
                      on_restart=lambda step, **info: logger.event(step, "vllm_restart", **info))
     # An env that brings its rollouts generated and scored (env=atropos) is the rollout source itself.
-    if hasattr(env, "rollouts"):
+    if isinstance(env, RolloutSourceEnv):
         sample = env.rollouts(policy, client)
     else:
         turns = build_turns(env, policy.tokenizer, policy.encode_chat, path, cfg.rollout)  # checks a multi-turn template
