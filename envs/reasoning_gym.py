@@ -112,6 +112,10 @@ class ReasoningGymEnv:
             out.append([{"correct": float(dataset.score_answer(extract_answer(c), entry))} for c in group])
         return out
 
+    def reference(self, prompt: Prompt) -> str:
+        """The completion graded correct: the item's answer in the tags score() reads."""
+        return f"<answer>{prompt.answer}</answer>"
+
     def success(self, components: Mapping[str, Optional[float]]) -> bool:
         return components["correct"] == 1.0
 
