@@ -22,6 +22,7 @@ reuse it.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -39,7 +40,7 @@ from tqdm import tqdm
 
 from envs.base import Env, references
 from grpo.data import Prompt
-from grpo.policy import Policy
+from grpo.policy import Policy, encode_chat
 from grpo.precision import Precision, dtype_name
 from grpo.schedule import warmup_schedule
 from grpo.sft import answer_batch, answer_loss
@@ -50,24 +51,26 @@ from runtime.tiny_model import DEFAULT_CACHE
 
 
 @torch.no_grad()
-def greedy_pass_at_1(policy: Policy, env: Env, prompts: list[Prompt], max_tokens: int,
+def greedy_pass_at_1(model, tokenizer, env: Env, prompts: list[Prompt], max_tokens: int, context=None,
                      batch_size: int = 64) -> tuple[float, list[dict]]:
-    """Share of `prompts` whose greedy completion (HF generate, at the precision vLLM would serve)
-    the env counts a success; and one row per prompt (prompt, answer, completion, success)."""
-    tok, model = policy.tokenizer, policy.model
+    """Share of `prompts` whose greedy completion (HF generate under `context`, e.g. the precision
+    vLLM would serve) the env counts a success; and one row per prompt (prompt, answer, completion,
+    success). Any HF causal LM: the warm start's, or TRL's trainer's (experiments/time_to_accuracy.py)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     rows = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        ids = [policy.encode_chat(p.messages) for p in chunk]
+        ids = [encode_chat(tokenizer, p.messages) for p in chunk]
         width = max(map(len, ids))
-        input_ids = torch.tensor([[policy.pad_id] * (width - len(i)) + i for i in ids], device=policy.device)
-        mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=policy.device)
-        with policy.precision.served_context(policy.device):
+        input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids], device=device)
+        mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=device)
+        with context or contextlib.nullcontext():
             out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False,
-                                 eos_token_id=tok.eos_token_id, pad_token_id=policy.pad_id)
-        texts = tok.batch_decode(out[:, width:], skip_special_tokens=True)
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+        texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
         scores = env.score(chunk, [[t] for t in texts])
         rows += [{"prompt": p.messages[-1]["content"], "answer": p.answer, "greedy": t,
                   "greedy_success": env.success(s[0])} for p, t, s in zip(chunk, texts, scores)]
@@ -83,7 +86,8 @@ def train_sft(policy: Policy, env: Env, sft: SFTConfig, log_dir: Path, progress:
     references(env, held_out[:1])  # an env without reference answers fails now, by name
 
     def evaluate(step: int) -> float:
-        accuracy, rows = greedy_pass_at_1(policy, env, held_out, env.max_tokens)
+        accuracy, rows = greedy_pass_at_1(policy.model, policy.tokenizer, env, held_out, env.max_tokens,
+                                          policy.precision.served_context(policy.device))
         append_jsonl(log_dir / "eval.jsonl", [{"step": step, "eval/pass@1": accuracy}])
         append_jsonl(log_dir / "eval_samples.jsonl", [{"step": step, **r} for r in rows])
         return accuracy

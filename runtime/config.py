@@ -83,7 +83,7 @@ class SFTConfig:
     batch_size: int = field(default=64, metadata=at_least(1))  # prompts (one reference answer each) per step
     lr: float = field(default=3e-3, metadata=above(0))
     weight_decay: float = field(default=0.0, metadata=at_least(0))
-    warmup_steps: int = field(default=20, metadata=at_least(0))
+    warmup_steps: int = field(default=50, metadata=at_least(0))
     decay: str = field(default="cosine", metadata=one_of(DECAYS))
     max_grad_norm: float = field(default=1.0, metadata=above(0))
     seed: int = field(default=0, metadata=at_least(0))  # model init order, and the env's training stream
