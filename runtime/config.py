@@ -79,7 +79,7 @@ class SFTConfig:
     """The supervised warm start (`python -m lab.sft`, lab/sft.py): cross-entropy on the env's
     reference answers, answer tokens only. Defaults: the arithmetic warm start (conf/model/tiny_arith.yaml)."""
 
-    steps: int = field(default=300, metadata=at_least(1))
+    steps: int = field(default=150, metadata=at_least(1))
     batch_size: int = field(default=64, metadata=at_least(1))  # prompts (one reference answer each) per step
     lr: float = field(default=3e-3, metadata=above(0))
     weight_decay: float = field(default=0.0, metadata=at_least(0))
