@@ -50,7 +50,8 @@ def ours(cfg: DictConfig, run_dir: Path) -> tuple[list[dict], Precision]:
     """Our run as train.py runs it; one row per eval (experiments/curves.py `eval_curve`)."""
     train(cfg, run_dir)
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    return eval_curve(run_dir), Precision.from_dict(next(e for e in events if e["event"] == "precision"))
+    precision = Precision.from_dict(next(e for e in events if e["event"] == "precision"))
+    return [{**row, "dtype": dtype_name(precision.compute)} for row in eval_curve(run_dir)], precision
 
 
 class HeldOut(TrainerCallback):
@@ -119,9 +120,9 @@ def main(cfg: DictConfig) -> None:
             "group_size": cfg.train.group_size, "max_tokens": cfg.rollout.max_tokens, "lr": cfg.optimizer.lr,
             "loss_type": cfg.loss.loss_type, "cpu_bf16_native": cpu_bf16_native(), "run_dir": str(run_dir)}
     precision = record(cfg, base, "ours", lambda: ours(cfg, run_dir))
-    base["dtype"] = dtype_name(precision.compute)
     if cfg.bench.trl:
-        record(cfg, base, "trl", lambda: (theirs(cfg, run_dir, precision), None))
+        dtype = dtype_name(precision.compute)
+        record(cfg, base, "trl", lambda: ([{**row, "dtype": dtype} for row in theirs(cfg, run_dir, precision)], None))
 
 
 if __name__ == "__main__":
