@@ -1,7 +1,7 @@
 """Held-out pass@1 curves of runs, against steps and wall-clock seconds, from run dirs alone:
 
     python -m experiments.curves multirun/<date>/<time>       # a train.py sweep, e.g. -m experiment=arith mode=reload,lora train.seed=0,1,2
-    python -m experiments.curves multirun/<sweep> --target 0.6
+    python -m experiments.curves multirun/<sweep a> multirun/<sweep b> --target 0.6 --out <dir>
 
 Each job's `eval.jsonl` gives pass@1 per eval step; its `metrics.jsonl` the seconds: the sum of the
 steps' wall time up to that eval (evals, vLLM's start and the warm start excluded), and the same
@@ -44,15 +44,15 @@ def eval_curve(run_dir: Path) -> list[dict]:
     return rows
 
 
-def sweep_curves(folder: Path) -> pd.DataFrame:
-    """Every job of a train.py sweep that evaluated: side `ours`, its run name as mode, its seed."""
+def sweep_curves(*folders: Path) -> pd.DataFrame:
+    """Every job of train.py sweeps that evaluated: side `ours`, its run name as mode, its seed."""
     rows = []
-    for job in sorted(p for p in folder.iterdir() if (p / "eval.jsonl").exists()):
+    for job in sorted(p for folder in folders for p in folder.iterdir() if (p / "eval.jsonl").exists()):
         cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
         rows += [{"side": "ours", "mode": cfg.name, "seed": cfg.train.seed, "run_dir": str(job), **r}
                  for r in eval_curve(job)]
     if not rows:
-        raise FileNotFoundError(f"{folder}: no job dir with an eval.jsonl")
+        raise FileNotFoundError(f"{[str(f) for f in folders]}: no job dir with an eval.jsonl")
     return pd.DataFrame(rows)
 
 
@@ -116,13 +116,18 @@ def write(df: pd.DataFrame, folder: Path, name: str, target: float) -> list[Path
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m experiments.curves", description=__doc__.split("\n\n")[0])
-    parser.add_argument("sweep", help="a train.py sweep dir (multirun/<date>/<time>)")
+    parser.add_argument("sweeps", nargs="+", help="train.py sweep dirs (multirun/<date>/<time>)")
     parser.add_argument("--target", type=float, default=0.6, help="pass@1 to time (curves_target.csv)")
+    parser.add_argument("--out", help="where the CSVs and the PNG go (default: the first sweep dir)")
     args = parser.parse_args(argv)
-    folder = sweep_dir(args.sweep)
-    for path in write(sweep_curves(folder), folder, "curves", args.target):
+    folders = [sweep_dir(s) for s in args.sweeps]
+    out = Path(args.out) if args.out else folders[0]
+    out.mkdir(parents=True, exist_ok=True)
+    df = sweep_curves(*folders)
+    df.to_csv(out / "curves.csv", index=False)
+    for path in write(df, out, "curves", args.target):
         print(path)
-    print(time_to_target(pd.read_csv(folder / "curves.csv"), args.target).to_string(index=False))
+    print(time_to_target(df, args.target).to_string(index=False))
 
 
 if __name__ == "__main__":
