@@ -43,7 +43,8 @@ from lab.server import model_path
 from lab.sft import greedy_pass_at_1
 from runtime.csvlog import append_row, sweep_csv
 
-use_schema(TimeToAccuracyBench)
+BENCH = TimeToAccuracyBench
+use_schema(BENCH)
 
 
 def ours(cfg: DictConfig, run_dir: Path) -> tuple[list[dict], Precision]:
