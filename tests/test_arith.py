@@ -40,3 +40,17 @@ def test_the_warm_start_is_built_once_and_is_partial(arith_model):
 
 def model_key(cfg) -> str:
     return warm_start_key(base_model_path(cfg), cfg.model.warm_start, sft_precision(cfg.model, cfg.hardware))
+
+
+def test_grpo_from_the_warm_start_is_served_and_evaluated_as_the_sft_measured_it(arith_model, tmp_path):
+    """experiment=arith, 2 steps: vLLM serves the cached warm start, whose held-out greedy pass@1 at
+    step 0 is the SFT's own HF measurement on the same 200 prompts (vLLM serves fp32 here, as the
+    SFT evaluated: at most 2 prompts apart), and its groups are mixed, not tied: GRPO has signal."""
+    history = train(make_cfg("experiment=arith", "train.steps=2", "log.wandb.mode=disabled", "log.progress=false"),
+                    tmp_path)
+    evals = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    sft = [json.loads(line) for line in (arith_model / "eval.jsonl").read_text().splitlines()][-1]
+    assert [e["step"] for e in evals] == [0, 2]
+    assert abs(evals[0]["eval/pass@1"] - sft["eval/pass@1"]) <= 2 / 200, (evals[0], sft)
+    assert all(0 < m["reward_mean"] < 1 and m["tied_group_frac"] < 0.9 for m in history), history
+    assert (tmp_path / "final" / "model.safetensors").exists()
