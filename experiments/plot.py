@@ -139,7 +139,8 @@ def plot_csv(path: str | Path) -> Path:
 
 
 def plot_dir(folder: str | Path) -> list[Path]:
-    return [plot_csv(p) for p in sorted(Path(folder).glob("*.csv"))]
+    # `<name>_target.csv` is the time-to-target table a pass@1 plot writes beside its CSV
+    return [plot_csv(p) for p in sorted(Path(folder).glob("*.csv")) if not p.name.endswith("_target.csv")]
 
 
 class PlotSweep(Callback):

@@ -9,7 +9,7 @@ rewards all tie).
 Each step draws `sft.batch_size` training prompts from the env, appends the env's reference answer
 as it grades it (`Env.reference`: `<answer>42</answer>`) and EOS, and minimises the cross-entropy of
 the answer tokens only (grpo/sft.py, the same Policy, chat encoding and precision as GRPO). The run
-dir gets the resolved config (.hydra/), `metrics.jsonl` (loss, token accuracy, lr per step),
+dir gets the resolved config (`config.yaml`; Hydra's own in .hydra/), `metrics.jsonl` (loss, token accuracy, lr per step),
 `eval.jsonl` and `eval_samples.jsonl` (held-out greedy pass@1 before and after, HF greedy decoding
 scored by the env) and `final/`, an HF model dir that `model.path=<run dir>/final` loads and vLLM
 serves.
@@ -154,6 +154,8 @@ def warm_start(base: str, warm_start, precision: Precision, device: str = "cpu",
             shutil.rmtree(tmp, ignore_errors=True)
             print(f"building the warm start {out.name} (once; cached): {warm_start.sft.steps} SFT steps", flush=True)
             policy = Policy(base, precision, device)
+            tmp.mkdir(parents=True)
+            OmegaConf.save(warm_start, tmp / "warm_start.yaml", resolve=True)  # what the key hashes, readable
             env = instantiate(warm_start.env)
             try:
                 train_sft(policy, env, warm_start.sft, tmp, progress=False)
@@ -173,6 +175,8 @@ def main(cfg: DictConfig) -> float:
 
     validate(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     precision = sft_precision(cfg.model, cfg.hardware)
     policy = Policy(base_model_path(cfg), precision, cfg.hardware.device)
     env = instantiate(cfg.env)
