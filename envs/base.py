@@ -45,6 +45,19 @@ class Env(Protocol):
 
     def close(self) -> None: ...
 
+    # Optional capability, for a supervised warm start (lab/sft.py): `reference(prompt) -> str`, the
+    # completion text this env grades as correct for `prompt` (reasoning-gym: `<answer>42</answer>`,
+    # GSM8K: `#### 72`). Envs without reference answers (Digits) leave it out; `references` says so.
+
+
+def references(env: Env, prompts: Sequence[Prompt]) -> list[str]:
+    """The reference completion of each prompt (the env's optional `reference`), or an error naming
+    the env that has none."""
+    if not callable(getattr(env, "reference", None)):
+        raise ValueError(f"env={type(env).__name__} gives no reference answers (no `reference(prompt)`): "
+                         "a supervised warm start needs an env that has them (reasoning_gym, arith, gsm8k)")
+    return [env.reference(p) for p in prompts]
+
 
 # A step's rollout, generated and scored: `(step) -> (Rollout, phase seconds)` (lab/sampler.py's
 # Sampler, or what a RolloutSourceEnv brings); the loop, inline or async, only calls it.

@@ -149,6 +149,10 @@ class GSM8KEnv(PromptListEnv):
         flat = iter(self.verifier.score(pairs))
         return [[{"correct": next(flat), "format": answer_format(c)} for c in group] for group in completions]
 
+    def reference(self, prompt: Prompt) -> str:
+        """The completion graded correct with full format credit: the dataset's `#### <answer>`."""
+        return f"#### {prompt.answer}"
+
     def success(self, components: Mapping[str, Optional[float]]) -> bool:
         return components["correct"] == 1.0
 

@@ -12,8 +12,8 @@ trainer sends back).
 
 The answer scored is the last `<answer>...</answer>` of a completion (reasoning-gym's format), or
 the whole completion, stripped, when it has none: a small model that answers bare is graded too.
-One reward component, `correct` (the task's score, in [0, 1]; some tasks give partial credit); a
-completion succeeds when it is 1.
+One reward component, `correct` (the task's score, in [0, 1]; some tasks give partial credit,
+which `partial_credit=false` rounds down to 0: exact answers only); a completion succeeds when it is 1.
 """
 
 from __future__ import annotations
@@ -65,13 +65,18 @@ def extract_answer(completion: str) -> str:
 class ReasoningGymEnv:
     def __init__(self, task: Union[str, list, Mapping[str, float]] = "basic_arithmetic", seed: int = 0,
                  config: Optional[Mapping[str, Mapping]] = None, system_prompt: Optional[str] = SYSTEM,
-                 reward_weights: Optional[Mapping[str, float]] = None, max_tokens: int = 32):
+                 reward_weights: Optional[Mapping[str, float]] = None, max_tokens: int = 32,
+                 partial_credit: bool = True):
         self.weights = task_weights(task)
         config = dict(config or {})
         for name in config:
             if name not in self.weights:
                 raise ValueError(f"env.config.{name}: {name!r} is not one of env.task's {sorted(self.weights)}")
         self.seed, self.system_prompt, self.max_tokens = seed, system_prompt, max_tokens
+        # false: `correct` is 1 for the task's full score, else 0 (exact answers; basic_arithmetic's
+        # own score gives len(oracle)/len(answer) to an answer that merely contains the oracle,
+        # which GRPO's per-group scaling turns into full advantages for long junk answers)
+        self.partial_credit = partial_credit
         # every unknown task and bad option fails here, at start, before vLLM starts
         self.datasets = {split: {name: _dataset(name, seed + offset, config.get(name, {})) for name in self.weights}
                          for split, offset in (("train", 0), ("test", EVAL_SEED))}
@@ -109,8 +114,13 @@ class ReasoningGymEnv:
         for prompt, group in zip(prompts, completions):
             dataset = self.datasets[prompt.meta["split"]][prompt.meta["task"]]
             entry = dataset[prompt.meta["index"]]  # regenerated: the exact item, metadata included
-            out.append([{"correct": float(dataset.score_answer(extract_answer(c), entry))} for c in group])
+            scores = [float(dataset.score_answer(extract_answer(c), entry)) for c in group]
+            out.append([{"correct": s if self.partial_credit else float(s == 1.0)} for s in scores])
         return out
+
+    def reference(self, prompt: Prompt) -> str:
+        """The completion graded correct: the item's answer in the tags score() reads."""
+        return f"<answer>{prompt.answer}</answer>"
 
     def success(self, components: Mapping[str, Optional[float]]) -> bool:
         return components["correct"] == 1.0

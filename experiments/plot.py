@@ -1,6 +1,6 @@
 """Charts of a sweep CSV, saved as PNG next to it: rollout throughput by TP x DP, sync latency
 by mode and model size, GRPO step time (ours vs TRL, and ours by trainer processes x vLLM TP x
-DP) by phase. Runs at the end of a preset's
+DP) by phase, held-out pass@1 against steps and seconds (experiments/curves.py). Runs at the end of a preset's
 sweep (the `PlotSweep` callback) or alone:
 
     python -m experiments.plot multirun/rollout_throughput/<time>        # every CSV in the dir
@@ -19,7 +19,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from hydra.experimental.callback import Callback  # noqa: E402
 
+from experiments.curves import write  # noqa: E402
 from experiments.outputs import sweep_dir  # noqa: E402
+from experiments.schema import TimeToAccuracyBench  # noqa: E402
+
+TARGET = TimeToAccuracyBench.target
 
 
 def ok_rows(df: pd.DataFrame) -> pd.DataFrame:
@@ -125,6 +129,8 @@ def plot_csv(path: str | Path) -> Path:
     """Plot one sweep CSV (kind told by its columns); return the PNG written next to it."""
     path = Path(path)
     df = pd.read_csv(path)
+    if "pass@1" in df:  # held-out pass@1 curves (experiments/time_to_accuracy.py): the plot and the time to target
+        return write(df, path.parent, path.stem, TARGET)[-2]
     fig = plot_step_time(df) if "side" in df else plot_rollout(df) if "tp" in df else plot_sync(df)
     out = path.with_suffix(".png")
     fig.savefig(out, dpi=120)
@@ -133,7 +139,8 @@ def plot_csv(path: str | Path) -> Path:
 
 
 def plot_dir(folder: str | Path) -> list[Path]:
-    return [plot_csv(p) for p in sorted(Path(folder).glob("*.csv"))]
+    # `<name>_target.csv` is the time-to-target table a pass@1 plot writes beside its CSV
+    return [plot_csv(p) for p in sorted(Path(folder).glob("*.csv")) if not p.name.endswith("_target.csv")]
 
 
 class PlotSweep(Callback):

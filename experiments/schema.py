@@ -64,6 +64,15 @@ class StepTimeBench:
 
 
 @dataclass
+class TimeToAccuracyBench:
+    """Held-out pass@1 against seconds and steps, ours against TRL (experiments/time_to_accuracy.py)."""
+
+    name: str = "time_to_accuracy"
+    trl: bool = True  # also run TRL's GRPOTrainer on the same prompts (the `bench` extra)
+    target: float = 0.6  # the pass@1 whose first crossing the summary times on each side
+
+
+@dataclass
 class MultiTurnBench:
     """A multi-turn step against its turns' generation alone (experiments/multiturn_overhead.py)."""
 

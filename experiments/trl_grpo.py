@@ -72,9 +72,11 @@ def env_reward(env: Env, prompts: list[Prompt]):
     return reward
 
 
-def trl_steps(cfg, path: str, batches: list[list[Prompt]], env: Env, out_dir, threads: int, compute: torch.dtype):
+def trl_steps(cfg, path: str, batches: list[list[Prompt]], env: Env, out_dir, threads: int, compute: torch.dtype,
+              callbacks=()):
     """Run TRL's GRPOTrainer for len(batches) optimizer steps, batch i as step i's prompts, its
-    forward/backward in `compute` (our trainer's): (one `StepTimes` dict per step, the trained model)."""
+    forward/backward in `compute` (our trainer's): (one `StepTimes` dict per step, the trained model).
+    `callbacks`: functions (trainer, its StepTimes) -> a TrainerCallback, added after the timer."""
     trl = require_trl()
     from datasets import Dataset
 
@@ -122,6 +124,8 @@ def trl_steps(cfg, path: str, batches: list[list[Prompt]], env: Env, out_dir, th
                               train_dataset=dataset, processing_class=tokenizer)
     times = StepTimes(trainer)
     trainer.add_callback(times)
+    for make in callbacks:
+        trainer.add_callback(make(trainer, times))
     torch.set_num_threads(threads)
     trainer.train()
     return times.steps, trainer.model

@@ -20,14 +20,25 @@ from serving.client import VLLMClient
 from serving.server import VLLMServer, cpu_binding
 
 
-def model_path(cfg) -> str:
-    """The weights vLLM serves and the trainer starts from: the locally built tiny model, or
-    `model.path` (a hub id or a local dir)."""
+def base_model_path(cfg) -> str:
+    """The model before any warm start: the locally built tiny model, or `model.path` (a hub id
+    or a local dir)."""
     if cfg.model.tiny is not None:
         return str(build_tiny_model(OmegaConf.to_object(cfg.model.tiny)))
     if not cfg.model.path:
         raise ValueError("set model.path (hub id or local dir) or model.tiny")
     return cfg.model.path
+
+
+def model_path(cfg) -> str:
+    """The weights vLLM serves and the trainer starts from: the base model, or with
+    `model.warm_start` the base after its supervised warm start (built once and cached, lab/sft.py)."""
+    base = base_model_path(cfg)
+    if cfg.model.warm_start is None:
+        return base
+    from lab.sft import sft_precision, warm_start  # the warm start trains: loaded only where one is asked for
+
+    return str(warm_start(base, cfg.model.warm_start, sft_precision(cfg.model, cfg.hardware), cfg.hardware.device))
 
 
 def served_dtype_name(cfg, server: VLLMServer) -> str:

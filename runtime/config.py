@@ -75,9 +75,35 @@ def validate(cfg: DictConfig, prefix: str = "") -> None:
 
 
 @dataclass
+class SFTConfig:
+    """The supervised warm start (`python -m lab.sft`, lab/sft.py): cross-entropy on the env's
+    reference answers, answer tokens only. Defaults: the arithmetic warm start (conf/model/tiny_arith.yaml)."""
+
+    steps: int = field(default=150, metadata=at_least(1))
+    batch_size: int = field(default=64, metadata=at_least(1))  # prompts (one reference answer each) per step
+    lr: float = field(default=3e-3, metadata=above(0))
+    weight_decay: float = field(default=0.0, metadata=at_least(0))
+    warmup_steps: int = field(default=50, metadata=at_least(0))
+    decay: str = field(default="cosine", metadata=one_of(DECAYS))
+    max_grad_norm: float = field(default=1.0, metadata=above(0))
+    seed: int = field(default=0, metadata=at_least(0))  # model init order, and the env's training stream
+    eval_prompts: int = field(default=200, metadata=at_least(1))  # held-out greedy pass@1 at the end (split `test`)
+
+
+@dataclass
+class WarmStartConfig:
+    """`model.warm_start`: the model is its base (model.tiny or model.path) after this SFT, built
+    once and cached under .cache/models/sft-<key>/, the key a hash of base, sft and env."""
+
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    env: Any = MISSING  # the env whose reference answers it learns (its own seed: not the run's)
+
+
+@dataclass
 class ModelConfig:
     path: Optional[str] = None  # hub id or local directory; unused when `tiny` is set
     tiny: Optional[TinySpec] = None  # build this tiny model locally instead
+    warm_start: Optional[WarmStartConfig] = None  # start from the base after a cached SFT (lab/sft.py)
     # What vLLM serves and the trainer computes in (bf16: autocast over the master weights); auto:
     # bf16 where it is native on hardware.device (CUDA, CPUs with AVX512-BF16/AMX), else fp32.
     dtype: str = field(default="auto", metadata=one_of(DTYPE_CHOICES))
@@ -388,6 +414,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)  # python -m lab.sft's settings (train.py ignores them)
     name: str = "${finetune.name}-${sync.name}"  # the run's name in its Hydra dir, e.g. lora-reload
     resume: Optional[str] = None  # a run dir (its newest complete checkpoint) or a checkpoint dir; relative: from the cwd
 

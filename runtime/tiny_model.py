@@ -21,6 +21,7 @@ from grpo import REPO_ROOT
 DEFAULT_CACHE = REPO_ROOT / ".cache" / "models"
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+LATER_FIELDS = ("split_digits",)  # TinySpec fields that enter its cache key only when set
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -49,13 +50,20 @@ class TinySpec:
     # lm_head/norm can never concentrate probability: LoRA would plateau near chance.
     lm_head_std: float = 0.1
     seed: int = 0
+    # One token per digit (as Qwen2's own tokenizer splits numbers): arithmetic then has a digit
+    # alphabet to compute with instead of a token per number seen in the corpus.
+    split_digits: bool = False
     # Env configs whose corpus() trains the tokenizer: the model then speaks the envs' language
     # (GSM8K from the repository's data/gsm8k, from any cwd).
     tokenizer_corpus: list[Any] = field(default_factory=lambda: [{"_target_": "envs.synthetic.DigitsEnv"},
                                                                  {"_target_": "envs.gsm8k.GSM8KEnv"}])
 
     def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True, default=str)
+        fields = asdict(self)
+        for name in LATER_FIELDS:  # off, a field added later leaves the key (and the cached models) as before
+            if not fields[name]:
+                del fields[name]
+        blob = json.dumps(fields, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -87,7 +95,9 @@ def _train_tokenizer(spec: TinySpec, out: Path):
 
     corpus, vocabulary = _corpus(spec)
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) \
+        if spec.split_digits else byte_level
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=spec.vocab_size - len(vocabulary),  # the tags take the last ids; no env has any: as before

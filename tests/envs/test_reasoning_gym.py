@@ -97,3 +97,26 @@ def test_config_group_composes_a_weighted_mix():
     assert env.weights == {"basic_arithmetic": 2.0, "leg_counting": 1.0} and env.seed == 4
     assert env.datasets["train"]["leg_counting"].config.min_animals == 2
     assert cfg.rollout.max_tokens == env.max_tokens == 32
+
+
+def test_arith_env_is_small_exact_and_graded_on_hand_made_answers():
+    """env=arith: two terms of 1-2 digits, + and -, no system prompt; `correct` is exact (a wrong,
+    malformed or merely containing answer scores 0), and the reference answer is a success."""
+    from hydra.utils import instantiate
+
+    env = instantiate(make_cfg("env=arith").env)
+    prompts = env.sample(200)
+    for p in prompts:
+        a, op, b = p.messages[-1]["content"].removeprefix("Calculate ").removesuffix(".").split()
+        assert op in "+-" and 0 <= int(a) <= 100 and 0 <= int(b) <= 100 and len(p.messages) == 1
+        assert int(p.answer) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+    prompt = next(p for p in prompts if len(p.answer) == 2 and p.answer[0] != "-")  # e.g. 55
+    right, wrong = f"<answer>{prompt.answer}</answer>", f"<answer>{int(prompt.answer) + 1}</answer>"
+    completions = [right, prompt.answer, f" <answer> {prompt.answer} </answer>", wrong, "<answer></answer>",
+                   f"<answer>{prompt.answer}0</answer>", f"{prompt.answer} {prompt.answer}", "", "<answer>fifty"]
+    scores = [s["correct"] for s in env.score([prompt], [completions])[0]]
+    assert scores == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    assert env.reference(prompt) == right and env.success({"correct": 1.0}) and not env.success({"correct": 0.0})
+    # reasoning-gym's own partial credit, which env=arith turns off: an answer containing the right one
+    partial = instantiate(make_cfg("env=arith", "env.partial_credit=true").env)
+    assert partial.score([prompt], [[f"<answer>{prompt.answer}0</answer>"]])[0][0]["correct"] == pytest.approx(2 / 3)
