@@ -23,10 +23,8 @@ reuse it.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -47,7 +45,7 @@ from grpo.sft import answer_batch, answer_loss
 from lab import final
 from lab.evaluate import append_jsonl
 from runtime.config import SFTConfig, register_configs, validate
-from runtime.tiny_model import DEFAULT_CACHE
+from runtime.model_cache import built_once
 
 
 @torch.no_grad()
@@ -140,30 +138,22 @@ def warm_start_key(base: str, warm_start, precision: Precision) -> str:
 def warm_start(base: str, warm_start, precision: Precision, device: str = "cpu",
                cache_dir: Optional[Path] = None) -> Path:
     """The model dir of `base` after `warm_start.sft` on `warm_start.env`, built once (process-safe,
-    like runtime/tiny_model.py) into `<cache>/sft-<key>/`: the HF model, its tokenizer and the SFT's
+    runtime/model_cache.py) into `<cache>/sft-<key>/`: the HF model, its tokenizer and the SFT's
     own records (metrics.jsonl, eval.jsonl, sft.json)."""
-    cache = Path(cache_dir) if cache_dir else DEFAULT_CACHE
-    cache.mkdir(parents=True, exist_ok=True)
-    out = cache / f"sft-{warm_start_key(base, warm_start, precision)}"
-    if (out / "model.safetensors").exists():
-        return out
-    with open(cache / ".build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (out / "model.safetensors").exists():
-            tmp = cache / f".tmp-{out.name}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            print(f"building the warm start {out.name} (once; cached): {warm_start.sft.steps} SFT steps", flush=True)
-            policy = Policy(base, precision, device)
-            tmp.mkdir(parents=True)
-            OmegaConf.save(warm_start, tmp / "warm_start.yaml", resolve=True)  # what the key hashes, readable
-            env = instantiate(warm_start.env)
-            try:
-                train_sft(policy, env, warm_start.sft, tmp, progress=False)
-            finally:
-                env.close()
-            policy.save(tmp)
-            tmp.rename(out)
-    return out
+    name = f"sft-{warm_start_key(base, warm_start, precision)}"
+
+    def build(out: Path) -> None:
+        print(f"building the warm start {name} (once; cached): {warm_start.sft.steps} SFT steps", flush=True)
+        policy = Policy(base, precision, device)
+        OmegaConf.save(warm_start, out / "warm_start.yaml", resolve=True)  # what the key hashes, readable
+        env = instantiate(warm_start.env)
+        try:
+            train_sft(policy, env, warm_start.sft, out, progress=False)
+        finally:
+            env.close()
+        policy.save(out)
+
+    return built_once(name, build, cache_dir)
 
 
 register_configs()

@@ -170,11 +170,11 @@ class HardwareConfig:
     # serves fp32: "bfloat16", or "auto" (bf16 where it is native: CUDA, CPUs with AVX512-BF16/AMX),
     # or null (off). A narrower model.dtype sets the compute dtype itself (grpo/precision.py).
     autocast: Optional[str] = None
-    # torch.compile the trainer's decoder (inductor, dynamic shapes): at ~28M on CPU ~20 % off the
-    # train phase in fp32, ~40 % or more in bf16, for ~100 s of compiling in the first compiled
-    # step (experiments/RESULTS.md). auto: train step 1 eager, then compile if steps left x saving
-    # (0.2 fp32, 0.4 bf16) x step 1's train phase > 100 s (lab/autocompile.py; ~28M: from 34 steps
-    # left in fp32, 21 in bf16; the toy model never); true: compile from step 1; false: never.
+    # torch.compile the trainer's decoder (inductor, dynamic shapes): at ~28M on CPU 9-20 % off the
+    # train phase in fp32, 27 % in bf16, for up to ~100 s of compiling in the first compiled step
+    # (experiments/RESULTS.md). auto: train step 1 eager, then compile if steps left x saving (0.1
+    # fp32, 0.25 bf16) x step 1's train phase > 100 s (lab/autocompile.py; ~28M in bf16 from ~160
+    # steps left, ~85M x 256 tokens from ~20; the toy model never); true: from step 1; false: never.
     compile: Any = field(default="auto", metadata=_rule(lambda v: v is True or v is False or v == "auto",
                                                         "true, false or auto"))
     vllm_tp: int = field(default=1, metadata=at_least(1))

@@ -8,17 +8,14 @@ any hub checkpoint. The build is deterministic and cached by a hash of its spec.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from grpo import REPO_ROOT
+from runtime.model_cache import built_once
 
-DEFAULT_CACHE = REPO_ROOT / ".cache" / "models"
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 LATER_FIELDS = ("split_digits",)  # TinySpec fields that enter its cache key only when set
@@ -151,17 +148,4 @@ def _build(spec: TinySpec, out: Path) -> None:
 
 def build_tiny_model(spec: TinySpec, cache_dir: str | Path | None = None) -> Path:
     """Return the directory of the tiny model for `spec`, building it once (process-safe)."""
-    cache = Path(cache_dir) if cache_dir else DEFAULT_CACHE
-    cache.mkdir(parents=True, exist_ok=True)
-    out = cache / f"tiny-qwen2-{spec.key()}"
-    if (out / "model.safetensors").exists():
-        return out
-    with open(cache / ".build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (out / "model.safetensors").exists():
-            tmp = cache / f".tmp-{out.name}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            _build(spec, tmp)
-            tmp.rename(out)
-    return out
+    return built_once(f"tiny-qwen2-{spec.key()}", lambda out: _build(spec, out), cache_dir)
