@@ -55,13 +55,13 @@ def test_bad_dtypes_name_their_key():
 
 def test_tolerances_follow_the_coarsest_dtype():
     assert logprob_tolerance(F32, F32) == 1e-3
-    assert logprob_tolerance(F32, BF16) == logprob_tolerance(BF16) == 0.15
+    assert logprob_tolerance(F32, BF16) == logprob_tolerance(BF16) == 0.3
     assert run_rtol(F32) == 1e-5 and run_rtol(BF16, F32) == 1e-2
     fp32, autocast = Precision.resolve("float32"), Precision.resolve("float32", autocast="bfloat16")
     assert fp32.gap_tolerance == fp32.probe_tolerance == 1e-3
     # bf16 compute vs an fp32 server: the step's logprob gap is a bf16 gap, the probe stays fp32.
-    assert autocast.gap_tolerance == 0.15 and autocast.probe_tolerance == 1e-3
-    assert Precision.resolve("bfloat16").probe_tolerance == 0.15
+    assert autocast.gap_tolerance == 0.3 and autocast.probe_tolerance == 1e-3
+    assert Precision.resolve("bfloat16").probe_tolerance == 0.3
 
 
 def test_bfloat16_autocast_computes_in_bf16_and_keeps_fp32_weights(tiny_model_path):
